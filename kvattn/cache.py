@@ -1,0 +1,137 @@
+"""The key/value cache: an immutable pytree of arrays.
+
+Shape legend:
+  B: batch size
+  S: cache capacity (max_len)
+  K: number of key/value heads
+  H: head dimension
+  T: number of new tokens in one call
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from kvattn._checks import check_mask
+
+
+class KVCache(NamedTuple):
+  """Keys and values written so far, with the bookkeeping a ragged batch needs.
+
+  Every leaf is an array, so the cache passes through `jax.jit`, `lax.scan`,
+  `vmap` and buffer donation. It is never mutated: functions return a new one,
+  and `cache._replace(...)` builds a modified copy.
+
+  Slots are shared by the batch: slot `j` of every row was written by the same
+  call. A row's padding tokens occupy slots too, marked False in `valid`, so
+  they are never attended to.
+
+  Fields:
+    k: [B, S, K, H] cached keys (after RoPE, when RoPE is used).
+    v: [B, S, K, H] cached values.
+    valid: [B, S] bool, True where a slot holds a real token of that row.
+    lengths: [B] int32, real tokens cached per row (the position the row's
+      next real token will have).
+    index: [] int32, slots written so far (shared by the batch).
+    overflow: [] bool, sticky: True once a write did not fit.
+  """
+
+  k: jax.Array
+  v: jax.Array
+  valid: jax.Array
+  lengths: jax.Array
+  index: jax.Array
+  overflow: jax.Array
+
+  @property
+  def batch_size(self) -> int:
+    return self.k.shape[0]
+
+  @property
+  def max_len(self) -> int:
+    return self.k.shape[1]
+
+  @property
+  def num_kv_heads(self) -> int:
+    return self.k.shape[2]
+
+  @property
+  def head_dim(self) -> int:
+    return self.k.shape[3]
+
+
+def init_cache(
+    batch: int,
+    max_len: int,
+    num_kv_heads: int,
+    head_dim: int,
+    dtype: jnp.dtype = jnp.float32,
+) -> KVCache:
+  """Returns an empty cache with room for `max_len` tokens per row.
+
+  Args:
+    batch: B, the number of sequences decoded together.
+    max_len: S, the capacity in tokens (prompt plus generated tokens).
+    num_kv_heads: K.
+    head_dim: H.
+    dtype: storage dtype of k and v (e.g. jnp.bfloat16). Attention itself is
+      always computed in float32.
+
+  Returns:
+    A `KVCache` with k, v `[B, S, K, H]` of zeros, nothing valid, index 0.
+  """
+  for name, value in (("batch", batch), ("max_len", max_len),
+                      ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      raise ValueError(f"{name} must be a positive int, got {value!r}")
+  dtype = jnp.dtype(dtype)
+  if not jnp.issubdtype(dtype, jnp.floating):
+    raise ValueError(f"dtype must be a floating dtype, got {dtype}")
+  shape = (batch, max_len, num_kv_heads, head_dim)
+  return KVCache(
+      k=jnp.zeros(shape, dtype),
+      v=jnp.zeros(shape, dtype),
+      valid=jnp.zeros((batch, max_len), jnp.bool_),
+      lengths=jnp.zeros((batch,), jnp.int32),
+      index=jnp.zeros((), jnp.int32),
+      overflow=jnp.zeros((), jnp.bool_),
+  )
+
+
+def overflowed(cache: KVCache) -> jax.Array:
+  """Returns a bool scalar array: True once any write did not fit the cache.
+
+  A write that would pass `max_len` cannot raise under `jit` (the index is a
+  traced value), so it writes nothing, keeps every cached entry and sets this
+  sticky flag instead. Check it after generation, outside `jit`.
+  """
+  return cache.overflow
+
+
+def token_positions(cache: KVCache, mask: jax.Array | None = None,
+                    num_tokens: int | None = None) -> jax.Array:
+  """Returns int32 `[B, T]`: each new token's position in its own sequence.
+
+  The position of a token is the number of real tokens before it in its row
+  (those cached plus those earlier in this call), so left padding does not
+  shift positions. A padding token gets the position the next real token will
+  have. Use these for learned position embeddings and RoPE.
+
+  Args:
+    cache: the cache the tokens will be written to.
+    mask: bool `[B, T]`, True for real tokens; None means all real, and then
+      `num_tokens` gives T (default 1, a decode step).
+    num_tokens: T when `mask` is None.
+  """
+  if mask is None:
+    t = 1 if num_tokens is None else num_tokens
+    mask = jnp.ones((cache.batch_size, t), jnp.bool_)
+  else:
+    check_mask(mask, cache.batch_size, None)
+  m = mask.astype(jnp.int32)
+  before = jnp.cumsum(m, axis=1) - m
+  return cache.lengths[:, None] + before
+

@@ -1,0 +1,83 @@
+"""Float64 numpy reference for cached attention: the oracle the tests trust.
+
+It knows nothing of caches. Each row's real tokens are taken out of the
+padded layout and run as one plain sequence with an explicit mask, so it is an
+independent route to the same numbers.
+
+Shape legend: B batch, T tokens, DM model width, N query heads, K kv heads,
+H head dim, G = N // K.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def rope(x: np.ndarray, positions: np.ndarray, base: float) -> np.ndarray:
+  """x [L, M, H] rotated at integer positions [L], half-split layout, float64."""
+  h = x.shape[-1]
+  inv_freq = base ** (-np.arange(0, h, 2, dtype=np.float64) / h)
+  angle = positions[:, None, None].astype(np.float64) * inv_freq
+  x1, x2 = x[..., : h // 2], x[..., h // 2:]
+  return np.concatenate(
+      [x1 * np.cos(angle) - x2 * np.sin(angle), x2 * np.cos(angle) + x1 * np.sin(angle)], -1)
+
+
+def attention(q, k, v, allowed):
+  """q [L, N, H], k/v [L, K, H], allowed bool [L, L] -> [L, N, H], float64.
+
+  Rows with nothing allowed give zeros.
+  """
+  q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+  n, kh = q.shape[1], k.shape[1]
+  k = np.repeat(k, n // kh, axis=1)  # GQA: query head n uses kv head n // G.
+  v = np.repeat(v, n // kh, axis=1)
+  logits = np.einsum("inh,jnh->nij", q, k) / np.sqrt(q.shape[-1])
+  logits = np.where(allowed[None], logits, -np.inf)
+  m = np.max(logits, axis=-1, keepdims=True)
+  m = np.where(np.isfinite(m), m, 0.0)
+  p = np.where(allowed[None], np.exp(logits - m), 0.0)
+  denom = p.sum(-1, keepdims=True)
+  p = p / np.where(denom == 0, 1.0, denom)
+  return np.einsum("nij,jnh->inh", p, v)
+
+
+def allowed_mask(chunk_ids: np.ndarray, prefix_lm: bool) -> np.ndarray:
+  """[L, L]: causal, plus (with prefix_lm) both ways within the same chunk."""
+  i = np.arange(len(chunk_ids))
+  allowed = i[None, :] <= i[:, None]
+  if prefix_lm:
+    allowed |= chunk_ids[None, :] == chunk_ids[:, None]
+  return allowed
+
+
+def layer(params, x, mask, chunk_ids, *, prefix_lm=False, rope_base=None):
+  """The attention layer over whole sequences, without a cache.
+
+  Args:
+    params: dict of arrays (wq, wk, wv, wo and optional biases).
+    x: [B, T, DM]; mask: bool [B, T] real tokens; chunk_ids: int [T], the
+      call (prefill chunk or decode step) each time step was fed in.
+    prefix_lm: tokens fed in the same call see each other.
+    rope_base: None or the RoPE base.
+
+  Returns:
+    [B, T, DM] float64, zeros at padding.
+  """
+  p = {name: np.asarray(a, np.float64) for name, a in params.items()}
+  x = np.asarray(x, np.float64)
+  out = np.zeros(x.shape, np.float64)
+  for b in range(x.shape[0]):
+    idx = np.nonzero(np.asarray(mask[b]))[0]
+    if idx.size == 0:
+      continue
+    xs = x[b, idx]
+    q = np.einsum("ld,dnh->lnh", xs, p["wq"]) + p.get("bq", 0.0)
+    k = np.einsum("ld,dnh->lnh", xs, p["wk"]) + p.get("bk", 0.0)
+    v = np.einsum("ld,dnh->lnh", xs, p["wv"]) + p.get("bv", 0.0)
+    if rope_base is not None:
+      pos = np.arange(idx.size)
+      q, k = rope(q, pos, rope_base), rope(k, pos, rope_base)
+    o = attention(q, k, v, allowed_mask(np.asarray(chunk_ids)[idx], prefix_lm))
+    out[b, idx] = np.einsum("lnh,nhd->ld", o, p["wo"]) + p.get("bo", 0.0)
+  return out

@@ -1,0 +1,57 @@
+"""RoPE against the float64 numpy reference, and its defining property."""
+
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kvattn.rope import apply_rope
+from tests import reference
+
+
+def test_matches_float64_reference():
+  x = jax.random.normal(jax.random.key(0), (2, 5, 3, 8))
+  positions = jnp.array([[0, 1, 2, 3, 4], [7, 8, 9, 10, 11]])
+  got = apply_rope(x, positions, 100.0)
+  for b in range(2):
+    want = reference.rope(np.asarray(x[b], np.float64), np.asarray(positions[b]), 100.0)
+    np.testing.assert_allclose(got[b], want, rtol=1e-5, atol=1e-5)
+
+
+def test_position_zero_is_identity():
+  x = jax.random.normal(jax.random.key(1), (1, 1, 2, 4))
+  np.testing.assert_allclose(apply_rope(x, jnp.zeros((1, 1), jnp.int32)), x, rtol=0, atol=0)
+
+
+def test_dot_product_depends_only_on_relative_position():
+  q = jax.random.normal(jax.random.key(2), (1, 1, 1, 16))
+  k = jax.random.normal(jax.random.key(3), (1, 1, 1, 16))
+
+  def score(m, n):
+    rq = apply_rope(q, jnp.array([[m]]))
+    rk = apply_rope(k, jnp.array([[n]]))
+    return float(jnp.sum(rq * rk))
+
+  np.testing.assert_allclose(score(5, 2), score(13, 10), rtol=1e-5)
+  np.testing.assert_allclose(score(0, 0), score(9, 9), rtol=1e-5)
+
+
+def test_keeps_dtype():
+  x = jnp.ones((1, 2, 1, 4), jnp.bfloat16)
+  assert apply_rope(x, jnp.zeros((1, 2), jnp.int32)).dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("x_shape, pos_shape, match", [
+    ((1, 2, 1, 5), (1, 2), r"even head dimension H: but got H=5"),
+    ((1, 2, 1, 4), (1, 3), r"positions shape should be \(B, T\)=\(1, 2\): but got \(1, 3\)"),
+    ((2, 4), (2, 4), r"x should have shape \(B, T, N, H\)"),
+])
+def test_errors(x_shape, pos_shape, match):
+  with pytest.raises(ValueError, match=match):
+    apply_rope(jnp.ones(x_shape), jnp.zeros(pos_shape, jnp.int32))
+
+
+if __name__ == "__main__":
+  sys.exit(pytest.main([__file__]))
