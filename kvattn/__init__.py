@@ -5,13 +5,19 @@ appends one token. The cache is a pytree of arrays and its index a traced
 int32, so each function compiles once and serves every position.
 """
 
+from kvattn import generation
 from kvattn import masks
 from kvattn import rope
+from kvattn import sampling
+from kvattn import sharding
 from kvattn.attention import cached_attention
 from kvattn.cache import KVCache
 from kvattn.cache import init_cache
 from kvattn.cache import overflowed
 from kvattn.cache import token_positions
+from kvattn.generation import Generation
+from kvattn.generation import generate
+from kvattn.generation import generate_stream
 from kvattn.layer import decode_step
 from kvattn.layer import prefill
 from kvattn.params import init_params
@@ -19,14 +25,20 @@ from kvattn.params import init_params
 __version__ = "0.1.0"
 
 __all__ = [
+    "Generation",
     "KVCache",
     "cached_attention",
     "decode_step",
+    "generate",
+    "generate_stream",
+    "generation",
     "init_cache",
     "init_params",
     "masks",
     "overflowed",
     "prefill",
     "rope",
+    "sampling",
+    "sharding",
     "token_positions",
 ]

@@ -49,6 +49,29 @@ def check_cache(cache: Any) -> None:
   check_shape("cache.overflow", cache.overflow, "()", ())
   if cache.index.dtype != jnp.int32:
     raise ValueError(f"cache.index dtype should be int32: but got {cache.index.dtype}")
+  _check_scales(cache, (b, s, k))
+
+
+def _check_scales(cache: Any, shape: tuple[int, int, int]) -> None:
+  """int8 k and v come with both float32 scales [B, S, K]; float k and v with neither."""
+  int8 = cache.k.dtype == jnp.int8
+  if (cache.v.dtype == jnp.int8) != int8:
+    raise ValueError(
+        f"cache.k and cache.v should both be int8 or neither: but got "
+        f"{cache.k.dtype} and {cache.v.dtype}")
+  for name in ("k_scale", "v_scale"):
+    scale = getattr(cache, name)
+    if not int8:
+      if scale is not None:
+        raise ValueError(f"cache.{name} should be None for a {cache.k.dtype} cache: "
+                         f"but got shape {shape_of(scale)}")
+      continue
+    if scale is None:
+      raise ValueError(f"cache.{name} should be a float32 (B, S, K)={shape} array for "
+                       "an int8 cache: but got None")
+    check_shape(f"cache.{name}", scale, "(B, S, K)", shape)
+    if scale.dtype != jnp.float32:
+      raise ValueError(f"cache.{name} dtype should be float32: but got {scale.dtype}")
 
 
 def _rank4(name: str, x: Any) -> tuple[int, int, int, int]:

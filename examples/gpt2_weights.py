@@ -1,0 +1,126 @@
+"""GPT-2 checkpoints in the Hugging Face layout, mapped onto the example transformer.
+
+Weights are read with the `safetensors` package's numpy API (the `[gpt2]`
+extra; no torch). GPT-2's Conv1D weights are already `[in, out]`; the fused
+`c_attn` is split into wq, wk, wv; positions are learned, the MLP uses GELU
+tanh, a final LayerNorm precedes the unembedding, which is tied to `wte`.
+
+Shape legend:
+  L: number of layers
+  V: vocabulary size
+  P: number of learned positions
+  DM: model width
+  F: MLP hidden width
+  N: number of heads
+  H: head dimension
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+from typing import Any
+
+import numpy as np
+
+from examples import runner
+from examples import transformer
+from kvattn import sampling
+
+
+def config_from_hf(hf: dict[str, Any]) -> transformer.Config:
+  """Maps a GPT-2 `config.json` onto the transformer's `Config`."""
+  dm, n = hf["n_embd"], hf["n_head"]
+  if dm % n:
+    raise ValueError(f"config.json: n_embd={dm} should be a multiple of n_head={n}")
+  activation = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu",
+                "relu": "relu"}.get(hf.get("activation_function", "gelu_new"))
+  if activation is None:
+    raise ValueError(f"config.json: unsupported activation_function "
+                     f"{hf['activation_function']!r}")
+  if not hf.get("scale_attn_weights", True) or hf.get("scale_attn_by_inverse_layer_idx"):
+    raise ValueError("config.json: only the standard 1/sqrt(H) attention scale is supported")
+  return transformer.Config(
+      vocab_size=hf["vocab_size"], num_layers=hf["n_layer"], d_model=dm, num_heads=n,
+      num_kv_heads=n, head_dim=dm // n, d_ff=hf.get("n_inner") or 4 * dm,
+      max_positions=hf["n_positions"], rope_base=None, tie_embeddings=True,
+      activation=activation, use_bias=True, norm_eps=hf.get("layer_norm_epsilon", 1e-5))
+
+
+def params_from_hf(weights: dict[str, np.ndarray], config: transformer.Config
+                   ) -> transformer.Params:
+  """Maps GPT-2 weights (names with or without the "transformer." prefix) to params.
+
+  GPT-2's Conv1D weights are already `[in, out]`. The fused `c_attn` `[DM, 3 DM]`
+  splits into wq, wk, wv `[DM, N, H]`; `c_proj` `[N H, DM]` becomes wo
+  `[N, H, DM]`. The unembedding is tied to `wte`.
+  """
+  w = {name.removeprefix("transformer."): np.asarray(a, np.float32)
+       for name, a in weights.items()}
+  dm, n, h = config.d_model, config.num_heads, config.head_dim
+
+  def get(name, shape):
+    if name not in w:
+      raise ValueError(f"model.safetensors has no tensor {name!r}")
+    if w[name].shape != shape:
+      raise ValueError(f"{name} shape should be {shape}: but got {w[name].shape}")
+    return w[name]
+
+  def layer(i):
+    pre = f"h.{i}."
+    qkv = get(pre + "attn.c_attn.weight", (dm, 3 * dm))
+    qkv_b = get(pre + "attn.c_attn.bias", (3 * dm,))
+    wq, wk, wv = (a.reshape(dm, n, h) for a in np.split(qkv, 3, axis=1))
+    bq, bk, bv = (a.reshape(n, h) for a in np.split(qkv_b, 3))
+    return {
+        "ln1": {"scale": get(pre + "ln_1.weight", (dm,)), "bias": get(pre + "ln_1.bias", (dm,))},
+        "attn": {"wq": wq, "wk": wk, "wv": wv, "bq": bq, "bk": bk, "bv": bv,
+                 "wo": get(pre + "attn.c_proj.weight", (dm, dm)).reshape(n, h, dm),
+                 "bo": get(pre + "attn.c_proj.bias", (dm,))},
+        "ln2": {"scale": get(pre + "ln_2.weight", (dm,)), "bias": get(pre + "ln_2.bias", (dm,))},
+        "mlp": {"w_in": get(pre + "mlp.c_fc.weight", (dm, config.d_ff)),
+                "b_in": get(pre + "mlp.c_fc.bias", (config.d_ff,)),
+                "w_out": get(pre + "mlp.c_proj.weight", (config.d_ff, dm)),
+                "b_out": get(pre + "mlp.c_proj.bias", (dm,))},
+    }
+
+  layers = [layer(i) for i in range(config.num_layers)]
+  stacked = _tree_stack(layers)
+  return {
+      "embed": get("wte.weight", (config.vocab_size, dm)),
+      "pos_embed": get("wpe.weight", (config.max_positions, dm)),
+      "layers": stacked,
+      "ln_f": {"scale": get("ln_f.weight", (dm,)), "bias": get("ln_f.bias", (dm,))},
+  }
+
+
+def load(checkpoint: str | pathlib.Path) -> tuple[transformer.Params, transformer.Config, dict]:
+  """Reads `config.json` and `model.safetensors`; returns (params, config, hf_config)."""
+  from safetensors.numpy import load_file  # The [gpt2] extra.
+  directory = pathlib.Path(checkpoint)
+  hf = json.loads((directory / "config.json").read_text())
+  config = config_from_hf(hf)
+  return params_from_hf(load_file(directory / "model.safetensors"), config), config, hf
+
+
+def _tree_stack(trees):
+  if isinstance(trees[0], dict):
+    return {k: _tree_stack([t[k] for t in trees]) for k in trees[0]}
+  return np.stack(trees)
+
+
+def generate_ids(params: transformer.Params, config: transformer.Config, prompt_ids: list[int],
+                 *, max_new_tokens: int, sampler: sampling.Sampler, seed: int = 0,
+                 eos_id: int | None = None) -> tuple[np.ndarray, runner.Timing]:
+  """Continues one prompt; returns the new ids (up to and including EOS) and timing."""
+  if config.max_positions and len(prompt_ids) + max_new_tokens - 1 > config.max_positions:
+    raise ValueError(
+        f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) - 1 should fit "
+        f"the model's {config.max_positions} positions")
+  tokens = np.asarray([prompt_ids], np.int32)
+  mask = np.ones(tokens.shape, bool)
+  caches = transformer.init_caches(config, 1, tokens.shape[1] + max_new_tokens - 1)
+  out, lengths, timing = runner.run(transformer.step_fn(config), params, caches, tokens,
+                                      mask, max_new_tokens=max_new_tokens, sampler=sampler,
+                                      seed=seed, eos_id=eos_id)
+  return out[0, :lengths[0]], timing

@@ -1,0 +1,104 @@
+"""Runs `kvattn.generation` on a model and times its stages apart.
+
+The examples' shared driver: compile time, prefill time and decode speed are
+measured separately, and a streaming mode hands each new column to a callback.
+
+Shape legend:
+  B: batch size
+  P: padded prompt length
+  N: max_new_tokens
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from typing import Any, Callable, NamedTuple
+
+import jax
+import numpy as np
+
+from kvattn import generation
+from kvattn import sampling
+
+
+class Timing(NamedTuple):
+  """Wall-clock seconds of one generation, compile time apart."""
+
+  compile_s: float
+  prefill_s: float
+  decode_s: float
+  decode_tokens: int  # Real tokens drawn by decode steps, all rows together.
+
+  def line(self, batch: int, prompt_len: int) -> str:
+    rate = self.decode_tokens / max(self.decode_s, 1e-9)
+    return (f"prefill {batch} x {prompt_len} tokens: {self.prefill_s * 1e3:.1f} ms | "
+            f"decode {self.decode_tokens} tokens: {rate:.0f} tokens/s | "
+            f"compile {self.compile_s:.2f} s")
+
+
+def run(step_fn: Callable, params: Any, caches: Any, tokens: np.ndarray, mask: np.ndarray, *,
+        max_new_tokens: int, sampler: sampling.Sampler, seed: int = 0,
+        eos_id: int | None = None, pad_id: int = 0, prefill: str = "one_pass",
+        chunk_size: int | None = None, on_token: Callable[[np.ndarray], None] | None = None
+        ) -> tuple[np.ndarray, np.ndarray, Timing]:
+  """Generates for prompts `tokens [B, P]` (mask `[B, P]`) and times the stages.
+
+  Without `on_token` the decode loop is the compiled `lax.while_loop`; its two
+  stages are compiled ahead of time, so compile time is measured apart. With
+  `on_token`, `kvattn.generate_stream` runs and each column (int `[B]`) is
+  passed to `on_token` as it is drawn; compile time is then a warm-up of the
+  prefill and one decode step.
+
+  Returns:
+    `(tokens [B, N], lengths [B], Timing)`, numpy.
+  """
+  key = jax.random.key(seed)
+  # The keyword arguments of generation.generate and generate_stream, so that
+  # their compilations are shared with these.
+  traced_kw = dict(eos_id=eos_id, pad_id=pad_id)
+  loop_kw = dict(sampler=sampler, **traced_kw)
+  start_kw = dict(max_new_tokens=max_new_tokens, prefill=prefill, chunk_size=chunk_size,
+                  **loop_kw)
+  t0 = time.perf_counter()
+  if on_token is None:
+    # eos_id and pad_id are traced: the compiled stages take them again when called.
+    start = generation.start.lower(step_fn, params, caches, tokens, mask, key,
+                                   **start_kw).compile()
+    state_shape = jax.eval_shape(functools.partial(generation.start, step_fn, **start_kw),
+                                 params, caches, tokens, mask, key)
+    finish = generation.finish.lower(step_fn, params, state_shape, **loop_kw).compile()
+    t1 = time.perf_counter()
+    state = jax.block_until_ready(start(params, caches, tokens, mask, key, **traced_kw))
+    t2 = time.perf_counter()
+    state = jax.block_until_ready(finish(params, state, **traced_kw))
+    t3 = time.perf_counter()
+    out, lengths = np.asarray(state.tokens), np.asarray(state.lengths)
+  else:
+    warm = generation.start(step_fn, params, caches, tokens, mask, key, **start_kw)
+    jax.block_until_ready(generation.advance(step_fn, params, warm, **loop_kw))
+    t1 = time.perf_counter()
+    stream = generation.generate_stream(step_fn, params, caches, tokens, mask, key=key,
+                                        **start_kw)
+    columns = [np.asarray(next(stream))]
+    on_token(columns[0])
+    t2 = time.perf_counter()
+    for column in stream:
+      columns.append(np.asarray(column))
+      on_token(columns[-1])
+    t3 = time.perf_counter()
+    out = np.full((tokens.shape[0], max_new_tokens), pad_id, np.int32)
+    out[:, :len(columns)] = np.stack(columns, axis=1)
+    lengths = _lengths(out, len(columns), eos_id)
+  timing = Timing(compile_s=t1 - t0, prefill_s=t2 - t1, decode_s=t3 - t2,
+                  decode_tokens=int(np.sum(np.maximum(lengths - 1, 0))))
+  return out, lengths, timing
+
+
+def _lengths(tokens: np.ndarray, steps: int, eos_id: int | None) -> np.ndarray:
+  """Per-row lengths of streamed columns: up to and including the first EOS."""
+  if eos_id is None:
+    return np.full((tokens.shape[0],), steps, np.int32)
+  is_eos = tokens[:, :steps] == eos_id
+  first = np.where(is_eos.any(axis=1), is_eos.argmax(axis=1) + 1, steps)
+  return first.astype(np.int32)

@@ -1,0 +1,63 @@
+r"""Trains the bundled character-level LM on the Python standard library's sources.
+
+Every machine with Python has the corpus (see `examples/charlm_training.py`
+for the corpus, loss and optimizer). The result, a few MB, is the default
+model of `examples/generate.py`.
+
+  python examples/train_charlm.py --output=examples/data/charlm.npz
+"""
+
+from __future__ import annotations
+
+import pathlib
+import sys
+
+if __package__ in (None, ""):  # Run as a script: make the repository root importable.
+  sys.path.insert(0, str(pathlib.Path(__file__).absolute().parents[1]))
+
+from absl import app
+from absl import flags
+
+from examples import charlm
+from examples import charlm_training
+from examples import transformer
+
+_OUTPUT = flags.DEFINE_string("output", str(charlm.DEFAULT_CHECKPOINT),
+                              "Checkpoint to write.")
+_STEPS = flags.DEFINE_integer("steps", 2000, "Training steps (the LR schedule's length).")
+_BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Sequences per step.")
+_SEQ_LEN = flags.DEFINE_integer("seq_len", 128, "Characters per sequence.")
+_NUM_LAYERS = flags.DEFINE_integer("num_layers", 4, "Transformer layers.")
+_D_MODEL = flags.DEFINE_integer("d_model", 128, "Model width.")
+_NUM_HEADS = flags.DEFINE_integer("num_heads", 4, "Attention heads.")
+_LR = flags.DEFINE_float("lr", 3e-3, "Peak learning rate.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed for init and batches.")
+_TIME_BUDGET_S = flags.DEFINE_float(
+    "time_budget_s", 600.0, "Seconds; the LR schedule ends by then and the model is saved.")
+_MIN_COUNT = flags.DEFINE_integer("min_count", 200,
+                                  "Characters rarer than this map to padding.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  text = charlm_training.read_corpus()
+  vocab = charlm.Vocab.from_text(text, min_count=_MIN_COUNT.value)
+  data = vocab.encode(text)
+  print(f"corpus: {len(text) / 1e6:.1f}M characters of the standard library, "
+        f"vocabulary {len(vocab)}")
+  config = transformer.Config(
+      vocab_size=len(vocab), num_layers=_NUM_LAYERS.value, d_model=_D_MODEL.value,
+      num_heads=_NUM_HEADS.value, num_kv_heads=_NUM_HEADS.value,
+      head_dim=_D_MODEL.value // _NUM_HEADS.value, d_ff=4 * _D_MODEL.value,
+      rope_base=10_000.0)
+  params, loss = charlm_training.train(
+      config, data, steps=_STEPS.value, batch_size=_BATCH_SIZE.value, seq_len=_SEQ_LEN.value,
+      lr=_LR.value, seed=_SEED.value, time_budget_s=_TIME_BUDGET_S.value)
+  charlm.save(_OUTPUT.value, params, config, vocab)
+  size = pathlib.Path(_OUTPUT.value).stat().st_size
+  print(f"final loss {loss:.3f} nats/char; wrote {_OUTPUT.value} ({size / 1e6:.1f} MB)")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,123 @@
+"""Choosing the next token from logits: greedy, temperature, top-k, top-p.
+
+Pure functions of logits and an explicit PRNG key; nothing is stateful, so
+the same key gives the same tokens. `Sampler` bundles the settings into a
+hashable callable, the `sampler` argument of `kvattn.generate`.
+
+Shape legend:
+  B: batch size
+  V: vocabulary size
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from kvattn._checks import check_shape
+
+
+def greedy(logits: jax.Array) -> jax.Array:
+  """Returns int32 `[B]`: the most likely token of each row (the first, on ties)."""
+  _check_logits(logits)
+  return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+
+
+def top_k_logits(logits: jax.Array, k: int) -> jax.Array:
+  """Returns float32 `[B, V]`: logits outside each row's k largest set to -inf.
+
+  Tokens tied with the k-th largest logit are all kept. `k` is static.
+  """
+  _check_logits(logits)
+  v = logits.shape[-1]
+  if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= v:
+    raise ValueError(f"k should be an int in [1, V={v}]: but got {k!r}")
+  logits = logits.astype(jnp.float32)
+  kth = lax.top_k(logits, k)[0][:, k - 1:]  # [B, 1]
+  return jnp.where(logits < kth, -jnp.inf, logits)
+
+
+def top_p_logits(logits: jax.Array, p: float | jax.Array) -> jax.Array:
+  """Returns float32 `[B, V]`: logits outside each row's nucleus set to -inf.
+
+  The nucleus is the smallest set of most likely tokens whose probability
+  reaches `p` (the most likely token is always in it; tokens tied with the
+  least likely member are kept too). `p` in (0, 1] may be traced.
+  """
+  _check_logits(logits)
+  if isinstance(p, (int, float)) and not 0.0 < p <= 1.0:
+    raise ValueError(f"p should be in (0, 1]: but got {p!r}")
+  logits = logits.astype(jnp.float32)
+  sorted_logits = -jnp.sort(-logits, axis=-1)  # [B, V] descending
+  probs = jax.nn.softmax(sorted_logits, axis=-1)
+  before = jnp.cumsum(probs, axis=-1) - probs  # probability of the tokens ranked above
+  in_nucleus = before < jnp.asarray(p, jnp.float32)
+  # The smallest logit in the nucleus; everything below it is cut.
+  threshold = jnp.min(jnp.where(in_nucleus, sorted_logits, jnp.inf), axis=-1, keepdims=True)
+  return jnp.where(logits < threshold, -jnp.inf, logits)
+
+
+def sample(key: jax.Array, logits: jax.Array, *, temperature: float | jax.Array = 1.0,
+           top_k: int | None = None, top_p: float | jax.Array | None = None) -> jax.Array:
+  """Returns int32 `[B]`: one token per row drawn from the filtered softmax.
+
+  Logits are divided by `temperature`, then cut to the `top_k` largest, then
+  to the top-`top_p` nucleus (the order of Hugging Face's samplers). A
+  temperature of 0 means greedy, whatever top_k and top_p say.
+
+  Args:
+    key: a PRNG key; one key draws the whole batch.
+    logits: `[B, V]`.
+    temperature: >= 0; a Python float or a traced scalar.
+    top_k: None, or a static int in [1, V].
+    top_p: None, or a probability in (0, 1].
+  """
+  _check_logits(logits)
+  if isinstance(temperature, (int, float)) and temperature < 0:
+    raise ValueError(f"temperature should be >= 0: but got {temperature!r}")
+  logits = logits.astype(jnp.float32)
+  t = jnp.asarray(temperature, jnp.float32)
+  scaled = logits / jnp.where(t > 0, t, 1.0)
+  if top_k is not None:
+    scaled = top_k_logits(scaled, top_k)
+  if top_p is not None:
+    scaled = top_p_logits(scaled, top_p)
+  drawn = jax.random.categorical(key, scaled, axis=-1).astype(jnp.int32)
+  return jnp.where(t > 0, drawn, greedy(logits))
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampler:
+  """Sampling settings as a hashable callable `(key, logits [B, V]) -> int32 [B]`.
+
+  Equal settings compare and hash equal, so a jitted generation loop that takes
+  the sampler as a static argument compiles once per setting. The default
+  (temperature 0) is greedy.
+  """
+
+  temperature: float = 0.0
+  top_k: int | None = None
+  top_p: float | None = None
+
+  def __post_init__(self):
+    if self.temperature < 0:
+      raise ValueError(f"temperature should be >= 0: but got {self.temperature!r}")
+    if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+      raise ValueError(f"top_k should be a positive int or None: but got {self.top_k!r}")
+    if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"top_p should be in (0, 1] or None: but got {self.top_p!r}")
+
+  def __call__(self, key: jax.Array, logits: jax.Array) -> jax.Array:
+    if self.temperature == 0:
+      return greedy(logits)
+    return sample(key, logits, temperature=self.temperature, top_k=self.top_k,
+                  top_p=self.top_p)
+
+
+def _check_logits(logits) -> None:
+  check_shape("logits", logits, "(B, V)", (None, None))
+  if not jnp.issubdtype(logits.dtype, jnp.floating):
+    raise ValueError(f"logits dtype should be floating: but got {logits.dtype}")

@@ -1,0 +1,182 @@
+"""Tests of the blockwise kernel (kvattn/attention.py) against the float64 reference.
+
+The kernel is driven directly, with small block sizes, so that every path
+runs: block sizes that do and do not divide T and S, a cache index that is
+not a multiple of the block, ragged rows, GQA/MQA, both the matmul path
+(T * G > 8) and the fused path of a decode step, and prefix-LM static or
+traced. The layer tests (tests/layer_test.py) cover the default blocks.
+"""
+
+import functools
+import re
+import sys
+
+import jax
+import jax.numpy as jnp
+from jax.sharding import NamedSharding, PartitionSpec as P
+import numpy as np
+import pytest
+
+import kvattn
+from tests import reference
+
+B, N, H = 3, 4, 16
+TOL = dict(rtol=1e-4, atol=1e-4)  # float32 kernel vs float64 reference.
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel(block_q, block_kv, traced_prefix_lm=False):
+  """The kernel, jitted once per block sizes; prefix_lm static unless traced_prefix_lm."""
+  kernel = functools.partial(kvattn.cached_attention, block_q=block_q, block_kv=block_kv)
+  return jax.jit(kernel, static_argnames=() if traced_prefix_lm else ("prefix_lm",))
+
+
+def random_qkv(seed, total, num_kv_heads):
+  """Random float32 q [B, total, N, H], k and v [B, total, K, H] (numpy: no compiles)."""
+  rng = np.random.default_rng(seed)
+  q = rng.standard_normal((B, total, N, H), np.float32)
+  k = rng.standard_normal((B, total, num_kv_heads, H), np.float32)
+  v = rng.standard_normal((B, total, num_kv_heads, H), np.float32)
+  return q, k, v
+
+
+def run_kernel(q, k, v, mask, sizes, max_len, *, block_q, block_kv, prefix_lm=False,
+               cache=None):
+  """Feeds the tokens in calls of `sizes` tokens each; returns (o, chunk_ids, cache)."""
+  if cache is None:
+    cache = kvattn.init_cache(B, max_len, k.shape[2], H)
+  kernel = _kernel(block_q, block_kv, not isinstance(prefix_lm, bool))
+  outs, ids, lo = [], [], 0
+  for c, size in enumerate(sizes):
+    hi = lo + size
+    o, cache = kernel(q[:, lo:hi], k[:, lo:hi], v[:, lo:hi], cache, mask[:, lo:hi],
+                      prefix_lm=prefix_lm)
+    outs.append(o)
+    ids += [c] * size
+    lo = hi
+  return np.concatenate(outs, axis=1), np.array(ids), cache
+
+
+def reference_attention(q, k, v, mask, chunk_ids, prefix_lm=False):
+  """Each row's real tokens as one sequence, through tests/reference.py."""
+  out = np.zeros(q.shape, np.float64)
+  for b in range(q.shape[0]):
+    idx = np.nonzero(np.asarray(mask[b]))[0]
+    if idx.size:
+      allowed = reference.allowed_mask(chunk_ids[idx], prefix_lm)
+      out[b, idx] = reference.attention(q[b, idx], k[b, idx], v[b, idx], allowed)
+  return out
+
+
+def ragged_mask(total):
+  """Row 0 full, row 1 left-padded, row 2 with holes: bool [B, total]."""
+  pos = np.arange(total)
+  return np.stack([pos >= 0, pos >= 3, pos % 3 != 1])
+
+
+# Calls of 8 tokens at index 0 and 8, then decode steps at 16 and 17: blocks of
+# 8 are aligned to the index, blocks of 5 never. T * G spans the matmul path
+# (T * G > 8) and the path of a decode step.
+SIZES = [8, 8, 1, 1]
+
+
+# (block_q, block_kv): dividing T=8 and S=24; dividing neither; larger than both.
+@pytest.mark.parametrize("block_q, block_kv, num_kv_heads", [
+    (4, 8, N), (3, 5, 2), (128, 256, 2), (3, 5, 1)])
+def test_chunks_and_decode_match_reference(block_q, block_kv, num_kv_heads):
+  total = sum(SIZES)
+  q, k, v = random_qkv(num_kv_heads, total, num_kv_heads)
+  mask = ragged_mask(total)
+  got, ids, cache = run_kernel(q, k, v, mask, SIZES, 24, block_q=block_q, block_kv=block_kv)
+  np.testing.assert_allclose(got, reference_attention(q, k, v, mask, ids), **TOL)
+  assert int(cache.index) == total and not bool(cache.overflow)
+  np.testing.assert_array_equal(cache.lengths, np.sum(mask, axis=1))
+
+
+def test_block_sizes_do_not_change_the_result():
+  q, k, v = random_qkv(2, sum(SIZES), 2)
+  mask = ragged_mask(sum(SIZES))
+  small, _, small_cache = run_kernel(q, k, v, mask, SIZES, 24, block_q=3, block_kv=5)
+  large, _, large_cache = run_kernel(q, k, v, mask, SIZES, 24, block_q=128, block_kv=256)
+  np.testing.assert_allclose(small, large, rtol=1e-5, atol=1e-5)
+  jax.tree.map(np.testing.assert_array_equal, small_cache, large_cache)
+
+
+@pytest.mark.parametrize("prefix_lm", [True, jnp.asarray(True), jnp.asarray(False)])
+def test_prefix_lm_chunks_match_reference(prefix_lm):
+  # T=9 spans three query blocks of 4: a traced flag goes through lax.cond.
+  sizes = [7, 9]
+  total = sum(sizes)
+  q, k, v = random_qkv(5, total, 2)
+  mask = ragged_mask(total)
+  got, ids, _ = run_kernel(q, k, v, mask, sizes, 20, block_q=4, block_kv=3,
+                           prefix_lm=prefix_lm)
+  want = reference_attention(q, k, v, mask, ids, prefix_lm=bool(prefix_lm))
+  np.testing.assert_allclose(got, want, **TOL)
+
+
+def test_blocks_past_the_index_are_never_read():
+  """NaN in every block past the filled ones cannot reach the output."""
+  q, k, v = random_qkv(7, 6, 2)
+  mask = np.ones((B, 6), bool)
+  _, _, cache = run_kernel(q, k, v, mask, [5], 16, block_q=4, block_kv=4)
+  # Slots [0, 5) are filled: blocks [0, 4) and [4, 8) are read, [8, 16) never.
+  k_poisoned, v_poisoned = np.array(cache.k), np.array(cache.v)
+  k_poisoned[:, 8:] = v_poisoned[:, 8:] = np.nan
+  poisoned = cache._replace(k=jnp.asarray(k_poisoned), v=jnp.asarray(v_poisoned))
+  got, _, _ = run_kernel(q[:, 5:], k[:, 5:], v[:, 5:], mask[:, 5:], [1], 16, block_q=4,
+                         block_kv=4, cache=poisoned)
+  want, _, _ = run_kernel(q[:, 5:], k[:, 5:], v[:, 5:], mask[:, 5:], [1], 16, block_q=4,
+                          block_kv=4, cache=cache)
+  assert np.all(np.isfinite(got))
+  np.testing.assert_array_equal(got, want)
+
+
+def test_overflow_writes_nothing_but_still_attends():
+  q, k, v = random_qkv(8, 10, 2)
+  mask = ragged_mask(10)
+  _, _, full = run_kernel(q, k, v, mask, [6], 8, block_q=4, block_kv=3)
+  before = jax.tree.map(np.array, full)
+  got, _, after = run_kernel(q[:, 6:], k[:, 6:], v[:, 6:], mask[:, 6:], [4], 8, block_q=4,
+                             block_kv=3, cache=full)
+  assert bool(after.overflow)
+  before = before._replace(overflow=np.array(True))
+  jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.array, after))
+  # The output is still computed, over the cache and the chunk itself.
+  want = reference_attention(q, k, v, mask, np.array([0] * 6 + [1] * 4))
+  np.testing.assert_allclose(got, want[:, 6:], **TOL)
+
+
+@pytest.mark.parametrize("quantized", [False, True])
+def test_sharded_cache_is_read_block_by_block_without_collectives(quantized):
+  """Batch over "data", heads over "model": every block stays on its devices."""
+  mesh = jax.make_mesh((2, 4), ("data", "model"))
+  cache = kvattn.init_cache(4, 40, 4, H, quantized=quantized)  # Five blocks of 8.
+  heads, rows, scalar = P("data", None, "model", None), P("data", None), P()
+  fields = dict(k=heads, v=heads, valid=rows, lengths=P("data"), index=scalar, overflow=scalar)
+  if quantized:
+    fields.update(k_scale=P("data", None, "model"), v_scale=P("data", None, "model"))
+  shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), kvattn.KVCache(**fields),
+                           is_leaf=lambda x: isinstance(x, P))
+  qkv = NamedSharding(mesh, heads)
+  step = jax.jit(functools.partial(kvattn.cached_attention, block_kv=8),
+                 in_shardings=(qkv, qkv, qkv, shardings), out_shardings=(qkv, shardings),
+                 donate_argnums=3)
+  q = jnp.zeros((4, 1, 8, H))
+  hlo = step.lower(q, q[:, :, :4], q[:, :, :4], cache).compile().as_text()
+  assert not re.findall(r"all-gather|all-to-all|collective-permute|reduce-scatter|all-reduce",
+                        hlo)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(block_q=0), r"block_q must be a positive int, got 0"),
+    (dict(block_kv=2.0), r"block_kv must be a positive int, got 2.0"),
+])
+def test_bad_block_sizes_raise(kwargs, match):
+  q, k, v = random_qkv(9, 2, 2)
+  with pytest.raises(ValueError, match=match):
+    kvattn.cached_attention(q, k, v, kvattn.init_cache(B, 4, 2, H), **kwargs)
+
+
+if __name__ == "__main__":
+  sys.exit(pytest.main([__file__]))

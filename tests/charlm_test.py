@@ -1,0 +1,51 @@
+"""Tests of examples/charlm.py: vocabulary and checkpoint (generation: generate_example_test)."""
+
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from examples import charlm
+from examples import transformer
+
+TINY = transformer.Config(vocab_size=0, num_layers=1, d_model=16, num_heads=2, num_kv_heads=2,
+                          head_dim=8, d_ff=32, rope_base=10_000.0)
+
+
+def test_vocab_round_trip_and_unknown_characters():
+  vocab = charlm.Vocab.from_text("def f(x):\n    return x\n")
+  assert vocab.chars[0] == "\x00" and len(vocab) == len(set("def f(x):\n    return x\n")) + 1
+  text = "def x(f):\n"
+  np.testing.assert_array_equal(vocab.decode(vocab.encode(text)), text)
+  assert vocab.encode("é")[0] == charlm.PAD_ID and vocab.decode(vocab.encode("dé")) == "d"
+  assert len(charlm.Vocab.from_text("aab", min_count=2)) == 2
+
+
+def test_encode_batch_is_right_padded():
+  vocab = charlm.Vocab.from_text("abc")
+  tokens, mask = charlm.encode_batch(vocab, ["abc", "b"])
+  np.testing.assert_array_equal(mask, [[1, 1, 1], [1, 0, 0]])
+  np.testing.assert_array_equal(tokens, [[1, 2, 3], [2, 0, 0]])
+
+
+def test_checkpoint_round_trip(tmp_path):
+  vocab = charlm.Vocab.from_text("hello world")
+  config = TINY._replace(vocab_size=len(vocab))
+  params = transformer.init_params(jax.random.key(0), config)
+  path = tmp_path / "lm.npz"
+  charlm.save(path, params, config, vocab, dtype=np.float32)
+  loaded, loaded_config, loaded_vocab = charlm.load(path)
+  assert loaded_config == config and loaded_vocab.chars == vocab.chars
+  jax.tree.map(np.testing.assert_array_equal, loaded, jax.tree.map(np.asarray, params))
+
+
+def test_bundled_checkpoint_is_small_and_loads():
+  assert charlm.DEFAULT_CHECKPOINT.stat().st_size < 5e6
+  params, config, vocab = charlm.load()
+  assert config.vocab_size == len(vocab) and "\n" in vocab.chars and "d" in vocab.chars
+  assert params["embed"].shape == (config.vocab_size, config.d_model)
+
+
+if __name__ == "__main__":
+  sys.exit(pytest.main([__file__]))

@@ -1,0 +1,211 @@
+"""Tests of kvattn.generation on a tiny random transformer and on a toy model.
+
+Greedy tokens must not depend on the other rows of a ragged batch, nor on the
+cache at all (recomputing the full forward each step gives the same tokens).
+The loop's bookkeeping (which logits start each row under every prefill
+strategy, EOS, early stop, what finished rows feed) is checked exactly on a
+toy model that counts. (tests/generate_example_test.py checks that the three
+prefill strategies give the same greedy tokens with the bundled model.)
+"""
+
+import functools
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from examples import transformer
+from kvattn import generation
+from kvattn import sampling
+
+CONFIG = transformer.Config(vocab_size=32, num_layers=2, d_model=32, num_heads=4,
+                            num_kv_heads=2, head_dim=8, d_ff=64, rope_base=10_000.0)
+LEARNED = CONFIG._replace(max_positions=32, rope_base=None, tie_embeddings=False)
+GREEDY = sampling.Sampler()
+SAMPLER = sampling.Sampler(temperature=1.0, top_k=10, top_p=0.9)
+# Every test uses these shapes, or few others: each new shape compiles again.
+B, P, N = 3, 6, 8  # batch, padded prompt length, max_new_tokens
+
+
+@functools.lru_cache(maxsize=None)
+def _params(config, seed=0):
+  # Embeddings 10x init's, so logits (std ~1) are far from ties yet not degenerate.
+  params = transformer.init_params(jax.random.key(seed), config)
+  return {**params, "embed": params["embed"] * 10}
+
+
+def _prompts(lengths, width, left_pad, seed=0):
+  """Random tokens [B, width] and mask [B, width] with lengths[b] real tokens per row."""
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(1, CONFIG.vocab_size, (len(lengths), width)).astype(np.int32)
+  pos = np.arange(width)[None]
+  n = np.asarray(lengths)[:, None]
+  mask = pos >= width - n if left_pad else pos < n
+  return tokens, mask
+
+
+def _generate(config, params, tokens, mask, *, sampler=GREEDY, max_new_tokens=N, seed=0,
+              max_len=P + N, **kw):
+  caches = transformer.init_caches(config, tokens.shape[0], max_len)
+  return generation.generate(transformer.step_fn(config), params, caches, tokens, mask,
+                             max_new_tokens=max_new_tokens, sampler=sampler,
+                             key=jax.random.key(seed), **kw)
+
+
+@pytest.mark.parametrize("config, left_pad", [(CONFIG, False), (CONFIG, True), (LEARNED, False)],
+                         ids=["rope_right_pad", "rope_left_pad", "learned_positions"])
+def test_cached_greedy_equals_recomputing_the_full_forward(config, left_pad):
+  params = _params(config)
+  lengths = [6, 2, 5]
+  tokens, mask = _prompts(lengths, P, left_pad)
+  cached = _generate(config, params, tokens, mask)
+  assert len(np.unique(cached.tokens)) > 3  # Not a degenerate model.
+  # The oracle: no cache, the whole sequence through `forward` for every new token.
+  width = P + N
+  forward = jax.jit(transformer.forward, static_argnames="config")
+  for b, n in enumerate(lengths):
+    seq = list(tokens[b][mask[b]])
+    for _ in range(N):
+      padded = np.zeros((1, width), np.int32)
+      padded[0, :len(seq)] = seq
+      real = jnp.asarray(np.arange(width) < len(seq))[None]
+      logits = forward(params, jnp.asarray(padded), real, config=config)
+      seq.append(int(np.argmax(logits[0, len(seq) - 1])))
+    np.testing.assert_array_equal(cached.tokens[b], seq[n:], err_msg=f"row {b}")
+
+
+def test_each_row_of_a_ragged_batch_equals_the_prompt_alone():
+  params = _params(CONFIG, seed=1)
+  lengths = [5, 1, 6]
+  tokens, mask = _prompts(lengths, P, left_pad=False, seed=1)
+  batch = _generate(CONFIG, params, tokens, mask)
+  for b in (1, 2):  # Rows 0 and 1 both end before column P - 1; one suffices.
+    n = lengths[b]
+    alone_tokens = tokens[b:b + 1, :n]
+    alone = _generate(CONFIG, params, alone_tokens, np.ones_like(alone_tokens, bool))
+    np.testing.assert_array_equal(alone.tokens[0], batch.tokens[b], err_msg=f"row {b}")
+
+
+def _counting_model(params, caches, tokens, mask):
+  """A toy step_fn: the next token is always (token + 1) % V.
+
+  Its "caches" count the calls and the real tokens fed per row.
+  """
+  del params
+  calls, fed = caches
+  v = 10
+  mask = jnp.ones(tokens.shape, bool) if mask is None else mask
+  logits = jax.nn.one_hot((tokens + 1) % v, v) * 10.0
+  return logits, (calls + 1, fed + jnp.sum(mask, axis=1, dtype=jnp.int32))
+
+
+@pytest.mark.parametrize("prefill, chunk_size", [("one_pass", None), ("chunked", 2),
+                                                 ("forced", None)])
+def test_eos_stops_each_row_and_the_loop_once_all_rows_are_done(prefill, chunk_size):
+  tokens = np.array([[1, 2, 0], [0, 0, 5], [5, 6, 7]], np.int32)  # Padded right, left, not.
+  mask = np.array([[1, 1, 0], [0, 0, 1], [1, 1, 1]], bool)
+  caches = (jnp.zeros((), jnp.int32), jnp.zeros((3,), jnp.int32))
+  out = generation.generate(_counting_model, None, caches, tokens, mask, max_new_tokens=8,
+                            sampler=GREEDY, key=jax.random.key(0), eos_id=8, pad_id=-1,
+                            prefill=prefill, chunk_size=chunk_size)
+  np.testing.assert_array_equal(out.tokens, [[3, 4, 5, 6, 7, 8, -1, -1],
+                                             [6, 7, 8, -1, -1, -1, -1, -1],
+                                             [8, -1, -1, -1, -1, -1, -1, -1]])
+  np.testing.assert_array_equal(out.lengths, [6, 3, 1])
+  calls, fed = out.caches
+  prefill_calls = {"one_pass": 1, "chunked": 2, "forced": 3}[prefill]
+  assert int(calls) == prefill_calls + 5  # Stopped once row 0 was done, not after 8.
+  np.testing.assert_array_equal(fed, [2 + 5, 1 + 2, 3 + 0])  # Finished rows feed nothing.
+
+
+def test_without_eos_every_row_runs_to_max_new_tokens():
+  tokens = np.array([[1, 2], [5, 0]], np.int32)
+  mask = np.array([[1, 1], [1, 0]], bool)
+  caches = (jnp.zeros((), jnp.int32), jnp.zeros((2,), jnp.int32))
+  out = generation.generate(_counting_model, None, caches, tokens, mask, max_new_tokens=4,
+                            sampler=GREEDY, key=jax.random.key(0))
+  np.testing.assert_array_equal(out.tokens, [[3, 4, 5, 6], [6, 7, 8, 9]])
+  np.testing.assert_array_equal(out.lengths, [4, 4])
+  assert int(out.caches[0]) == 1 + 3
+
+
+def test_eos_on_the_transformer_and_in_the_stream():
+  params = _params(CONFIG, seed=2)
+  tokens, mask = _prompts([6, 4, 3], P, left_pad=True, seed=2)
+  # Sampling: column i is drawn with fold_in(key, i) whatever the other rows do, so a row
+  # runs as without EOS until its EOS. (eos_id=-1, never drawn, shares the compilation.)
+  free = np.asarray(_generate(CONFIG, params, tokens, mask, sampler=SAMPLER, eos_id=-1).tokens)
+  eos = int(free[0, 2])  # Row 0 meets it at column 2 at the latest.
+  out = _generate(CONFIG, params, tokens, mask, sampler=SAMPLER, eos_id=eos)
+  for b in range(B):
+    hits = np.nonzero(free[b] == eos)[0]
+    stop = hits[0] + 1 if hits.size else N
+    np.testing.assert_array_equal(out.tokens[b, :stop], free[b, :stop])
+    np.testing.assert_array_equal(out.tokens[b, stop:], 0)
+    assert int(out.lengths[b]) == stop
+  # One cache slot per decode step, and the loop ran until the last row stopped.
+  np.testing.assert_array_equal(out.caches.index,
+                                [P + int(np.max(out.lengths)) - 1] * CONFIG.num_layers)
+
+  # The stream stops at the same point and yields the same columns.
+  caches = transformer.init_caches(CONFIG, B, P + N)
+  columns = list(generation.generate_stream(
+      transformer.step_fn(CONFIG), params, caches, tokens, mask, max_new_tokens=N,
+      sampler=SAMPLER, key=jax.random.key(0), eos_id=eos))
+  assert len(columns) == int(np.max(out.lengths))
+  np.testing.assert_array_equal(np.stack(columns, 1), out.tokens[:, :len(columns)])
+
+
+def test_stream_yields_the_compiled_loops_tokens():
+  params = _params(CONFIG, seed=3)
+  tokens, mask = _prompts([5, 2, 6], P, left_pad=False, seed=3)
+  compiled = _generate(CONFIG, params, tokens, mask, sampler=SAMPLER, seed=4, eos_id=-1)
+  caches = transformer.init_caches(CONFIG, B, P + N)
+  stream = generation.generate_stream(
+      transformer.step_fn(CONFIG), params, caches, tokens, mask, max_new_tokens=N,
+      sampler=SAMPLER, key=jax.random.key(4), eos_id=-1)
+  columns = [np.asarray(c) for c in stream]
+  np.testing.assert_array_equal(np.stack(columns, axis=1), compiled.tokens)
+
+
+def test_seeds_are_reproducible_and_compile_once():
+  params = _params(CONFIG, seed=5)
+  tokens, mask = _prompts([3, 6, 1], P, left_pad=False, seed=5)
+  before = generation.finish._cache_size()
+  kw = dict(sampler=SAMPLER, eos_id=-1)  # The same compilation as the tests above.
+  a = _generate(CONFIG, params, tokens, mask, seed=1, **kw).tokens
+  b = _generate(CONFIG, params, tokens, mask, seed=1, **kw).tokens
+  c = _generate(CONFIG, params, tokens, mask, seed=2, **kw).tokens
+  np.testing.assert_array_equal(a, b)
+  assert np.any(np.asarray(a) != np.asarray(c))
+  assert generation.finish._cache_size() - before <= 1
+
+
+def _bad(**kw):
+  tokens, mask = _prompts([3, 2], 3, left_pad=False)
+  args = dict(tokens=tokens, mask=mask, caches=transformer.init_caches(CONFIG, 2, 10),
+              max_new_tokens=4)
+  args.update(kw)
+  return lambda: generation.generate(
+      transformer.step_fn(CONFIG), _params(CONFIG), args.pop("caches"), args.pop("tokens"),
+      args.pop("mask"), sampler=GREEDY, key=jax.random.key(0), **args)
+
+
+@pytest.mark.parametrize("call, match", [
+    (_bad(max_new_tokens=9), r"max_len S=10, too small for P \+ max_new_tokens - 1 = 3 \+ 9"),
+    (_bad(max_new_tokens=0), r"max_new_tokens should be a positive int"),
+    (_bad(prefill="lazy"), r"prefill should be one of"),
+    (_bad(prefill="chunked"), r"chunk_size should be a positive int"),
+    (_bad(mask=np.ones((2, 4), bool)), r"mask shape should be \(B, T\)=\(2, 3\)"),
+    (_bad(tokens=np.ones((2, 3), np.float32)), r"prompt_tokens dtype should be an integer"),
+    (_bad(tokens=np.ones((3,), np.int32)), r"prompt_tokens shape should be \(B, P\)"),
+])
+def test_bad_arguments_raise(call, match):
+  with pytest.raises(ValueError, match=match):
+    call()
+
+
+if __name__ == "__main__":
+  sys.exit(pytest.main([__file__]))
