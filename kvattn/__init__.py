@@ -7,6 +7,7 @@ int32, so each function compiles once and serves every position.
 
 from kvattn import generation
 from kvattn import masks
+from kvattn import quant
 from kvattn import rope
 from kvattn import sampling
 from kvattn import sharding
@@ -37,6 +38,7 @@ __all__ = [
     "masks",
     "overflowed",
     "prefill",
+    "quant",
     "rope",
     "sampling",
     "sharding",

@@ -102,7 +102,7 @@ def test_block_sizes_do_not_change_the_result():
   jax.tree.map(np.testing.assert_array_equal, small_cache, large_cache)
 
 
-@pytest.mark.parametrize("prefix_lm", [True, jnp.asarray(True), jnp.asarray(False)])
+@pytest.mark.parametrize("prefix_lm", [True, np.bool_(True), np.bool_(False)])
 def test_prefix_lm_chunks_match_reference(prefix_lm):
   # T=9 spans three query blocks of 4: a traced flag goes through lax.cond.
   sizes = [7, 9]

@@ -184,13 +184,17 @@ def test_seeds_are_reproducible_and_compile_once():
 
 
 def _bad(**kw):
-  tokens, mask = _prompts([3, 2], 3, left_pad=False)
-  args = dict(tokens=tokens, mask=mask, caches=transformer.init_caches(CONFIG, 2, 10),
-              max_new_tokens=4)
-  args.update(kw)
-  return lambda: generation.generate(
-      transformer.step_fn(CONFIG), _params(CONFIG), args.pop("caches"), args.pop("tokens"),
-      args.pop("mask"), sampler=GREEDY, key=jax.random.key(0), **args)
+  """A call of generate with kw changed; built lazily, so importing this file
+  does not start the jax backend (under Bazel it is imported before conftest)."""
+
+  def call():
+    tokens, mask = _prompts([3, 2], 3, left_pad=False)
+    args = dict(tokens=tokens, mask=mask, max_new_tokens=4) | kw
+    return generation.generate(
+        transformer.step_fn(CONFIG), _params(CONFIG), transformer.init_caches(CONFIG, 2, 10),
+        args.pop("tokens"), args.pop("mask"), sampler=GREEDY, key=jax.random.key(0), **args)
+
+  return call
 
 
 @pytest.mark.parametrize("call, match", [

@@ -309,9 +309,9 @@ def test_prefill_errors_name_the_argument(mutate, match):
 
 
 @pytest.mark.parametrize("mask, match", [
-    (jnp.ones((2, 4), bool), r"mask shape should be \(B, T\)=\(2, 3\): but got \(2, 4\)"),
-    (jnp.ones((1, 3), bool), r"mask shape should be \(B, T\)=\(2, 3\): but got \(1, 3\)"),
-    (jnp.ones((2, 3), jnp.int32), r"mask dtype should be bool: but got int32"),
+    (np.ones((2, 4), bool), r"mask shape should be \(B, T\)=\(2, 3\): but got \(2, 4\)"),
+    (np.ones((1, 3), bool), r"mask shape should be \(B, T\)=\(2, 3\): but got \(1, 3\)"),
+    (np.ones((2, 3), np.int32), r"mask dtype should be bool: but got int32"),
 ])
 def test_bad_mask_raises(mask, match):
   params, cache, x = _setup()
