@@ -29,6 +29,13 @@ def check_shape(name: str, x: Any, legend: str, expected: tuple[int | None, ...]
         f"{name} shape should be {legend}={tuple(expected)}: but got {actual}")
 
 
+def check_positive_ints(**values: Any) -> None:
+  """Raises ValueError naming the first value that is not a positive int (bools excluded)."""
+  for name, value in values.items():
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
 def check_mask(mask: Any, batch: int, num_tokens: int | None) -> None:
   """Raises ValueError unless mask is a bool array of shape [B, T]."""
   check_shape("mask", mask, "(B, T)", (batch, num_tokens))

@@ -34,7 +34,7 @@ import numpy as np
 
 from kvattn import masks
 from kvattn import quant
-from kvattn._checks import check_cache, check_mask, check_shape
+from kvattn._checks import check_cache, check_mask, check_positive_ints, check_shape
 from kvattn.cache import KVCache
 
 # Masked logits get a large finite negative (not -inf), so exp() of a fully
@@ -104,9 +104,7 @@ def cached_attention(
   if t > s:
     raise ValueError(
         f"q has T={t} new tokens, more than the cache's max_len S={s}")
-  for name, value in (("block_q", block_q), ("block_kv", block_kv)):
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-      raise ValueError(f"{name} must be a positive int, got {value!r}")
+  check_positive_ints(block_q=block_q, block_kv=block_kv)
   if mask is None:
     mask = jnp.ones((b, t), jnp.bool_)
   check_mask(mask, b, t)

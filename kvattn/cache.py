@@ -15,7 +15,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kvattn._checks import check_mask
+from kvattn._checks import check_mask, check_positive_ints
 
 
 class KVCache(NamedTuple):
@@ -100,10 +100,8 @@ def init_cache(
   Returns:
     A `KVCache` with k, v `[B, S, K, H]` of zeros, nothing valid, index 0.
   """
-  for name, value in (("batch", batch), ("max_len", max_len),
-                      ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-      raise ValueError(f"{name} must be a positive int, got {value!r}")
+  check_positive_ints(batch=batch, max_len=max_len, num_kv_heads=num_kv_heads,
+                      head_dim=head_dim)
   dtype = jnp.dtype(dtype)
   if not jnp.issubdtype(dtype, jnp.floating):
     raise ValueError(f"dtype must be a floating dtype, got {dtype}")

@@ -21,7 +21,7 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from kvattn._checks import check_shape
+from kvattn._checks import check_positive_ints, check_shape
 
 Params = Mapping[str, jax.Array]
 
@@ -57,10 +57,8 @@ def init_params(
   num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
   if head_dim is None:
     head_dim = d_model // num_heads
-  for name, value in (("d_model", d_model), ("num_heads", num_heads),
-                      ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-      raise ValueError(f"{name} must be a positive int, got {value!r}")
+  check_positive_ints(d_model=d_model, num_heads=num_heads, num_kv_heads=num_kv_heads,
+                      head_dim=head_dim)
   if num_heads % num_kv_heads:
     raise ValueError(
         f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
