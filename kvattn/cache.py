@@ -14,7 +14,9 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
+from kvattn import quant
 from kvattn._checks import check_mask, check_positive_ints
 
 
@@ -162,3 +164,86 @@ def token_positions(cache: KVCache, mask: jax.Array | None = None,
   before = jnp.cumsum(m, axis=1) - m
   return cache.lengths[:, None] + before
 
+
+
+def append(cache: KVCache, k: jax.Array, v: jax.Array,
+           mask: jax.Array) -> tuple[KVCache, jax.Array, jax.Array]:
+  """Writes T new tokens at `cache.index`, or nothing at all if they do not fit.
+
+  The one place where a cache is written. It does not validate its arguments:
+  `kvattn.cached_attention` checks them once, then calls it.
+
+  Keys and values are first cast to the cache's dtype (quantised, for an int8
+  cache). The returned copies are what attention must use for the new tokens,
+  so that attending to them now gives the same numbers as attending to them
+  from the cache later.
+
+  XLA's dynamic_update_slice clamps an out-of-range start, which would
+  silently overwrite the newest entries. So the start is clamped here
+  explicitly and, when the write does not fit (or the cache has overflowed
+  before), the slots already there are written back unchanged and the sticky
+  `overflow` flag is set. The cost is O(T), never O(S).
+
+  Args:
+    cache: the cache to append to.
+    k, v: `[B, T, K, H]` new keys and values (after RoPE, if used).
+    mask: bool `[B, T]`, True for real tokens.
+
+  Returns:
+    `(new_cache, k_new, v_new)`: k_new and v_new `[B, T, K, H]` in the
+    cache's dtype, or float32 (dequantised) for an int8 cache.
+  """
+  if cache.quantized:
+    (kq, k_scale), (vq, v_scale) = quant.quantize(k), quant.quantize(v)
+    stored = dict(k=kq, v=vq, k_scale=k_scale, v_scale=v_scale)
+    k, v = quant.dequantize(kq, k_scale), quant.dequantize(vq, v_scale)
+  else:
+    k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
+    stored = dict(k=k, v=v)
+  t = mask.shape[1]
+  s = cache.max_len
+  fits = (cache.index <= s - t) & ~cache.overflow
+  start = jnp.clip(cache.index, 0, s - t)
+  written = jnp.sum(mask, axis=1, dtype=jnp.int32)
+  new_cache = cache._replace(
+      **{name: _put(getattr(cache, name), x, start, fits) for name, x in stored.items()},
+      valid=_put(cache.valid, mask, start, fits),
+      lengths=cache.lengths + jnp.where(fits, written, 0),
+      index=jnp.where(fits, cache.index + t, cache.index),
+      overflow=cache.overflow | ~fits,
+  )
+  return new_cache, k, v
+
+
+def _put(buf: jax.Array, x: jax.Array, start: jax.Array, fits: jax.Array) -> jax.Array:
+  """`buf` with `x` written along axis 1 at `start` if `fits`, else `buf` unchanged."""
+  if buf.dtype == jnp.bfloat16:
+    return lax.platform_dependent(buf, x, start, fits, cpu=_put_bits_if, default=_put_select)
+  return _put_select(buf, x, start, fits)
+
+
+def _put_select(buf, x, start, fits):
+  """Writes `x` where it fits, else the slots' own old contents: in place, O(T)."""
+  old = lax.dynamic_slice_in_dim(buf, start, x.shape[1], axis=1)
+  new = jnp.where(fits.reshape((1,) * x.ndim), x.astype(buf.dtype), old)
+  return lax.dynamic_update_slice_in_dim(buf, new, start, axis=1)
+
+
+def _put_bits_if(buf, x, start, fits):
+  """`_put_select` for a bfloat16 buffer on XLA:CPU, by a `lax.cond` on the uint16 bits.
+
+  XLA:CPU computes bfloat16 in float32: it rewrites a bfloat16
+  dynamic-update-slice as a conversion of the whole buffer to float32 and
+  back, an O(S) pass (and temporary) on every call. Written as uint16 bits it
+  stays in place, but only while nothing else in the same computation reads
+  the buffer, which rules out reading the old slots back: a conditional
+  writes or keeps it instead (on CPU a conditional costs nothing much; on GPU
+  it would cost a host round trip, hence the select elsewhere).
+  """
+  def write(buf):
+    bits = lax.bitcast_convert_type(buf, jnp.uint16)
+    new = lax.bitcast_convert_type(x.astype(buf.dtype), jnp.uint16)
+    bits = lax.dynamic_update_slice_in_dim(bits, new, start, axis=1)
+    return lax.bitcast_convert_type(bits, buf.dtype)
+
+  return lax.cond(fits, write, lambda buf: buf, buf)

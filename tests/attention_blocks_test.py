@@ -1,7 +1,7 @@
-"""Tests of the blockwise kernel (kvattn/attention.py) against the float64 reference.
+"""Tests of every implementation of cached_attention against the float64 reference.
 
-The kernel is driven directly, with small block sizes, so that every path
-runs: block sizes that do and do not divide T and S, a cache index that is
+Each implementation in `kvattn.attention.IMPLEMENTATIONS` is driven directly,
+with small block sizes, so that every path runs: block sizes that do and do not divide T and S, a cache index that is
 not a multiple of the block, ragged rows, GQA/MQA, both the matmul path
 (T * G > 8) and the fused path of a decode step, and prefix-LM static or
 traced. The layer tests (tests/layer_test.py) cover the default blocks.
@@ -24,10 +24,14 @@ B, N, H = 3, 4, 16
 TOL = dict(rtol=1e-4, atol=1e-4)  # float32 kernel vs float64 reference.
 
 
+IMPLEMENTATIONS = sorted(kvattn.attention.IMPLEMENTATIONS)
+
+
 @functools.lru_cache(maxsize=None)
-def _kernel(block_q, block_kv, traced_prefix_lm=False):
+def _kernel(block_q, block_kv, traced_prefix_lm=False, implementation="xla"):
   """The kernel, jitted once per block sizes; prefix_lm static unless traced_prefix_lm."""
-  kernel = functools.partial(kvattn.cached_attention, block_q=block_q, block_kv=block_kv)
+  kernel = functools.partial(kvattn.cached_attention, block_q=block_q, block_kv=block_kv,
+                             implementation=implementation)
   return jax.jit(kernel, static_argnames=() if traced_prefix_lm else ("prefix_lm",))
 
 
@@ -41,11 +45,11 @@ def random_qkv(seed, total, num_kv_heads):
 
 
 def run_kernel(q, k, v, mask, sizes, max_len, *, block_q, block_kv, prefix_lm=False,
-               cache=None):
+               cache=None, implementation="xla"):
   """Feeds the tokens in calls of `sizes` tokens each; returns (o, chunk_ids, cache)."""
   if cache is None:
     cache = kvattn.init_cache(B, max_len, k.shape[2], H)
-  kernel = _kernel(block_q, block_kv, not isinstance(prefix_lm, bool))
+  kernel = _kernel(block_q, block_kv, not isinstance(prefix_lm, bool), implementation)
   outs, ids, lo = [], [], 0
   for c, size in enumerate(sizes):
     hi = lo + size
@@ -81,13 +85,15 @@ SIZES = [8, 8, 1, 1]
 
 
 # (block_q, block_kv): dividing T=8 and S=24; dividing neither; larger than both.
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("block_q, block_kv, num_kv_heads", [
     (4, 8, N), (3, 5, 2), (128, 256, 2), (3, 5, 1)])
-def test_chunks_and_decode_match_reference(block_q, block_kv, num_kv_heads):
+def test_chunks_and_decode_match_reference(block_q, block_kv, num_kv_heads, implementation):
   total = sum(SIZES)
   q, k, v = random_qkv(num_kv_heads, total, num_kv_heads)
   mask = ragged_mask(total)
-  got, ids, cache = run_kernel(q, k, v, mask, SIZES, 24, block_q=block_q, block_kv=block_kv)
+  got, ids, cache = run_kernel(q, k, v, mask, SIZES, 24, block_q=block_q, block_kv=block_kv,
+                               implementation=implementation)
   np.testing.assert_allclose(got, reference_attention(q, k, v, mask, ids), **TOL)
   assert int(cache.index) == total and not bool(cache.overflow)
   np.testing.assert_array_equal(cache.lengths, np.sum(mask, axis=1))
@@ -102,43 +108,48 @@ def test_block_sizes_do_not_change_the_result():
   jax.tree.map(np.testing.assert_array_equal, small_cache, large_cache)
 
 
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("prefix_lm", [True, np.bool_(True), np.bool_(False)])
-def test_prefix_lm_chunks_match_reference(prefix_lm):
+def test_prefix_lm_chunks_match_reference(prefix_lm, implementation):
   # T=9 spans three query blocks of 4: a traced flag goes through lax.cond.
   sizes = [7, 9]
   total = sum(sizes)
   q, k, v = random_qkv(5, total, 2)
   mask = ragged_mask(total)
   got, ids, _ = run_kernel(q, k, v, mask, sizes, 20, block_q=4, block_kv=3,
-                           prefix_lm=prefix_lm)
+                           prefix_lm=prefix_lm, implementation=implementation)
   want = reference_attention(q, k, v, mask, ids, prefix_lm=bool(prefix_lm))
   np.testing.assert_allclose(got, want, **TOL)
 
 
-def test_blocks_past_the_index_are_never_read():
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_blocks_past_the_index_are_never_read(implementation):
   """NaN in every block past the filled ones cannot reach the output."""
   q, k, v = random_qkv(7, 6, 2)
   mask = np.ones((B, 6), bool)
-  _, _, cache = run_kernel(q, k, v, mask, [5], 16, block_q=4, block_kv=4)
+  _, _, cache = run_kernel(q, k, v, mask, [5], 16, block_q=4, block_kv=4,
+                           implementation=implementation)
   # Slots [0, 5) are filled: blocks [0, 4) and [4, 8) are read, [8, 16) never.
   k_poisoned, v_poisoned = np.array(cache.k), np.array(cache.v)
   k_poisoned[:, 8:] = v_poisoned[:, 8:] = np.nan
   poisoned = cache._replace(k=jnp.asarray(k_poisoned), v=jnp.asarray(v_poisoned))
   got, _, _ = run_kernel(q[:, 5:], k[:, 5:], v[:, 5:], mask[:, 5:], [1], 16, block_q=4,
-                         block_kv=4, cache=poisoned)
+                         block_kv=4, cache=poisoned, implementation=implementation)
   want, _, _ = run_kernel(q[:, 5:], k[:, 5:], v[:, 5:], mask[:, 5:], [1], 16, block_q=4,
-                          block_kv=4, cache=cache)
+                          block_kv=4, cache=cache, implementation=implementation)
   assert np.all(np.isfinite(got))
   np.testing.assert_array_equal(got, want)
 
 
-def test_overflow_writes_nothing_but_still_attends():
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_overflow_writes_nothing_but_still_attends(implementation):
   q, k, v = random_qkv(8, 10, 2)
   mask = ragged_mask(10)
-  _, _, full = run_kernel(q, k, v, mask, [6], 8, block_q=4, block_kv=3)
+  _, _, full = run_kernel(q, k, v, mask, [6], 8, block_q=4, block_kv=3,
+                          implementation=implementation)
   before = jax.tree.map(np.array, full)
   got, _, after = run_kernel(q[:, 6:], k[:, 6:], v[:, 6:], mask[:, 6:], [4], 8, block_q=4,
-                             block_kv=3, cache=full)
+                             block_kv=3, cache=full, implementation=implementation)
   assert bool(after.overflow)
   before = before._replace(overflow=np.array(True))
   jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.array, after))
@@ -171,6 +182,8 @@ def test_sharded_cache_is_read_block_by_block_without_collectives(quantized):
 @pytest.mark.parametrize("kwargs, match", [
     (dict(block_q=0), r"block_q must be a positive int, got 0"),
     (dict(block_kv=2.0), r"block_kv must be a positive int, got 2.0"),
+    (dict(implementation="cudnn"), r"implementation should be None or one of \[.*'xla'.*\]: "
+     r"but got 'cudnn'"),
 ])
 def test_bad_block_sizes_raise(kwargs, match):
   q, k, v = random_qkv(9, 2, 2)

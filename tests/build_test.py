@@ -97,7 +97,7 @@ def module_problems(root: pathlib.Path, build_text: str) -> list[str]:
   """Every kvattn/, examples/ and tests/ module (test files aside) in no target's srcs."""
   covered = {src for t in parse_targets(build_text) for src in t["srcs"]}
   modules = sorted(p.relative_to(root).as_posix()
-                   for d in ("kvattn", "examples", "tests") for p in (root / d).glob("*.py")
+                   for d in ("kvattn", "examples", "tests") for p in (root / d).rglob("*.py")
                    if not p.name.endswith("_test.py"))
   return [f"{rel}: in no target's srcs in BUILD" for rel in modules if rel not in covered]
 

@@ -1,0 +1,28 @@
+"""Attention kernels behind `kvattn.cached_attention`, one module per implementation.
+
+Every implementation is a function with the same signature:
+
+    attend(q, k_new, v_new, cache, start, mask, *, prefix_lm, block_q, block_kv)
+        -> (o, cache)
+
+  q: `[B, T, N, H]` queries (after RoPE, if used).
+  k_new, v_new: `[B, T, K, H]` the new tokens' keys and values as the cache
+    holds them (`kvattn.cache.append` returns them): in the cache's dtype, or
+    dequantised to float32 for an int8 cache.
+  cache: the `KVCache` after the write (`kvattn.cache.append`). Its slots
+    `[0, start)` are the cached prefix each query attends to; the new tokens
+    are attended from `k_new`/`v_new`, so an overflowed write (nothing
+    written) still gives the right output.
+  start: int32 scalar, the cache index before the write.
+  mask: bool `[B, T]`, True for real tokens.
+  prefix_lm: a Python bool: the new tokens see each other bidirectionally.
+  block_q, block_kv: positive ints or None (the implementation's default);
+    tuning only, never a change of result beyond float32 rounding.
+
+  Returns `o [B, T, N, H]` in q's dtype, and the cache it was given (threaded
+  through so that the compiler can keep it in place).
+
+Implementations never validate: `cached_attention` checks everything once.
+Shape legend: B batch, T new tokens, S = max_len, N query heads, K kv heads,
+G = N // K, H head dim.
+"""
