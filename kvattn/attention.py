@@ -8,7 +8,10 @@ values. `kvattn.prefill` and `kvattn.decode_step` are projections around it.
 implementations in `kvattn.kernels`, which share one signature:
 
   * "xla": blockwise attention in plain XLA with an online softmax; the
-    default on CPU and TPU, and the fallback everywhere.
+    default on every platform, and the fallback everywhere.
+  * "pallas_gpu": flash-decoding and flash attention as Pallas kernels,
+    compiled on CUDA and interpreted elsewhere (slowly: for tests). Not yet
+    the default on GPU: it has only run in interpret mode so far.
 
 The implementation is picked for the platform the computation is compiled
 for (`lax.platform_dependent`), or named with `implementation=`, as in
@@ -35,9 +38,10 @@ import numpy as np
 from kvattn import cache as cache_lib
 from kvattn._checks import check_cache, check_mask, check_positive_ints, check_shape
 from kvattn.cache import KVCache
+from kvattn.kernels import pallas_gpu
 from kvattn.kernels import xla
 
-IMPLEMENTATIONS = {"xla": xla.attend}
+IMPLEMENTATIONS = {"xla": xla.attend, "pallas_gpu": pallas_gpu.attend}
 
 
 def cached_attention(
@@ -78,7 +82,7 @@ def cached_attention(
       Python bool or a traced bool scalar (then both variants are compiled
       and one `lax.cond` picks).
     implementation: None (the platform's default), or a name from
-      `IMPLEMENTATIONS`: "xla".
+      `IMPLEMENTATIONS`: "xla" or "pallas_gpu".
     block_q: queries per block of the new chunk; None for the
       implementation's default.
     block_kv: cache slots per block of the cached prefix; None for the

@@ -61,21 +61,8 @@ def run_kernel(q, k, v, mask, sizes, max_len, *, block_q, block_kv, prefix_lm=Fa
   return np.concatenate(outs, axis=1), np.array(ids), cache
 
 
-def reference_attention(q, k, v, mask, chunk_ids, prefix_lm=False):
-  """Each row's real tokens as one sequence, through tests/reference.py."""
-  out = np.zeros(q.shape, np.float64)
-  for b in range(q.shape[0]):
-    idx = np.nonzero(np.asarray(mask[b]))[0]
-    if idx.size:
-      allowed = reference.allowed_mask(chunk_ids[idx], prefix_lm)
-      out[b, idx] = reference.attention(q[b, idx], k[b, idx], v[b, idx], allowed)
-  return out
-
-
-def ragged_mask(total):
-  """Row 0 full, row 1 left-padded, row 2 with holes: bool [B, total]."""
-  pos = np.arange(total)
-  return np.stack([pos >= 0, pos >= 3, pos % 3 != 1])
+reference_attention = reference.attention_by_rows
+ragged_mask = reference.ragged_mask
 
 
 # Calls of 8 tokens at index 0 and 8, then decode steps at 16 and 17: blocks of
@@ -161,7 +148,7 @@ def test_overflow_writes_nothing_but_still_attends(implementation):
 @pytest.mark.parametrize("quantized", [False, True])
 def test_sharded_cache_is_read_block_by_block_without_collectives(quantized):
   """Batch over "data", heads over "model": every block stays on its devices."""
-  mesh = jax.make_mesh((2, 4), ("data", "model"))
+  mesh = jax.make_mesh((2, 4), ("data", "model"), devices=jax.devices("cpu"))
   cache = kvattn.init_cache(4, 40, 4, H, quantized=quantized)  # Five blocks of 8.
   heads, rows, scalar = P("data", None, "model", None), P("data", None), P()
   fields = dict(k=heads, v=heads, valid=rows, lengths=P("data"), index=scalar, overflow=scalar)

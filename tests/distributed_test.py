@@ -38,7 +38,7 @@ def _run_workers(num_processes: int) -> tuple[str, list[str]]:
   # Not the 8 devices of tests/conftest.py: 4 per process, 8 in all.
   env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=4"
   env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_ROOT), env.get("PYTHONPATH")]))
-  env.pop("JAX_PLATFORMS", None)
+  env["JAX_PLATFORMS"] = "cpu"  # Gloo over fake CPU devices, even where a GPU is.
   address = f"127.0.0.1:{_free_port()}"
   commands = [[sys.executable, str(_WORKER)]] + [
       [sys.executable, str(_WORKER), f"--coordinator_address={address}",

@@ -42,6 +42,27 @@ def attention(q, k, v, allowed):
   return np.einsum("nij,jnh->inh", p, v)
 
 
+def attention_by_rows(q, k, v, mask, chunk_ids, prefix_lm=False):
+  """q [B, T, N, H], k/v [B, T, K, H] with padding -> [B, T, N, H] float64.
+
+  Each row's real tokens (mask [B, T]) run as one sequence; chunk_ids [T]
+  is the call each token was fed in (see `allowed_mask`). Padding gives zeros.
+  """
+  out = np.zeros(q.shape, np.float64)
+  for b in range(q.shape[0]):
+    idx = np.nonzero(np.asarray(mask[b]))[0]
+    if idx.size:
+      allowed = allowed_mask(np.asarray(chunk_ids)[idx], prefix_lm)
+      out[b, idx] = attention(q[b, idx], k[b, idx], v[b, idx], allowed)
+  return out
+
+
+def ragged_mask(total: int) -> np.ndarray:
+  """Three rows: full, left-padded by 3, with holes (every third token): bool [3, total]."""
+  pos = np.arange(total)
+  return np.stack([pos >= 0, pos >= 3, pos % 3 != 1])
+
+
 def allowed_mask(chunk_ids: np.ndarray, prefix_lm: bool) -> np.ndarray:
   """[L, L]: causal, plus (with prefix_lm) both ways within the same chunk."""
   i = np.arange(len(chunk_ids))

@@ -15,6 +15,7 @@ def test_runs_on_eight_host_devices_and_matches_one_device():
   env = dict(os.environ)
   env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
   env.pop("XLA_FLAGS", None)  # The example's --host_devices must do it alone.
+  env["JAX_PLATFORMS"] = "cpu"  # Eight fake CPU devices, even where a GPU is.
   result = subprocess.run(
       [sys.executable, str(REPO / "examples" / "sharded_generate.py"), "--host_devices=8",
        "--mesh=data:2,model:4", "--layers=1", "--d_model=32", "--max_new_tokens=4",

@@ -36,7 +36,7 @@ TOL = dict(rtol=1e-5, atol=1e-5)
 
 
 def _mesh():
-  return sharding.make_mesh("data:2,model:4")
+  return sharding.make_mesh("data:2,model:4", devices=jax.devices("cpu"))
 
 
 def _inputs(num_kv_heads):
@@ -85,7 +85,7 @@ def _reference(num_kv_heads):
   """The single-device run (jitted, unsharded), computed once per K."""
   if num_kv_heads not in _REFERENCE:
     params, x, mask = _inputs(num_kv_heads)
-    device = jax.devices()[0]
+    device = jax.devices("cpu")[0]
     params, x, mask = jax.device_put((params, x, mask), device)
     cache = jax.device_put(kvattn.init_cache(B, S, num_kv_heads, H), device)
     _REFERENCE[num_kv_heads] = _run(jax.jit(_prefill), jax.jit(_decode), params, cache, x, mask)
@@ -200,20 +200,20 @@ def test_malformed_trees_raise_naming_the_argument():
 # demand an out_sharding, which kvattn does not give: refused up front.
 def test_explicit_mesh_axes_are_refused():
   mesh = jax.make_mesh((2, 4), ("data", "model"),
-                       axis_types=(jax.sharding.AxisType.Explicit,) * 2)
+                       axis_types=(jax.sharding.AxisType.Explicit,) * 2, devices=jax.devices("cpu"))
   with pytest.raises(ValueError, match="should be Auto"):
     sharding.cache_specs(kvattn.init_cache(B, S, 4, H), mesh)
 
 
 def test_make_mesh_parses_axes():
-  mesh = sharding.make_mesh("data:2, model:4")
+  mesh = sharding.make_mesh("data:2, model:4", devices=jax.devices("cpu"))
   assert dict(mesh.shape) == {"data": 2, "model": 4}
   assert set(mesh.axis_types) == {jax.sharding.AxisType.Auto}
   for bad in ("data=2", "data:2,data:4", "data:0,model:8", "data:x"):
     with pytest.raises(ValueError, match="mesh axes should"):
-      sharding.make_mesh(bad)
+      sharding.make_mesh(bad, devices=jax.devices("cpu"))
   with pytest.raises(ValueError, match="number of devices 8"):
-    sharding.make_mesh("data:2,model:2")
+    sharding.make_mesh("data:2,model:2", devices=jax.devices("cpu"))
 
 
 # --- jax.jit with shardings ----------------------------------------------------------
@@ -222,7 +222,7 @@ def test_make_mesh_parses_axes():
 # GQA with kv heads split over "model", and with kv heads replicated (K=2 < 4).
 @pytest.mark.parametrize("num_kv_heads", [4, 2], ids=["gqa", "small_gqa_replicated"])
 def test_jit_sharded_equals_single_device_and_keeps_cache_sharding(num_kv_heads):
-  assert jax.device_count() == 8, "tests/conftest.py should give 8 CPU devices"
+  assert len(jax.devices("cpu")) == 8, "tests/conftest.py should give 8 CPU devices"
   want, want_cache = _reference(num_kv_heads)
   mesh = _mesh()
   params, x, mask = _inputs(num_kv_heads)
@@ -270,7 +270,7 @@ _INT8 = "quantized" in inspect.signature(kvattn.init_cache).parameters
                  marks=pytest.mark.skipif(not _INT8, reason="no int8 caches in this kvattn")),
 ])
 def test_compiled_decode_step_moves_no_cache_bytes(num_kv_heads, mesh_axes, rules, quantized):
-  mesh = sharding.make_mesh(mesh_axes)
+  mesh = sharding.make_mesh(mesh_axes, devices=jax.devices("cpu"))
   params, _, _ = _inputs(num_kv_heads)
   cache = kvattn.init_cache(B, S, num_kv_heads, H, **({"quantized": True} if quantized else {}))
   x_shard = NamedSharding(mesh, P("data", None, None))
@@ -340,7 +340,7 @@ def test_shard_map_per_shard_equals_single_device():
 def test_pmap_one_cache_shard_per_device_equals_single_device():
   want, want_cache = _reference(4)
   d = 2
-  devices = jax.devices()[:d]
+  devices = jax.devices("cpu")[:d]
   params, x, mask = _inputs(4)
   # Each device holds B / D rows, and its own cache for them.
   cache = jax.tree.map(lambda a: jnp.stack([a] * d), kvattn.init_cache(B // d, S, 4, H))

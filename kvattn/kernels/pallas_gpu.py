@@ -1,0 +1,288 @@
+"""A GPU implementation: flash-decoding and flash attention as Pallas kernels.
+
+On GPU, the XLA implementation's loop over cache blocks has a traced trip
+count, and XLA:GPU runs such a loop by copying its predicate to the host and
+waiting, once per block. Here every loop runs inside a kernel, on the device:
+
+  * cached prefix: one program per (row, kv head, block of query rows,
+    split of the cache); each loops over the blocks of its split that lie
+    below the cache index (flash-decoding: with few rows, e.g. a decode step,
+    the splits keep the GPU busy). Each K/V block is loaded once for the
+    whole GQA group: the query rows of a program are the G heads of each of
+    its tokens. int8 blocks are dequantised in the kernel;
+  * new chunk: the same kernel over the new keys, causal (query row r is
+    token r // G), each program stopping at the key block of its last token;
+  * the partial softmaxes of the splits and of the two parts are merged by
+    log-sum-exp (`kvattn.online_softmax`) in XLA, then normalised once.
+
+Why Pallas with its Triton lowering: it is the one GPU kernel language in JAX
+whose kernels also run on CPU (`interpret=True`), so CI checks this module
+against the float64 reference on every change. The kernel uses only
+`pallas_call`, `BlockSpec`s, ref slicing and `jax.numpy`, nothing
+Triton-specific but `CompilerParams`, so moving it to Mosaic GPU (upstream's
+successor to the Triton lowering, Hopper and newer) changes the call, not the
+maths. cuDNN (`jax.nn.dot_product_attention(implementation="cudnn")`) was
+set aside: it takes right padding only, while kvattn's masks may have holes
+anywhere, and it has no float32 or int8.
+
+Precision: bfloat16 and float16 caches are multiplied in their own dtype with
+float32 accumulation (queries and probabilities cast to it), as flash
+attention does; float32 and int8 caches in float32 (TF32 on NVIDIA GPUs by
+default, full float32 under `jax.default_matmul_precision("highest")`, which
+the kernel reads at trace time). Softmax statistics are always float32.
+
+On any platform other than CUDA the kernels run in interpret mode: slow, for
+tests. Shapes the compiled kernel cannot take (H not a power of two >= 16, a
+cache shorter than 16 slots) use the XLA implementation instead.
+
+Status: checked in interpret mode only; not yet compiled or timed on a GPU,
+so `cached_attention` does not pick it by default (name it with
+`implementation="pallas_gpu"`).
+
+Shape legend:
+  B: batch size
+  T: number of new tokens in this call
+  S: cache capacity (max_len)
+  L: number of keys a kernel call reads (S for the cache, T for the chunk)
+  N: number of query heads
+  K: number of key/value heads
+  G: N // K, query heads per key/value head
+  H: head dimension
+  R: query rows per kv head, T * G, token-major (row r is token r // G)
+  RB: query rows per program
+  C: keys per block
+  P: splits of the keys (programs along them)
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from kvattn.cache import KVCache
+from kvattn.kernels import xla
+from kvattn.online_softmax import Partial, accumulate, empty, normalize, probabilities
+
+BLOCK_Q = 64  # Query tokens per program of the new chunk (times G rows).
+BLOCK_KV = 64  # Keys per block, in both parts.
+# Programs to aim for (about two per streaming multiprocessor of an H100 or
+# H200): the cache is split until B * K * row blocks * splits reaches it.
+_TARGET_PROGRAMS = 264
+_MIN_BLOCK = 16  # Triton's smallest matmul tile.
+
+
+def attend(q: jax.Array, k_new: jax.Array, v_new: jax.Array, cache: KVCache, start: jax.Array,
+           mask: jax.Array, *, prefix_lm: bool, block_q: int | None = None,
+           block_kv: int | None = None) -> tuple[jax.Array, KVCache]:
+  """Attention of the new tokens over the cached prefix and themselves.
+
+  The signature of every implementation (see `kvattn.kernels`): compiled on
+  CUDA, interpreted elsewhere.
+  """
+  args = (q, k_new, v_new, cache, start, mask)
+  kwargs = dict(prefix_lm=prefix_lm, block_q=block_q, block_kv=block_kv)
+  return lax.platform_dependent(
+      *args, cuda=functools.partial(_attend, interpret=False, **kwargs),
+      default=functools.partial(_attend, interpret=True, **kwargs))
+
+
+def supported(head_dim: int, max_len: int) -> bool:
+  """Whether the compiled kernel takes these shapes (interpret mode takes any)."""
+  return head_dim >= _MIN_BLOCK and head_dim & (head_dim - 1) == 0 and max_len >= _MIN_BLOCK
+
+
+def _attend(q, k_new, v_new, cache, start, mask, *, prefix_lm, block_q, block_kv, interpret):
+  b, t, n, h = q.shape
+  kh = k_new.shape[2]
+  g = n // kh
+  if not interpret and not supported(h, cache.max_len):
+    return xla.attend(q, k_new, v_new, cache, start, mask, prefix_lm=prefix_lm,
+                      block_q=block_q, block_kv=block_kv)
+  low = cache.k.dtype in (jnp.bfloat16, jnp.float16)
+  dot_dtype = cache.k.dtype if low else jnp.float32
+  # Rows grouped by kv head, token-major: [B, K, R, H], pre-scaled.
+  rows = (q.astype(jnp.float32) * h ** -0.5).reshape(b, t, kh, g, h).transpose(0, 2, 1, 3, 4)
+  rows = rows.reshape(b, kh, t * g, h).astype(dot_dtype)
+  row_ok = jnp.repeat(mask, g, axis=1)  # [B, R]
+  block_q = block_q or BLOCK_Q
+  block_kv = block_kv or BLOCK_KV
+  min_block = 1 if interpret else _MIN_BLOCK
+  row_block = _rows_per_program(t * g, block_q * g, min_block)
+
+  scales = (cache.k_scale, cache.v_scale) if cache.quantized else None
+  cached = _flash(rows, row_ok, cache.k, cache.v, cache.valid, scales, start, causal=False,
+                  group=g, row_block=row_block, key_block=min(block_kv, cache.max_len),
+                  dot_dtype=dot_dtype, interpret=interpret)
+  if t >= min_block:
+    new = _flash(rows, row_ok, k_new, v_new, mask, None, jnp.int32(t), causal=not prefix_lm,
+                 group=g, row_block=row_block, key_block=min(block_kv, t), dot_dtype=dot_dtype,
+                 interpret=interpret)
+  else:  # A decode step or a short chunk: one small block, no loop.
+    new = _chunk_without_loop(rows, row_ok, k_new, v_new, mask, causal=not prefix_lm, group=g)
+  o = normalize(accumulate(cached, new))  # [B, K, R, H]
+  o = o.reshape(b, kh, t, g, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h)
+  return o.astype(q.dtype), cache
+
+
+def _rows_per_program(rows: int, wanted: int, min_block: int) -> int:
+  """RB: a power of two, at least min_block, at most what the rows need."""
+  need = 1 << max(rows - 1, 0).bit_length()
+  size = 1 << max(wanted - 1, 0).bit_length()
+  return max(min(size, need), min_block)
+
+
+def _flash(rows, row_ok, k, v, key_ok, scales, end, *, causal, group, row_block, key_block,
+           dot_dtype, interpret) -> Partial:
+  """The partial softmax of every query row over keys [0, end) of k and v.
+
+  Args:
+    rows: `[B, K, R, H]` scaled queries, token-major.
+    row_ok: bool `[B, R]`, True for rows of real tokens.
+    k, v: `[B, L, K, H]` keys and values (the cache, or the new chunk).
+    key_ok: bool `[B, L]`, True for real keys.
+    scales: None, or float32 `(k_scale, v_scale)` `[B, L, K]` of int8 k and v.
+    end: int32 scalar, keys from `end` on are ignored (and their blocks
+      skipped).
+    causal: row r sees key i only if i <= r // group.
+    group: G.
+    row_block, key_block: RB and C.
+    dot_dtype: the dtype the matmuls take.
+    interpret: run the kernel in interpret mode.
+
+  Returns:
+    The partial `[B, K, R, ...]`, merged over the splits.
+  """
+  b, kh, r, h = rows.shape
+  length = k.shape[1]
+  padded = -(-r // row_block) * row_block
+  rows = jnp.pad(rows, ((0, 0), (0, 0), (0, padded - r), (0, 0)))
+  row_ok = jnp.pad(row_ok, ((0, 0), (0, padded - r))).astype(jnp.int32)
+  row_blocks = padded // row_block
+  key_blocks = -(-length // key_block)
+  # Causal chunks do not split: their programs already cover every row block.
+  splits = 1 if causal else max(1, min(key_blocks, _TARGET_PROGRAMS // (b * kh * row_blocks)))
+  per_split = -(-key_blocks // splits)
+  kernel = functools.partial(
+      _kernel, key_block=key_block, per_split=per_split, length=length, row_block=row_block,
+      group=group, causal=causal, quantized=scales is not None, dot_dtype=dot_dtype,
+      precision=_precision(dot_dtype))
+
+  def keys(*block):  # A (b, kv head)'s whole key axis.
+    return pl.BlockSpec(block, lambda i, j, m, s: (i, 0, j, 0)[:len(block)])
+
+  in_specs = [
+      pl.BlockSpec((1,), lambda i, j, m, s: (0,)),
+      pl.BlockSpec((None, None, row_block, h), lambda i, j, m, s: (i, j, m, 0)),
+      pl.BlockSpec((None, row_block), lambda i, j, m, s: (i, m)),
+      keys(None, length, None, h),
+      keys(None, length, None, h),
+      pl.BlockSpec((None, length), lambda i, j, m, s: (i, 0)),
+  ]
+  operands = [jnp.reshape(end, (1,)).astype(jnp.int32), rows, row_ok, k, v,
+              key_ok.astype(jnp.int32)]
+  if scales is not None:
+    scale_spec = pl.BlockSpec((None, length, None), lambda i, j, m, s: (i, 0, j))
+    in_specs += [scale_spec, scale_spec]
+    operands += list(scales)
+  out_shape = [jax.ShapeDtypeStruct((b, kh, splits, padded, h), jnp.float32),
+               jax.ShapeDtypeStruct((b, kh, splits, padded), jnp.float32),
+               jax.ShapeDtypeStruct((b, kh, splits, padded), jnp.float32)]
+  out_specs = [pl.BlockSpec((None, None, None, row_block, h), lambda i, j, m, s: (i, j, s, m, 0)),
+               pl.BlockSpec((None, None, None, row_block), lambda i, j, m, s: (i, j, s, m)),
+               pl.BlockSpec((None, None, None, row_block), lambda i, j, m, s: (i, j, s, m))]
+  params = {}
+  if not interpret:
+    from jax.experimental.pallas import triton as plgpu  # Only where it compiles.
+    params["compiler_params"] = plgpu.CompilerParams(num_warps=4, num_stages=2)
+  o, m, l = pl.pallas_call(
+      kernel, grid=(b, kh, row_blocks, splits), in_specs=in_specs, out_specs=out_specs,
+      out_shape=out_shape, interpret=interpret, name="kvattn_flash", **params)(*operands)
+  part = _merge_splits(Partial(o, m, l))
+  return Partial(part.o[:, :, :r], part.m[:, :, :r], part.l[:, :, :r])
+
+
+def _kernel(end_ref, q_ref, q_ok_ref, k_ref, v_ref, k_ok_ref, *refs, key_block, per_split,
+            length, row_block, group, causal, quantized, dot_dtype, precision):
+  """One program: RB query rows of one (row of the batch, kv head), one split of the keys."""
+  if quantized:
+    k_scale_ref, v_scale_ref, o_ref, m_ref, l_ref = refs
+  else:
+    o_ref, m_ref, l_ref = refs
+  row_start = pl.program_id(2) * row_block
+  split = pl.program_id(3)
+  end = end_ref[0]
+  q = q_ref[...]
+  q_ok = q_ok_ref[...] != 0
+  token = (row_start + lax.broadcasted_iota(jnp.int32, (row_block, 1), 0)) // group
+  needed = end
+  if causal:  # Keys past this program's last token are never read.
+    needed = jnp.minimum(end, (row_start + row_block - 1) // group + 1)
+  first_block = split * per_split
+  last_block = jnp.minimum(first_block + per_split, (needed + key_block - 1) // key_block)
+
+  def body(j, acc):
+    first = j * key_block
+    # When C does not divide L, the last block starts at L - C and overlaps
+    # the one before; keys below its nominal start were counted there.
+    at = jnp.minimum(first, length - key_block)
+    keys = pl.ds(at, key_block)
+    slot = at + lax.broadcasted_iota(jnp.int32, (1, key_block), 1)
+    ok = (k_ok_ref[keys] != 0)[None, :] & (slot >= first) & (slot < needed)
+    allowed = q_ok[:, None] & ok
+    if causal:
+      allowed = allowed & (slot <= token)
+    k = k_ref[keys, :]
+    v = v_ref[keys, :]
+    if quantized:
+      k, v = k.astype(jnp.float32), v.astype(jnp.float32)
+    logits = lax.dot_general(q, k.astype(dot_dtype), (((1,), (1,)), ((), ())),
+                             precision=precision, preferred_element_type=jnp.float32)  # [RB, C]
+    if quantized:
+      logits = logits * k_scale_ref[keys][None, :]
+    p, m = probabilities(logits, allowed, 1)
+    pv = p * v_scale_ref[keys][None, :] if quantized else p
+    o = lax.dot_general(pv.astype(dot_dtype), v.astype(dot_dtype), (((1,), (0,)), ((), ())),
+                        precision=precision, preferred_element_type=jnp.float32)  # [RB, H]
+    return accumulate(acc, Partial(o, m, jnp.sum(p, axis=1)))
+
+  acc = lax.fori_loop(first_block, last_block, body, empty((row_block,), q.shape[-1]))
+  o_ref[...] = acc.o
+  m_ref[...] = acc.m
+  l_ref[...] = acc.l
+
+
+def _precision(dot_dtype) -> lax.Precision | None:
+  """HIGHEST for a float32 matmul when JAX's default matmul precision asks for it.
+
+  XLA applies `jax_default_matmul_precision` itself; a Triton kernel does not
+  see it, so it is read here, at trace time. None (TF32 on NVIDIA GPUs)
+  otherwise, and for 16-bit matmuls.
+  """
+  wanted = jax.config.jax_default_matmul_precision
+  if dot_dtype == jnp.float32 and wanted in ("highest", "float32", "F32_F32_F32"):
+    return lax.Precision.HIGHEST
+  return None
+
+
+def _merge_splits(part: Partial) -> Partial:
+  """Merges partials `[B, K, P, RB...]` over the split axis P (axis 2)."""
+  m = jnp.max(part.m, axis=2)
+  scale = jnp.exp(part.m - m[:, :, None])
+  return Partial(jnp.sum(part.o * scale[..., None], axis=2), m, jnp.sum(part.l * scale, axis=2))
+
+
+def _chunk_without_loop(rows, row_ok, k, v, key_ok, *, causal, group) -> Partial:
+  """The new chunk's partial in plain XLA, for a few tokens (one block, no loop)."""
+  t = k.shape[1]
+  logits = jnp.einsum("BKRH,BTKH->BKRT", rows.astype(jnp.float32), k.astype(jnp.float32))
+  allowed = row_ok[:, None, :, None] & key_ok[:, None, None, :]
+  if causal:
+    token = lax.broadcasted_iota(jnp.int32, (t * group, t), 0) // group
+    allowed = allowed & (lax.broadcasted_iota(jnp.int32, (t * group, t), 1) <= token)[None, None]
+  p, m = probabilities(logits, allowed, 3)
+  o = jnp.einsum("BKRT,BTKH->BKRH", p, v.astype(jnp.float32))
+  return Partial(o, m, jnp.sum(p, axis=3))

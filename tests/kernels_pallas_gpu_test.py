@@ -1,0 +1,92 @@
+"""The Pallas GPU implementation (kvattn/kernels/pallas_gpu.py) without a GPU.
+
+Two checks that need no GPU: the kernels, run in interpret mode, match the
+float64 reference for every storage dtype (the invariants over ragged rows,
+GQA, prefix-LM, block edges and overflow run for every implementation in
+tests/attention_blocks_test.py); and the call lowers for CUDA, through
+Pallas's Triton lowering, to Triton kernels (`jax.export` lowers for a
+platform this machine does not have).
+"""
+
+import functools
+import sys
+
+import jax
+from jax import export
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import kvattn
+from kvattn import quant
+from kvattn.kernels import pallas_gpu
+from tests import reference
+
+B, N, K, H = 3, 4, 2, 16
+# The stored keys and values are the reference's inputs, so the tolerance is
+# the kernel's own rounding: matmuls in the storage dtype for 16-bit caches.
+TOL = {"float32": 1e-4, "int8": 1e-4, "bfloat16": 3e-2, "float16": 4e-3}
+
+
+def new_cache(max_len, dtype):
+  if dtype == "int8":
+    return kvattn.init_cache(B, max_len, K, H, quantized=True)
+  return kvattn.init_cache(B, max_len, K, H, jnp.dtype(dtype))
+
+
+def stored(cache, name, total):
+  """The cache's keys or values for the first `total` slots, as float64."""
+  x = getattr(cache, name)[:, :total]
+  if cache.quantized:
+    x = quant.dequantize(x, getattr(cache, name + "_scale")[:, :total])
+  return np.asarray(x.astype(jnp.float32), np.float64)
+
+
+@pytest.mark.parametrize("dtype", sorted(TOL))
+@pytest.mark.parametrize("prefix_lm", [False, True])
+def test_every_dtype_matches_float64_reference(dtype, prefix_lm):
+  sizes = [11, 6, 1, 1]  # Chunks across block edges, then decode steps.
+  total = sum(sizes)
+  rng = np.random.default_rng(0)
+  q = rng.standard_normal((B, total, N, H), np.float32)
+  k = rng.standard_normal((B, total, K, H), np.float32)
+  v = rng.standard_normal((B, total, K, H), np.float32)
+  mask = reference.ragged_mask(total)
+  call = jax.jit(functools.partial(kvattn.cached_attention, implementation="pallas_gpu",
+                                   prefix_lm=prefix_lm, block_q=4, block_kv=5))
+  cache, outs, ids, lo = new_cache(24, dtype), [], [], 0
+  for c, size in enumerate(sizes):
+    o, cache = call(q[:, lo:lo + size], k[:, lo:lo + size], v[:, lo:lo + size], cache,
+                    mask[:, lo:lo + size])
+    outs.append(np.asarray(o))
+    ids += [c] * size
+    lo += size
+  want = reference.attention_by_rows(q, stored(cache, "k", total), stored(cache, "v", total),
+                                     mask, ids, prefix_lm)
+  np.testing.assert_allclose(np.concatenate(outs, 1), want, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "int8"])
+@pytest.mark.parametrize("num_tokens", [1, 64])
+def test_lowers_to_triton_kernels_for_cuda(dtype, num_tokens):
+  """One kernel for the cache; a second for a chunk of 16 tokens or more."""
+  cache = kvattn.init_cache(2, 256, 2, 64, quantized=True) if dtype == "int8" else (
+      kvattn.init_cache(2, 256, 2, 64, jnp.dtype(dtype)))
+  q = jnp.ones((2, num_tokens, 8, 64))
+  call = jax.jit(functools.partial(kvattn.cached_attention, implementation="pallas_gpu"))
+  triton = "__gpu$xla.gpu.triton"
+  exported = export.export(call, platforms=["cuda"],
+                           disabled_checks=[export.DisabledSafetyCheck.custom_call(triton)])
+  text = exported(q, q[:, :, :2], q[:, :, :2], cache).mlir_module()
+  assert text.count(f"@{triton}(") == (1 if num_tokens < 16 else 2)
+
+
+@pytest.mark.parametrize("head_dim, max_len, ok", [
+    (64, 256, True), (128, 16, True), (48, 256, False), (8, 256, False), (64, 8, False)])
+def test_supported_shapes(head_dim, max_len, ok):
+  """Other shapes take the XLA implementation when compiled (interpret mode takes any)."""
+  assert pallas_gpu.supported(head_dim, max_len) == ok
+
+
+if __name__ == "__main__":
+  sys.exit(pytest.main([__file__]))
