@@ -30,6 +30,7 @@ def prefill(
     *,
     prefix_lm: bool | jax.Array = False,
     rope_base: float | None = None,
+    implementation: str | None = None,
 ) -> tuple[jax.Array, KVCache]:
   """Runs T >= 1 new tokens through attention in one pass and caches them.
 
@@ -48,6 +49,8 @@ def prefill(
     rope_base: None for no rotary embedding (e.g. models with learned
       positions); a float applies RoPE to q and k at each token's position in
       its own sequence (see `kvattn.token_positions`).
+    implementation: the attention implementation, as in
+      `kvattn.cached_attention`; None for the platform's default.
 
   Returns:
     `(out, new_cache)`: out `[B, T, DM]` in x's dtype, zeros at padding.
@@ -69,7 +72,8 @@ def prefill(
     positions = token_positions(cache, mask, num_tokens=t)
     q = apply_rope(q, positions, rope_base)
     k = apply_rope(k, positions, rope_base)
-  o, cache = cached_attention(q, k, v, cache, mask, prefix_lm=prefix_lm)
+  o, cache = cached_attention(q, k, v, cache, mask, prefix_lm=prefix_lm,
+                              implementation=implementation)
   out = jnp.einsum("BTNH,NHD->BTD", o, params["wo"])
   if "bo" in params:
     out = out + params["bo"][None, None]
@@ -84,6 +88,7 @@ def decode_step(
     x: jax.Array,
     *,
     rope_base: float | None = None,
+    implementation: str | None = None,
 ) -> tuple[jax.Array, KVCache]:
   """Appends one token per row and attends over everything cached.
 
@@ -92,13 +97,14 @@ def decode_step(
     cache: the `KVCache` to read and append to.
     x: `[B, 1, DM]` inputs, one real token per row.
     rope_base: as in `prefill`.
+    implementation: as in `prefill`.
 
   Returns:
     `(out [B, 1, DM], new_cache)`.
   """
   check_cache(cache)
   check_shape("x", x, "(B, 1, DM)", (cache.batch_size, 1, None))
-  return prefill(params, cache, x, rope_base=rope_base)
+  return prefill(params, cache, x, rope_base=rope_base, implementation=implementation)
 
 
 def _project(x, w, bias):

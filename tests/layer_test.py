@@ -346,5 +346,22 @@ def test_bad_call_leaves_cache_untouched():
   jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.array, cache))
 
 
+@pytest.mark.parametrize("implementation", sorted(kvattn.attention.IMPLEMENTATIONS))
+def test_implementation_argument_reaches_the_kernel(implementation):
+  """prefill and decode_step pass `implementation` on; every one gives the reference."""
+  params = make_params(2)
+  x = jax.random.normal(jax.random.key(3), (2, 7, DM))
+  mask = jnp.array([[True] * 7, [False, False] + [True] * 5])
+  cache = kvattn.init_cache(2, 8, 2, H)
+  step_prefill = jax.jit(kvattn.prefill, static_argnames=("rope_base", "implementation"))
+  step_decode = jax.jit(kvattn.decode_step, static_argnames=("rope_base", "implementation"))
+  out1, cache = step_prefill(params, cache, x[:, :6], mask[:, :6], rope_base=10_000.0,
+                             implementation=implementation)
+  out2, cache = step_decode(params, cache, x[:, 6:], rope_base=10_000.0,
+                            implementation=implementation)
+  want = reference.layer(params, x, mask, np.array([0] * 6 + [1]), rope_base=10_000.0)
+  np.testing.assert_allclose(jnp.concatenate([out1, out2], 1), want, **TOL)
+
+
 if __name__ == "__main__":
   sys.exit(pytest.main([__file__]))
