@@ -113,7 +113,7 @@ def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
 
 def generate_text(params: transformer.Params, config: transformer.Config, vocab: Vocab,
                   prompts: Sequence[str], *, max_new_tokens: int,
-                  sampler: sampling.Sampler, seed: int = 0, prefill: str = "one_pass",
+                  sampler: sampling.Sampler, seed: int = 0, prefill_mode: str = "one_pass",
                   chunk_size: int | None = None,
                   on_token: Callable[[np.ndarray], None] | None = None
                   ) -> tuple[list[str], np.ndarray, np.ndarray, runner.Timing]:
@@ -130,6 +130,6 @@ def generate_text(params: transformer.Params, config: transformer.Config, vocab:
   caches = transformer.init_caches(config, len(prompts), tokens.shape[1] + max_new_tokens - 1)
   out, lengths, timing = runner.run(
       transformer.step_fn(config), params, caches, tokens, mask, max_new_tokens=max_new_tokens,
-      sampler=sampler, seed=seed, prefill=prefill, chunk_size=chunk_size, on_token=on_token)
+      sampler=sampler, seed=seed, prefill_mode=prefill_mode, chunk_size=chunk_size, on_token=on_token)
   texts = [vocab.decode(row[:n]) for row, n in zip(out, lengths)]
   return texts, out, lengths, timing

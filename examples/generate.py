@@ -42,10 +42,10 @@ _TOP_K = flags.DEFINE_integer("top_k", None,
                              "Sample from the k most likely characters.")
 _TOP_P = flags.DEFINE_float("top_p", None, "Sample from the nucleus of this probability.")
 _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed.")
-_PREFILL = flags.DEFINE_enum("prefill", "one_pass", list(generation.PREFILL_STRATEGIES),
+_PREFILL_MODE = flags.DEFINE_enum("prefill_mode", "one_pass", list(generation.PREFILL_MODES),
                              "How the prompts enter the cache.")
 _CHUNK_SIZE = flags.DEFINE_integer("chunk_size", 8,
-                                  "Tokens per call with --prefill=chunked.")
+                                  "Tokens per call with --prefill_mode=chunked.")
 _STREAM = flags.DEFINE_bool("stream", False,
                              "Print the first prompt's text as it is generated.")
 _CHECKPOINT = flags.DEFINE_string("checkpoint", str(charlm.DEFAULT_CHECKPOINT),
@@ -71,7 +71,7 @@ def main(argv):
     on_token = functools.partial(_print_first_row, vocab)
   texts, tokens, lengths, timing = charlm.generate_text(
       params, config, vocab, prompts, max_new_tokens=_MAX_NEW_TOKENS.value, sampler=sampler,
-      seed=_SEED.value, prefill=_PREFILL.value, chunk_size=_CHUNK_SIZE.value,
+      seed=_SEED.value, prefill_mode=_PREFILL_MODE.value, chunk_size=_CHUNK_SIZE.value,
       on_token=on_token)
   for i, (prompt, text) in enumerate(zip(prompts, texts)):
     if _STREAM.value and i == 0:

@@ -48,7 +48,7 @@ def init_model(key, layers, vocab, d_model, heads, kv_heads):
   }
 
 
-def _norm(x):
+def _rms_norm(x):
   return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6)
 
 
@@ -57,14 +57,14 @@ def forward(params, caches, tokens, mask):
 
   def layer(x, layer_and_cache):
     p, cache = layer_and_cache
-    h, cache = kvattn.prefill(p["attn"], cache, _norm(x), mask, rope_base=ROPE_BASE)
+    h, cache = kvattn.prefill(p["attn"], cache, _rms_norm(x), mask, rope_base=ROPE_BASE)
     x = x + h
-    x = x + jax.nn.gelu(_norm(x) @ p["mlp_in"]) @ p["mlp_out"]
+    x = x + jax.nn.gelu(_rms_norm(x) @ p["mlp_in"]) @ p["mlp_out"]
     return x, cache
 
   x = params["embed"][tokens]
   x, caches = jax.lax.scan(layer, x, (params["layers"], caches))
-  return _norm(x) @ params["unembed"], caches
+  return _rms_norm(x) @ params["unembed"], caches
 
 
 def setup(key, batch, prompt_len, max_len, layers, vocab, d_model, heads, kv_heads):

@@ -39,7 +39,7 @@ class Timing(NamedTuple):
 
 def run(step_fn: Callable, params: Any, caches: Any, tokens: np.ndarray, mask: np.ndarray, *,
         max_new_tokens: int, sampler: sampling.Sampler, seed: int = 0,
-        eos_id: int | None = None, pad_id: int = 0, prefill: str = "one_pass",
+        eos_id: int | None = None, pad_id: int = 0, prefill_mode: str = "one_pass",
         chunk_size: int | None = None, on_token: Callable[[np.ndarray], None] | None = None
         ) -> tuple[np.ndarray, np.ndarray, Timing]:
   """Generates for prompts `tokens [B, P]` (mask `[B, P]`) and times the stages.
@@ -58,7 +58,7 @@ def run(step_fn: Callable, params: Any, caches: Any, tokens: np.ndarray, mask: n
   # their compilations are shared with these.
   traced_kw = dict(eos_id=eos_id, pad_id=pad_id)
   loop_kw = dict(sampler=sampler, **traced_kw)
-  start_kw = dict(max_new_tokens=max_new_tokens, prefill=prefill, chunk_size=chunk_size,
+  start_kw = dict(max_new_tokens=max_new_tokens, prefill_mode=prefill_mode, chunk_size=chunk_size,
                   **loop_kw)
   t0 = time.perf_counter()
   if on_token is None:

@@ -42,7 +42,7 @@ from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec
 import numpy as np
 
 from kvattn import sharding
@@ -86,7 +86,7 @@ def params_logical_axes(params: transformer.Params) -> dict:
     if "attn" in keys:
       return None  # Filled in below by kvattn.sharding.
     lead = ("layers",) if keys[0] == "layers" else ()
-    return P(*lead, *names[keys[-1]])
+    return PartitionSpec(*lead, *names[keys[-1]])
 
   out = jax.tree_util.tree_map_with_path(axes, params)
   out["layers"]["attn"] = sharding.params_logical_axes(params["layers"]["attn"])
@@ -138,7 +138,7 @@ def generate(config, key, tokens, mask, max_new_tokens, mesh=None):
     p_shard = sharding.named(sharding.tree_specs(
         params_shape, params_logical_axes(params_shape), mesh, RULES, name="params"), mesh)
     c_shard = sharding.cache_shardings(jax.eval_shape(init_caches), mesh, RULES)
-    rows, replicated = NamedSharding(mesh, P("data", None)), NamedSharding(mesh, P())
+    rows, replicated = NamedSharding(mesh, PartitionSpec("data", None)), NamedSharding(mesh, PartitionSpec())
     tokens, mask = sharding.put((tokens, mask), (rows, rows))
     token_shape = jax.ShapeDtypeStruct((b, 1), jnp.int32, sharding=replicated)
     kw = {"init_params": dict(out_shardings=p_shard),

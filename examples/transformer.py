@@ -12,7 +12,7 @@ Shape legend:
   S: cache capacity (max_len)
   L: number of layers
   V: vocabulary size
-  P: number of learned positions
+  W: number of learned positions (max_positions)
   DM: model width
   F: MLP hidden width
   N: number of query heads
@@ -51,7 +51,7 @@ class Config(NamedTuple):
     num_kv_heads: K (N must be a multiple of K).
     head_dim: H.
     d_ff: F.
-    max_positions: P learned position embeddings; 0 for none.
+    max_positions: W learned position embeddings; 0 for none.
     rope_base: None for no RoPE; else the RoPE base.
     tie_embeddings: unembed with the token embedding's transpose.
     activation: one of "gelu_tanh", "gelu", "relu".
@@ -80,7 +80,7 @@ def init_params(key: jax.Array, config: Config, dtype=jnp.float32) -> Params:
   """Returns random params: embeddings N(0, 0.02), kernels LeCun normal, zero biases.
 
   Layout (leading L on every layer leaf):
-    embed [V, DM]; pos_embed [P, DM] if P; unembed [DM, V] if untied;
+    embed [V, DM]; pos_embed [W, DM] if W; unembed [DM, V] if untied;
     ln_f {scale, bias} [DM];
     layers: ln1, ln2 {scale, bias} [L, DM]; attn (kvattn params) wq [L, DM, N, H],
       wk/wv [L, DM, K, H], wo [L, N, H, DM], biases bq [L, N, H], bk/bv [L, K, H],
@@ -104,13 +104,13 @@ def init_params(key: jax.Array, config: Config, dtype=jnp.float32) -> Params:
            "w_out": normal(k_mlp_out, (c.d_ff, c.d_model), c.d_ff ** -0.5)}
     if c.use_bias:
       mlp.update(b_in=jnp.zeros((c.d_ff,), dtype), b_out=jnp.zeros((c.d_model,), dtype))
-    return {"ln1": _init_norm(c.d_model, dtype), "attn": attn,
-            "ln2": _init_norm(c.d_model, dtype), "mlp": mlp}
+    return {"ln1": _init_layer_norm(c.d_model, dtype), "attn": attn,
+            "ln2": _init_layer_norm(c.d_model, dtype), "mlp": mlp}
 
   params = {
       "embed": normal(k_embed, (c.vocab_size, c.d_model), 0.02),
       "layers": jax.vmap(layer)(jax.random.split(k_layers, c.num_layers)),
-      "ln_f": _init_norm(c.d_model, dtype),
+      "ln_f": _init_layer_norm(c.d_model, dtype),
   }
   if c.max_positions:
     params["pos_embed"] = normal(k_pos, (c.max_positions, c.d_model), 0.02)
@@ -152,10 +152,10 @@ def step(params: Params, caches: kvattn.KVCache, tokens: jax.Array,
 
   def body(h, layer):
     p, cache = layer
-    a, cache = kvattn.prefill(p["attn"], cache, _norm(p["ln1"], h, config.norm_eps), mask,
+    a, cache = kvattn.prefill(p["attn"], cache, _layer_norm(p["ln1"], h, config.norm_eps), mask,
                               rope_base=config.rope_base)
     h = h + a
-    return h + _mlp(p["mlp"], _norm(p["ln2"], h, config.norm_eps), config), cache
+    return h + _mlp(p["mlp"], _layer_norm(p["ln2"], h, config.norm_eps), config), cache
 
   h, caches = lax.scan(body, h, (params["layers"], caches))
   logits = _unembed(params, h, config)
@@ -187,10 +187,10 @@ def forward(params: Params, tokens: jax.Array, mask: jax.Array | None = None, *,
   h = _embed(params, tokens, positions, config)
 
   def body(h, p):
-    a = _full_attention(p["attn"], _norm(p["ln1"], h, config.norm_eps), positions, allowed,
+    a = _full_attention(p["attn"], _layer_norm(p["ln1"], h, config.norm_eps), positions, allowed,
                         config)
     h = h + a
-    return h + _mlp(p["mlp"], _norm(p["ln2"], h, config.norm_eps), config), None
+    return h + _mlp(p["mlp"], _layer_norm(p["ln2"], h, config.norm_eps), config), None
 
   h, _ = lax.scan(body, h, params["layers"])
   return jnp.where(real[:, :, None], _unembed(params, h, config), 0.0)
@@ -228,11 +228,11 @@ def _check_tokens(tokens, mask) -> tuple[int, int]:
   return shape
 
 
-def _init_norm(d_model, dtype):
+def _init_layer_norm(d_model, dtype):
   return {"scale": jnp.ones((d_model,), dtype), "bias": jnp.zeros((d_model,), dtype)}
 
 
-def _norm(p, x, eps):
+def _layer_norm(p, x, eps):
   """LayerNorm over DM, computed in float32."""
   x32 = x.astype(jnp.float32)
   mean = jnp.mean(x32, axis=-1, keepdims=True)
@@ -260,7 +260,7 @@ def _embed(params, tokens, positions, config):
 
 
 def _unembed(params, h, config):
-  h = _norm(params["ln_f"], h, config.norm_eps).astype(jnp.float32)
+  h = _layer_norm(params["ln_f"], h, config.norm_eps).astype(jnp.float32)
   if config.tie_embeddings:
     return jnp.einsum("BTD,VD->BTV", h, params["embed"].astype(jnp.float32))
   return jnp.einsum("BTD,DV->BTV", h, params["unembed"].astype(jnp.float32))

@@ -10,6 +10,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from kvattn import layout
+
 
 def shape_of(x: Any) -> tuple[int, ...] | None:
   return getattr(x, "shape", None)
@@ -33,7 +35,14 @@ def check_positive_ints(**values: Any) -> None:
   """Raises ValueError naming the first value that is not a positive int (bools excluded)."""
   for name, value in values.items():
     if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-      raise ValueError(f"{name} must be a positive int, got {value!r}")
+      raise ValueError(f"{name} should be a positive int: but got {value!r}")
+
+
+def check_heads(num_heads: int, num_kv_heads: int) -> None:
+  """Raises ValueError unless the query heads N are a multiple of the kv heads K."""
+  if num_heads % num_kv_heads:
+    raise ValueError(f"query heads N={num_heads} should be a multiple of the kv heads "
+                     f"K={num_kv_heads}: but N % K = {num_heads % num_kv_heads}")
 
 
 def check_mask(mask: Any, batch: int, num_tokens: int | None) -> None:
@@ -44,45 +53,30 @@ def check_mask(mask: Any, batch: int, num_tokens: int | None) -> None:
 
 
 def check_cache(cache: Any) -> None:
-  """Raises TypeError/ValueError unless cache is a well-formed KVCache."""
+  """Raises TypeError/ValueError unless cache is a well-formed KVCache (see kvattn.layout)."""
   from kvattn.cache import KVCache  # Local import: cache.py imports this module.
   if not isinstance(cache, KVCache):
     raise TypeError(f"cache should be a kvattn.KVCache: but got {type(cache).__name__}")
-  b, s, k, h = _rank4("cache.k", cache.k)
-  check_shape("cache.v", cache.v, "(B, S, K, H)", (b, s, k, h))
-  check_shape("cache.valid", cache.valid, "(B, S)", (b, s))
-  check_shape("cache.lengths", cache.lengths, "(B,)", (b,))
-  check_shape("cache.index", cache.index, "()", ())
-  check_shape("cache.overflow", cache.overflow, "()", ())
-  if cache.index.dtype != jnp.int32:
-    raise ValueError(f"cache.index dtype should be int32: but got {cache.index.dtype}")
-  _check_scales(cache, (b, s, k))
-
-
-def _check_scales(cache: Any, shape: tuple[int, int, int]) -> None:
-  """int8 k and v come with both float32 scales [B, S, K]; float k and v with neither."""
+  k_field = layout.CACHE["k"]
+  shape = shape_of(cache.k)
+  if shape is None or len(shape) != len(k_field.dims):
+    raise ValueError(f"cache.k shape should be {k_field.legend()}: but got {shape}")
+  sizes = dict(zip(k_field.dims, shape))
   int8 = cache.k.dtype == jnp.int8
-  if (cache.v.dtype == jnp.int8) != int8:
-    raise ValueError(
-        f"cache.k and cache.v should both be int8 or neither: but got "
-        f"{cache.k.dtype} and {cache.v.dtype}")
-  for name in ("k_scale", "v_scale"):
-    scale = getattr(cache, name)
-    if not int8:
-      if scale is not None:
+  if getattr(cache.v, "dtype", None) != cache.k.dtype:
+    raise ValueError(f"cache.v dtype should be cache.k's, {cache.k.dtype}: but got "
+                     f"{getattr(cache.v, 'dtype', None)}")
+  for name, field in layout.CACHE.items():
+    x = getattr(cache, name)
+    if field.optional:  # The scales of an int8 cache: present exactly when k is int8.
+      if not int8 and x is not None:
         raise ValueError(f"cache.{name} should be None for a {cache.k.dtype} cache: "
-                         f"but got shape {shape_of(scale)}")
-      continue
-    if scale is None:
-      raise ValueError(f"cache.{name} should be a float32 (B, S, K)={shape} array for "
-                       "an int8 cache: but got None")
-    check_shape(f"cache.{name}", scale, "(B, S, K)", shape)
-    if scale.dtype != jnp.float32:
-      raise ValueError(f"cache.{name} dtype should be float32: but got {scale.dtype}")
-
-
-def _rank4(name: str, x: Any) -> tuple[int, int, int, int]:
-  shape = shape_of(x)
-  if shape is None or len(shape) != 4:
-    raise ValueError(f"{name} shape should be (B, S, K, H): but got {shape}")
-  return shape
+                         f"but got shape {shape_of(x)}")
+      if int8 and x is None:
+        raise ValueError(f"cache.{name} should be a {field.dtype} {field.legend()}="
+                         f"{field.shape(sizes)} array for an int8 cache: but got None")
+      if x is None:
+        continue
+    check_shape(f"cache.{name}", x, field.legend(), field.shape(sizes))
+    if field.dtype is not None and x.dtype != jnp.dtype(field.dtype):
+      raise ValueError(f"cache.{name} dtype should be {field.dtype}: but got {x.dtype}")

@@ -36,12 +36,18 @@ from jax import lax
 import numpy as np
 
 from kvattn import cache as cache_lib
-from kvattn._checks import check_cache, check_mask, check_positive_ints, check_shape
+from kvattn._checks import check_cache, check_heads, check_mask, check_positive_ints
+from kvattn._checks import check_shape
 from kvattn.cache import KVCache
 from kvattn.kernels import pallas_gpu
 from kvattn.kernels import xla
 
 IMPLEMENTATIONS = {"xla": xla.attend, "pallas_gpu": pallas_gpu.attend}
+
+# The implementation a platform ("cpu", "cuda", "rocm", "tpu") gets when none is
+# named; every other platform gets "xla". Empty for now: "pallas_gpu" becomes
+# CUDA's default once it has been compiled and timed on a GPU.
+DEFAULTS: dict[str, str] = {}
 
 
 def cached_attention(
@@ -92,6 +98,14 @@ def cached_attention(
     `(o, new_cache)`: o `[B, T, N, H]` in q's dtype, and the updated cache.
   """
   check_cache(cache)
+  mask = check_qkv(q, k, v, cache, mask)
+  check_options(prefix_lm, implementation, block_q=block_q, block_kv=block_kv)
+  return attend(q, k, v, cache, mask, prefix_lm=prefix_lm, implementation=implementation,
+                block_q=block_q, block_kv=block_kv)
+
+
+def check_qkv(q, k, v, cache: KVCache, mask) -> jax.Array:
+  """Checks q, k, v and mask against a checked cache; returns the mask (all True for None)."""
   b, s, kh, h = cache.k.shape
   check_shape("q", q, "(B, T, N, H)", (b, None, None, h))
   _, t, n, _ = q.shape
@@ -99,35 +113,47 @@ def cached_attention(
   check_shape("v", v, "(B, T, K, H)", (b, t, kh, h))
   if t < 1:
     raise ValueError(f"q shape should be (B, T, N, H) with T >= 1: but got {q.shape}")
-  if n % kh:
-    raise ValueError(
-        f"q heads N={n} should be a multiple of the cache's kv heads K={kh}")
+  check_heads(n, kh)
   if t > s:
-    raise ValueError(
-        f"q has T={t} new tokens, more than the cache's max_len S={s}")
-  blocks = {name: value for name, value in (("block_q", block_q), ("block_kv", block_kv))
-            if value is not None}
-  check_positive_ints(**blocks)
+    raise ValueError(f"q has T={t} new tokens, more than the cache's max_len S={s}")
+  if mask is None:
+    return jnp.ones((b, t), jnp.bool_)
+  check_mask(mask, b, t)
+  return mask
+
+
+def check_options(prefix_lm, implementation, **blocks) -> None:
+  """Checks prefix_lm (a bool, or a bool scalar array), implementation and block sizes."""
+  if not isinstance(prefix_lm, (bool, np.bool_)):
+    if getattr(prefix_lm, "shape", None) != () or getattr(prefix_lm, "dtype", None) != jnp.bool_:
+      raise TypeError(f"prefix_lm should be a bool or a bool scalar array: but got "
+                      f"{prefix_lm!r}")
   if implementation is not None and implementation not in IMPLEMENTATIONS:
     raise ValueError(
         f"implementation should be None or one of {sorted(IMPLEMENTATIONS)}: "
         f"but got {implementation!r}")
-  if mask is None:
-    mask = jnp.ones((b, t), jnp.bool_)
-  check_mask(mask, b, t)
+  check_positive_ints(**{name: size for name, size in blocks.items() if size is not None})
 
+
+def attend(q, k, v, cache: KVCache, mask, *, prefix_lm, implementation=None, block_q=None,
+           block_kv=None) -> tuple[jax.Array, KVCache]:
+  """`cached_attention` without the checks, for callers that made them (`kvattn.prefill`)."""
   start = cache.index
   cache, k_new, v_new = cache_lib.append(cache, k, v, mask)
-  attend = functools.partial(_attend, implementation, q, k_new, v_new, cache, start, mask,
-                             block_q=block_q, block_kv=block_kv)
+  call = functools.partial(_implementation, implementation, q, k_new, v_new, cache, start, mask,
+                           block_q=block_q, block_kv=block_kv)
   if isinstance(prefix_lm, (bool, np.bool_)):
-    return attend(prefix_lm=bool(prefix_lm))
-  return lax.cond(jnp.asarray(prefix_lm, jnp.bool_), lambda: attend(prefix_lm=True),
-                  lambda: attend(prefix_lm=False))
+    return call(prefix_lm=bool(prefix_lm))
+  return lax.cond(prefix_lm, lambda: call(prefix_lm=True), lambda: call(prefix_lm=False))
 
 
-def _attend(implementation, *args, **kwargs):
-  """Calls the named implementation, or the compiling platform's default."""
-  if implementation is not None:
-    return IMPLEMENTATIONS[implementation](*args, **kwargs)
-  return IMPLEMENTATIONS["xla"](*args, **kwargs)
+def _implementation(name, *args, **kwargs):
+  """Calls the named implementation, or the default of the platform it is compiled for."""
+  if name is not None:
+    return IMPLEMENTATIONS[name](*args, **kwargs)
+  default = functools.partial(IMPLEMENTATIONS["xla"], **kwargs)
+  if not DEFAULTS:
+    return default(*args)
+  branches = {platform: functools.partial(IMPLEMENTATIONS[impl], **kwargs)
+              for platform, impl in DEFAULTS.items()}
+  return lax.platform_dependent(*args, default=default, **branches)

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from kvattn import layout
 from kvattn import quant
 from kvattn._checks import check_mask, check_positive_ints
 
@@ -104,30 +105,22 @@ def init_cache(
   """
   check_positive_ints(batch=batch, max_len=max_len, num_kv_heads=num_kv_heads,
                       head_dim=head_dim)
+  if not isinstance(quantized, bool):
+    raise TypeError(f"quantized should be a bool: but got {quantized!r}")
   dtype = jnp.dtype(dtype)
   if not jnp.issubdtype(dtype, jnp.floating):
-    raise ValueError(f"dtype must be a floating dtype, got {dtype}")
+    raise ValueError(f"dtype should be a floating dtype: but got {dtype}")
   if quantized and dtype != jnp.float32:
     raise ValueError(
-        f"dtype must be float32 when quantized=True (k and v are stored as int8 "
-        f"and dequantised to float32), got {dtype}")
-  shape = (batch, max_len, num_kv_heads, head_dim)
-  k_scale = v_scale = None
-  if quantized:
-    dtype = jnp.dtype(jnp.int8)
-    # Two arrays, not one twice: each leaf must be donatable on its own.
-    k_scale = jnp.zeros((batch, max_len, num_kv_heads), jnp.float32)
-    v_scale = jnp.zeros((batch, max_len, num_kv_heads), jnp.float32)
-  return KVCache(
-      k=jnp.zeros(shape, dtype),
-      v=jnp.zeros(shape, dtype),
-      valid=jnp.zeros((batch, max_len), jnp.bool_),
-      lengths=jnp.zeros((batch,), jnp.int32),
-      index=jnp.zeros((), jnp.int32),
-      overflow=jnp.zeros((), jnp.bool_),
-      k_scale=k_scale,
-      v_scale=v_scale,
-  )
+        f"dtype should be float32 when quantized=True (k and v are stored as int8 "
+        f"and dequantised to float32): but got {dtype}")
+  sizes = dict(B=batch, S=max_len, K=num_kv_heads, H=head_dim)
+  storage = jnp.dtype(jnp.int8) if quantized else dtype
+  # One array per leaf, never one twice: each must be donatable on its own.
+  return KVCache(**{
+      name: None if field.optional and not quantized
+      else jnp.zeros(field.shape(sizes), field.dtype or storage)
+      for name, field in layout.CACHE.items()})
 
 
 def overflowed(cache: KVCache) -> jax.Array:

@@ -11,9 +11,9 @@ Shape legend:
   B: batch size
   P: padded prompt length
   T: tokens per model call
-  C: prefill chunk size
+  U: prefill chunk size (chunk_size)
   V: vocabulary size
-  N: max_new_tokens
+  M: max_new_tokens
 """
 
 from __future__ import annotations
@@ -25,20 +25,20 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from kvattn._checks import check_mask, check_shape
+from kvattn._checks import check_mask, check_positive_ints, check_shape
 from kvattn.cache import KVCache
 
 StepFn = Callable[[Any, Any, jax.Array, "jax.Array | None"], tuple[jax.Array, Any]]
 Sampler = Callable[[jax.Array, jax.Array], jax.Array]
 
-PREFILL_STRATEGIES = ("one_pass", "chunked", "forced")
+PREFILL_MODES = ("one_pass", "chunked", "forced")
 
 
 class DecodeState(NamedTuple):
   """The loop's carry; every leaf is an array.
 
   Fields:
-    tokens: int32 `[B, N]` generated tokens; `pad_id` after a row's EOS and in
+    tokens: int32 `[B, M]` generated tokens; `pad_id` after a row's EOS and in
       columns not generated yet.
     lengths: int32 `[B]` tokens generated per row, its EOS included.
     done: bool `[B]` True once a row produced EOS.
@@ -60,7 +60,7 @@ class Generation(NamedTuple):
   """What `generate` returns.
 
   Fields:
-    tokens: int32 `[B, N]`; `pad_id` after a row's EOS.
+    tokens: int32 `[B, M]`; `pad_id` after a row's EOS.
     lengths: int32 `[B]` tokens generated per row, its EOS included.
     caches: the caches after generation (check `kvattn.overflowed` on them).
   """
@@ -71,13 +71,13 @@ class Generation(NamedTuple):
 
 
 # eos_id and pad_id are traced (see `generate`).
-_STATIC = ("step_fn", "sampler", "max_new_tokens", "prefill", "chunk_size")
+_STATIC = ("step_fn", "sampler", "max_new_tokens", "prefill_mode", "chunk_size")
 
 
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def start(step_fn: StepFn, params: Any, caches: Any, prompt_tokens: jax.Array,
           prompt_mask: jax.Array, key: jax.Array, *, max_new_tokens: int, sampler: Sampler,
-          eos_id: int | None = None, pad_id: int = 0, prefill: str = "one_pass",
+          eos_id: int | None = None, pad_id: int = 0, prefill_mode: str = "one_pass",
           chunk_size: int | None = None) -> DecodeState:
   """Runs the prompts through the model and draws the first new token of each row.
 
@@ -86,15 +86,15 @@ def start(step_fn: StepFn, params: Any, caches: Any, prompt_tokens: jax.Array,
   Returns:
     A `DecodeState` with column 0 filled (step 1).
   """
-  b, p = _check_args(caches, prompt_tokens, prompt_mask, max_new_tokens, prefill, chunk_size)
+  b, p = _check_args(caches, prompt_tokens, prompt_mask, max_new_tokens, prefill_mode, chunk_size)
   prompt_tokens = prompt_tokens.astype(jnp.int32)
   # Each row's last real prompt token (not column P - 1 under right padding).
   last = p - 1 - jnp.argmax(prompt_mask[:, ::-1], axis=1).astype(jnp.int32)
-  if prefill == "one_pass":
+  if prefill_mode == "one_pass":
     logits, caches = step_fn(params, caches, prompt_tokens, prompt_mask)
     last_logits = _take(logits, last)
   else:
-    size = 1 if prefill == "forced" else chunk_size
+    size = 1 if prefill_mode == "forced" else chunk_size
     last_logits, caches = _chunked_prefill(step_fn, params, caches, prompt_tokens, prompt_mask,
                                            last, min(size, p))
   state = DecodeState(
@@ -114,7 +114,7 @@ def advance(step_fn: StepFn, params: Any, state: DecodeState, *, sampler: Sample
   """One decode step: feeds each row's newest token and draws the next column.
 
   Rows already done feed `pad_id` masked out, so their caches gain nothing
-  real. Call only while `state.step < N`.
+  real. Call only while `state.step < M`.
   """
   newest = lax.dynamic_index_in_dim(state.tokens, state.step - 1, axis=1)  # [B, 1]
   logits, caches = step_fn(params, state.caches, newest, ~state.done[:, None])
@@ -124,7 +124,7 @@ def advance(step_fn: StepFn, params: Any, state: DecodeState, *, sampler: Sample
 @functools.partial(jax.jit, static_argnames=("step_fn", "sampler"))
 def finish(step_fn: StepFn, params: Any, state: DecodeState, *, sampler: Sampler,
            eos_id: int | None = None, pad_id: int = 0) -> DecodeState:
-  """Decode steps in a `lax.while_loop` until N columns or every row is done."""
+  """Decode steps in a `lax.while_loop` until M columns or every row is done."""
   n = state.tokens.shape[1]
 
   def cond(s):
@@ -139,13 +139,13 @@ def finish(step_fn: StepFn, params: Any, state: DecodeState, *, sampler: Sampler
 def generate(step_fn: StepFn, params: Any, caches: Any, prompt_tokens: jax.Array,
              prompt_mask: jax.Array, *, max_new_tokens: int, sampler: Sampler,
              key: jax.Array, eos_id: int | None = None, pad_id: int = 0,
-             prefill: str = "one_pass", chunk_size: int | None = None) -> Generation:
-  """Generates up to N tokens per prompt: a prefill, then a compiled decode loop.
+             prefill_mode: str = "one_pass", chunk_size: int | None = None) -> Generation:
+  """Generates up to M tokens per prompt: a prefill, then a compiled decode loop.
 
   The two stages, `start` and `finish`, are each compiled once per shape and
-  static setting (step_fn, sampler, N, prefill, chunk_size); eos_id and
+  static setting (step_fn, sampler, M, prefill_mode, chunk_size); eos_id and
   pad_id are traced, so every EOS id shares a compilation (None, "no EOS", is
-  compiled apart). The caches must have room for P + N - 1 more tokens.
+  compiled apart). The caches must have room for P + M - 1 more tokens.
 
   Args:
     step_fn: the model, `(params, caches, tokens [B, T], mask [B, T] | None) ->
@@ -155,21 +155,21 @@ def generate(step_fn: StepFn, params: Any, caches: Any, prompt_tokens: jax.Array
     prompt_tokens: int `[B, P]` prompts, padded on the left or the right.
     prompt_mask: bool `[B, P]`, True for real tokens; every row needs one.
     key: a PRNG key.
-    max_new_tokens: N >= 1.
+    max_new_tokens: M >= 1.
     sampler: `(key, logits [B, V]) -> int32 [B]`, e.g. `kvattn.sampling.Sampler`.
     eos_id: a row is done once it produces this token; None: never.
     pad_id: fills `tokens` after EOS; finished rows feed it, masked out.
-    prefill: "one_pass" (the whole prompt in one call), "chunked" (calls of
+    prefill_mode: "one_pass" (the whole prompt in one call), "chunked" (calls of
       `chunk_size` tokens, the last one shorter) or "forced" (one token per
       call, as a decode step would). Greedy tokens are the same for all three.
-    chunk_size: C for "chunked".
+    chunk_size: U for "chunked".
 
   Returns:
-    `Generation(tokens [B, N], lengths [B], caches)`.
+    `Generation(tokens [B, M], lengths [B], caches)`.
   """
   state = start(step_fn, params, caches, prompt_tokens, prompt_mask, key,
                 max_new_tokens=max_new_tokens, sampler=sampler, eos_id=eos_id, pad_id=pad_id,
-                prefill=prefill, chunk_size=chunk_size)
+                prefill_mode=prefill_mode, chunk_size=chunk_size)
   state = finish(step_fn, params, state, sampler=sampler, eos_id=eos_id, pad_id=pad_id)
   return Generation(state.tokens, state.lengths, state.caches)
 
@@ -177,17 +177,17 @@ def generate(step_fn: StepFn, params: Any, caches: Any, prompt_tokens: jax.Array
 def generate_stream(step_fn: StepFn, params: Any, caches: Any, prompt_tokens: jax.Array,
                     prompt_mask: jax.Array, *, max_new_tokens: int, sampler: Sampler,
                     key: jax.Array, eos_id: int | None = None, pad_id: int = 0,
-                    prefill: str = "one_pass",
+                    prefill_mode: str = "one_pass",
                     chunk_size: int | None = None) -> Iterator[jax.Array]:
   """Like `generate`, but yields each column, int32 `[B]`, as soon as it is drawn.
 
   The steps are the compiled loop's own (`start`, then `advance` from Python),
-  so the tokens are the same. Finished rows yield `pad_id`. Stops after N
+  so the tokens are the same. Finished rows yield `pad_id`. Stops after M
   columns or once every row is done.
   """
   kw = dict(sampler=sampler, eos_id=eos_id, pad_id=pad_id)
   state = start(step_fn, params, caches, prompt_tokens, prompt_mask, key,
-                max_new_tokens=max_new_tokens, prefill=prefill, chunk_size=chunk_size, **kw)
+                max_new_tokens=max_new_tokens, prefill_mode=prefill_mode, chunk_size=chunk_size, **kw)
   yield state.tokens[:, 0]
   for i in range(1, max_new_tokens):
     if bool(jnp.all(state.done)):
@@ -212,7 +212,7 @@ def _take(logits, index):
 
 
 def _chunked_prefill(step_fn, params, caches, tokens, mask, last, size):
-  """Feeds the prompt C tokens at a time; keeps each row's logits at its last token.
+  """Feeds the prompt U tokens at a time; keeps each row's logits at its last token.
 
   Full chunks run under `lax.scan` (the model is traced once for them), the
   shorter remainder in one more call.
@@ -235,7 +235,7 @@ def _chunked_prefill(step_fn, params, caches, tokens, mask, last, size):
   if num_full > 1:
     full = num_full * size
 
-    def split(a):  # [B, full - C] -> [num_full - 1, B, C]
+    def split(a):  # [B, full - U] -> [num_full - 1, B, U]
       return a[:, size:full].reshape(b, num_full - 1, size).swapaxes(0, 1)
 
     starts = jnp.arange(1, num_full, dtype=jnp.int32) * size
@@ -247,7 +247,7 @@ def _chunked_prefill(step_fn, params, caches, tokens, mask, last, size):
   return last_logits, caches
 
 
-def _check_args(caches, tokens, mask, max_new_tokens, prefill, chunk_size):
+def _check_args(caches, tokens, mask, max_new_tokens, prefill_mode, chunk_size):
   """Static checks; returns (B, P)."""
   check_shape("prompt_tokens", tokens, "(B, P)", (None, None))
   b, p = tokens.shape
@@ -256,12 +256,12 @@ def _check_args(caches, tokens, mask, max_new_tokens, prefill, chunk_size):
   if p < 1:
     raise ValueError(f"prompt_tokens shape should be (B, P) with P >= 1: but got {tokens.shape}")
   check_mask(mask, b, p)
-  if not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-    raise ValueError(f"max_new_tokens should be a positive int: but got {max_new_tokens!r}")
-  if prefill not in PREFILL_STRATEGIES:
-    raise ValueError(f"prefill should be one of {PREFILL_STRATEGIES}: but got {prefill!r}")
-  if prefill == "chunked" and (not isinstance(chunk_size, int) or chunk_size < 1):
-    raise ValueError(f"chunk_size should be a positive int with prefill='chunked': "
+  check_positive_ints(max_new_tokens=max_new_tokens)
+  if prefill_mode not in PREFILL_MODES:
+    raise ValueError(f"prefill_mode should be one of {PREFILL_MODES}: but got {prefill_mode!r}")
+  if prefill_mode == "chunked" and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
+                                    or chunk_size < 1):
+    raise ValueError(f"chunk_size should be a positive int with prefill_mode='chunked': "
                      f"but got {chunk_size!r}")
   needed = p + max_new_tokens - 1
   for cache in jax.tree.leaves(caches, is_leaf=lambda x: isinstance(x, KVCache)):

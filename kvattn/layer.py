@@ -15,11 +15,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kvattn import attention
+from kvattn import rope
 from kvattn._checks import check_cache, check_mask, check_shape
-from kvattn.attention import cached_attention
 from kvattn.cache import KVCache, token_positions
 from kvattn.params import Params, check_params
-from kvattn.rope import apply_rope
 
 
 def prefill(
@@ -55,24 +55,23 @@ def prefill(
   Returns:
     `(out, new_cache)`: out `[B, T, DM]` in x's dtype, zeros at padding.
   """
-  check_cache(cache)
-  b, _, kh, h = cache.k.shape
-  dm, _ = check_params(params, kh, h)
-  check_shape("x", x, "(B, T, DM)", (b, None, dm))
-  t = x.shape[1]
-  if t < 1:
-    raise ValueError(f"x shape should be (B, T, DM) with T >= 1: but got {x.shape}")
-  if mask is not None:
-    check_mask(mask, b, t)
+  _check(params, cache, x, mask, prefix_lm, rope_base, implementation)
+  return _prefill(params, cache, x, mask, prefix_lm=prefix_lm, rope_base=rope_base,
+                  implementation=implementation)
 
+
+def _prefill(params, cache, x, mask, *, prefix_lm, rope_base, implementation):
+  """`prefill` without the checks."""
+  t = x.shape[1]
   q = _project(x, params["wq"], params.get("bq"))
   k = _project(x, params["wk"], params.get("bk"))
   v = _project(x, params["wv"], params.get("bv"))
   if rope_base is not None:
     positions = token_positions(cache, mask, num_tokens=t)
-    q = apply_rope(q, positions, rope_base)
-    k = apply_rope(k, positions, rope_base)
-  o, cache = cached_attention(q, k, v, cache, mask, prefix_lm=prefix_lm,
+    q = rope.rotate(q, positions, rope_base)
+    k = rope.rotate(k, positions, rope_base)
+  full = jnp.ones(x.shape[:2], jnp.bool_) if mask is None else mask
+  o, cache = attention.attend(q, k, v, cache, full, prefix_lm=prefix_lm,
                               implementation=implementation)
   out = jnp.einsum("BTNH,NHD->BTD", o, params["wo"])
   if "bo" in params:
@@ -102,12 +101,32 @@ def decode_step(
   Returns:
     `(out [B, 1, DM], new_cache)`.
   """
+  _check(params, cache, x, None, False, rope_base, implementation, decode=True)
+  return _prefill(params, cache, x, None, prefix_lm=False, rope_base=rope_base,
+                  implementation=implementation)
+
+
+def _check(params, cache, x, mask, prefix_lm, rope_base, implementation, decode=False) -> None:
+  """The checks of `prefill` and `decode_step`, once per call."""
   check_cache(cache)
-  check_shape("x", x, "(B, 1, DM)", (cache.batch_size, 1, None))
-  return prefill(params, cache, x, rope_base=rope_base, implementation=implementation)
+  b, _, kh, h = cache.k.shape
+  dm, _ = check_params(params, kh, h)
+  if decode:
+    check_shape("x", x, "(B, 1, DM)", (b, 1, dm))
+  check_shape("x", x, "(B, T, DM)", (b, None, dm))
+  t = x.shape[1]
+  if t < 1:
+    raise ValueError(f"x shape should be (B, T, DM) with T >= 1: but got {x.shape}")
+  if t > cache.max_len:
+    raise ValueError(f"x has T={t} new tokens, more than the cache's max_len S={cache.max_len}")
+  if mask is not None:
+    check_mask(mask, b, t)
+  attention.check_options(prefix_lm, implementation)
+  if rope_base is not None:
+    rope.check_base(rope_base)
 
 
 def _project(x, w, bias):
-  """x [B,T,DM] @ w [DM,M,H] (+ bias [M,H]) -> [B,T,M,H]."""
-  y = jnp.einsum("BTD,DMH->BTMH", x, w)
+  """x [B, T, DM] @ w [DM, heads, H] (+ bias [heads, H]) -> [B, T, heads, H]."""
+  y = jnp.einsum("BTD,DXH->BTXH", x, w)  # X: N or K heads.
   return y if bias is None else y + bias[None, None]

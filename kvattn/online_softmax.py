@@ -76,6 +76,13 @@ def accumulate(a: Partial, b: Partial) -> Partial:
   return Partial(a.o * sa[..., None] + b.o * sb[..., None], m, a.l * sa + b.l * sb)
 
 
+def accumulate_axis(p: Partial, axis: int) -> Partial:
+  """Combines the partials stacked along `axis` of m and l (o has H after it) into one."""
+  m = jnp.max(p.m, axis=axis)
+  scale = jnp.exp(p.m - jnp.expand_dims(m, axis))
+  return Partial(jnp.sum(p.o * scale[..., None], axis=axis), m, jnp.sum(p.l * scale, axis=axis))
+
+
 def normalize(p: Partial) -> jax.Array:
   """The attention output `o / l`; rows that saw nothing (l == 0) give zeros."""
   return p.o / jnp.where(p.l == 0.0, 1.0, p.l)[..., None]

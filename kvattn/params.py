@@ -21,12 +21,10 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 
-from kvattn._checks import check_positive_ints, check_shape
+from kvattn import layout
+from kvattn._checks import check_heads, check_positive_ints, check_shape
 
 Params = Mapping[str, jax.Array]
-
-_REQUIRED = ("wq", "wk", "wv", "wo")
-_OPTIONAL = ("bq", "bk", "bv", "bo")
 
 
 def init_params(
@@ -39,7 +37,7 @@ def init_params(
     use_bias: bool = False,
     dtype: jnp.dtype = jnp.float32,
 ) -> dict[str, jax.Array]:
-  """Returns randomly initialised attention params.
+  """Returns randomly initialised attention params (the layout of `kvattn.layout.PARAMS`).
 
   Kernels are drawn from a normal with standard deviation 1/sqrt(fan_in)
   (LeCun normal); biases start at zero.
@@ -59,22 +57,23 @@ def init_params(
     head_dim = d_model // num_heads
   check_positive_ints(d_model=d_model, num_heads=num_heads, num_kv_heads=num_kv_heads,
                       head_dim=head_dim)
-  if num_heads % num_kv_heads:
-    raise ValueError(
-        f"num_heads={num_heads} must be a multiple of num_kv_heads={num_kv_heads}")
-  dm, n, k, h = d_model, num_heads, num_kv_heads, head_dim
-  shapes = {"wq": (dm, n, h), "wk": (dm, k, h), "wv": (dm, k, h), "wo": (n, h, dm)}
-  fan_in = {"wq": dm, "wk": dm, "wv": dm, "wo": n * h}
+  check_heads(num_heads, num_kv_heads)
+  if not isinstance(use_bias, bool):
+    raise TypeError(f"use_bias should be a bool: but got {use_bias!r}")
+  sizes = dict(DM=d_model, N=num_heads, K=num_kv_heads, H=head_dim)
+  kernels = {name: f for name, f in layout.PARAMS.items() if not f.optional}
   # One draw for all kernels, then split: one random-number kernel to compile
   # instead of four (threefry compiles slowly on CPU).
-  sizes = [math.prod(shape) for shape in shapes.values()]
-  flat = jax.random.normal(key, (sum(sizes),), jnp.float32)
-  pieces = jnp.split(flat, list(itertools.accumulate(sizes))[:-1])
-  params = {name: (piece.reshape(shape) * fan_in[name] ** -0.5).astype(dtype)
-            for (name, shape), piece in zip(shapes.items(), pieces)}
+  shapes = [f.shape(sizes) for f in kernels.values()]
+  sizes_flat = [math.prod(shape) for shape in shapes]
+  flat = jax.random.normal(key, (sum(sizes_flat),), jnp.float32)
+  pieces = jnp.split(flat, list(itertools.accumulate(sizes_flat))[:-1])
+  params = {name: (piece.reshape(shape) * math.prod(sizes[d] for d in f.fan_in) ** -0.5
+                   ).astype(dtype)
+            for (name, f), shape, piece in zip(kernels.items(), shapes, pieces)}
   if use_bias:
-    params.update(bq=jnp.zeros((n, h), dtype), bk=jnp.zeros((k, h), dtype),
-                  bv=jnp.zeros((k, h), dtype), bo=jnp.zeros((dm,), dtype))
+    params.update({name: jnp.zeros(f.shape(sizes), dtype)
+                   for name, f in layout.PARAMS.items() if f.optional})
   return params
 
 
@@ -82,32 +81,25 @@ def check_params(params: Any, num_kv_heads: int, head_dim: int) -> tuple[int, in
   """Validates params against the cache's K and H; returns (DM, N)."""
   if not isinstance(params, Mapping):
     raise TypeError(f"params should be a dict of arrays: but got {type(params).__name__}")
-  missing = [name for name in _REQUIRED if name not in params]
+  required = [name for name, f in layout.PARAMS.items() if not f.optional]
+  missing = [name for name in required if name not in params]
   if missing:
-    raise ValueError(f"params is missing {missing}; expected keys {list(_REQUIRED)}")
-  unknown = sorted(set(params) - set(_REQUIRED) - set(_OPTIONAL))
+    raise ValueError(f"params is missing {missing}; expected keys {required}")
+  unknown = sorted(set(params) - set(layout.PARAMS))
   if unknown:
     raise ValueError(f"params has unknown keys {unknown}")
-  wq = params["wq"]
-  shape = getattr(wq, "shape", None)
-  if shape is None or len(shape) != 3:
-    raise ValueError(f"params['wq'] shape should be (DM, N, H): but got {shape}")
-  dm, n, h = shape
-  if h != head_dim:
+  wq = layout.PARAMS["wq"]
+  shape = getattr(params["wq"], "shape", None)
+  if shape is None or len(shape) != len(wq.dims):
+    raise ValueError(f"params['wq'] shape should be {wq.legend()}: but got {shape}")
+  sizes = dict(zip(wq.dims, shape), K=num_kv_heads)
+  if sizes["H"] != head_dim:
+    sizes["H"] = head_dim
     raise ValueError(
-        f"params['wq'] shape should be (DM, N, H)=({dm}, {n}, {head_dim}) with the "
+        f"params['wq'] shape should be {wq.legend()}={wq.shape(sizes)} with the "
         f"cache's head_dim: but got {shape}")
-  if n % num_kv_heads:
-    raise ValueError(
-        f"query heads N={n} (params['wq']) must be a multiple of the cache's kv heads "
-        f"K={num_kv_heads}")
-  k = num_kv_heads
-  expected = {
-      "wk": ("(DM, K, H)", (dm, k, h)), "wv": ("(DM, K, H)", (dm, k, h)),
-      "wo": ("(N, H, DM)", (n, h, dm)), "bq": ("(N, H)", (n, h)),
-      "bk": ("(K, H)", (k, h)), "bv": ("(K, H)", (k, h)), "bo": ("(DM,)", (dm,)),
-  }
-  for name, (legend, shape) in expected.items():
+  check_heads(sizes["N"], num_kv_heads)
+  for name, field in layout.PARAMS.items():
     if name in params:
-      check_shape(f"params['{name}']", params[name], legend, shape)
-  return dm, n
+      check_shape(f"params['{name}']", params[name], field.legend(), field.shape(sizes))
+  return sizes["DM"], sizes["N"]

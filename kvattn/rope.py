@@ -12,6 +12,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kvattn._checks import check_shape
+
 
 def apply_rope(x: jax.Array, positions: jax.Array, base: float = 10_000.0) -> jax.Array:
   """Rotates `x [B, T, N, H]` by the angle of each token's position.
@@ -21,18 +23,34 @@ def apply_rope(x: jax.Array, positions: jax.Array, base: float = 10_000.0) -> ja
   float32 and returned in x's dtype.
 
   Args:
-    x: `[B, T, N, H]` queries or keys.
-    positions: int `[B, T]` position of each token in its own sequence.
-    base: the RoPE wavelength base.
+    x: `[B, T, N, H]` queries or keys, H even.
+    positions: integer `[B, T]` position of each token in its own sequence.
+    base: the RoPE wavelength base, a positive number.
   """
-  if x.ndim != 4:
-    raise ValueError(f"x should have shape (B, T, N, H): but got {x.shape}")
-  b, t, _, h = x.shape
+  shape = getattr(x, "shape", None)
+  if shape is None or len(shape) != 4:
+    raise ValueError(f"x shape should be (B, T, N, H): but got {shape}")
+  b, t, _, h = shape
   if h % 2:
-    raise ValueError(f"RoPE needs an even head dimension H: but got H={h}")
-  if getattr(positions, "shape", None) != (b, t):
-    raise ValueError(
-        f"positions shape should be (B, T)=({b}, {t}): but got {getattr(positions, 'shape', None)}")
+    raise ValueError(f"x shape should be (B, T, N, H) with H even: but got {shape}")
+  check_shape("positions", positions, "(B, T)", (b, t))
+  if not jnp.issubdtype(positions.dtype, jnp.integer):
+    raise ValueError(f"positions dtype should be an integer dtype: but got {positions.dtype}")
+  check_base(base)
+  return rotate(x, positions, base)
+
+
+def check_base(base) -> None:
+  """Raises TypeError/ValueError unless the RoPE base is a positive real number."""
+  if isinstance(base, bool) or not isinstance(base, (int, float)):
+    raise TypeError(f"rope_base should be a positive float: but got {base!r}")
+  if not base > 0:
+    raise ValueError(f"rope_base should be a positive float: but got {base!r}")
+
+
+def rotate(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:
+  """`apply_rope` without the checks (for callers that made them)."""
+  h = x.shape[-1]
   inv_freq = base ** (-jnp.arange(0, h, 2, dtype=jnp.float32) / h)  # [H/2]
   angle = positions.astype(jnp.float32)[:, :, None, None] * inv_freq[None, None, None]
   sin, cos = jnp.sin(angle), jnp.cos(angle)

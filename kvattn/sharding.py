@@ -45,9 +45,10 @@ import math
 from typing import Any, Mapping, Sequence
 
 import jax
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
 
+from kvattn import layout
 from kvattn.cache import KVCache
 
 MeshAxes = str | tuple[str, ...] | None
@@ -63,29 +64,10 @@ DEFAULT_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("layers", None),
 )
 
-# Logical axes of each KVCache field (without leading layer axes).
-_CACHE_AXES = {
-    "k": ("batch", "sequence", "kv_heads", "head_dim"),
-    "v": ("batch", "sequence", "kv_heads", "head_dim"),
-    "valid": ("batch", "sequence"),
-    "lengths": ("batch",),
-    "index": (),
-    "overflow": (),
-    "k_scale": ("batch", "sequence", "kv_heads"),  # int8 caches only; else None.
-    "v_scale": ("batch", "sequence", "kv_heads"),
-}
-
-# Logical axes of each attention param (see kvattn.params).
-_PARAM_AXES = {
-    "wq": ("embed", "heads", "head_dim"),
-    "wk": ("embed", "kv_heads", "head_dim"),
-    "wv": ("embed", "kv_heads", "head_dim"),
-    "wo": ("heads", "head_dim", "embed"),
-    "bq": ("heads", "head_dim"),
-    "bk": ("kv_heads", "head_dim"),
-    "bv": ("kv_heads", "head_dim"),
-    "bo": ("embed",),
-}
+# Logical axes of each KVCache field and attention param (without leading
+# layer axes), from their one description in kvattn.layout.
+_CACHE_AXES = {name: field.logical_axes() for name, field in layout.CACHE.items()}
+_PARAM_AXES = {name: field.logical_axes() for name, field in layout.PARAMS.items()}
 
 # Logical axes replicated, rather than refused, when they do not divide.
 _REPLICATE_IF_UNEVEN = frozenset({"kv_heads"})
@@ -124,7 +106,7 @@ def parse_mesh_axes(text: str) -> dict[str, int]:
   return sizes
 
 
-def logical_to_mesh_axes(logical: Sequence[str | None], rules: Rules = DEFAULT_RULES) -> P:
+def logical_to_mesh_axes(logical: Sequence[str | None], rules: Rules = DEFAULT_RULES) -> PartitionSpec:
   """Returns the PartitionSpec that `rules` give the logical axes of one array.
 
   A logical axis of None is replicated. Raises ValueError if an axis is not in
@@ -141,7 +123,7 @@ def logical_to_mesh_axes(logical: Sequence[str | None], rules: Rules = DEFAULT_R
   if len(set(used)) != len(used):
     raise ValueError(
         f"logical axes {tuple(logical)} map to {tuple(spec)}, which uses a mesh axis twice")
-  return P(*spec)
+  return PartitionSpec(*spec)
 
 
 def cache_logical_axes(cache: KVCache) -> KVCache:
@@ -167,11 +149,11 @@ def cache_logical_axes(cache: KVCache) -> KVCache:
       raise ValueError(
           f"cache.{name} shape should have {lead} leading layer axes then "
           f"{base if name in _CACHE_AXES else 'a prefix of ' + str(base)}: but got {leaf.shape}")
-    axes[name] = P(*(("layers",) * lead + base[:own]))
+    axes[name] = PartitionSpec(*(("layers",) * lead + base[:own]))
   return type(cache)(**axes)
 
 
-def params_logical_axes(params: Mapping[str, Any]) -> dict[str, P]:
+def params_logical_axes(params: Mapping[str, Any]) -> dict[str, PartitionSpec]:
   """Returns the logical axes (a PartitionSpec of names) of each attention param.
 
   Params may be stacked with leading L axes (named "layers"), as a model that
@@ -189,7 +171,7 @@ def params_logical_axes(params: Mapping[str, Any]) -> dict[str, P]:
     if lead < 0:
       raise ValueError(f"params['{name}'] shape should be (..., {', '.join(base)}): "
                        f"but got {leaf.shape}")
-    axes[name] = P(*(("layers",) * lead + base))
+    axes[name] = PartitionSpec(*(("layers",) * lead + base))
   return axes
 
 
@@ -219,13 +201,13 @@ def tree_specs(tree: Any, logical: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES
 
 
 def cache_specs(cache: KVCache, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> KVCache:
-  """Returns a KVCache of PartitionSpecs, e.g. k `P("data", None, "model", None)`."""
+  """Returns a KVCache of PartitionSpecs, e.g. k `PartitionSpec("data", None, "model", None)`."""
   return tree_specs(cache, cache_logical_axes(cache), mesh, rules, name="cache")
 
 
 def params_specs(params: Mapping[str, Any], mesh: Mesh,
-                 rules: Rules = DEFAULT_RULES) -> dict[str, P]:
-  """Returns a dict of PartitionSpecs for attention params, e.g. wq `P(None, "model", None)`."""
+                 rules: Rules = DEFAULT_RULES) -> dict[str, PartitionSpec]:
+  """Returns a dict of PartitionSpecs for attention params, e.g. wq `PartitionSpec(None, "model", None)`."""
   return tree_specs(params, params_logical_axes(params), mesh, rules, name="params")
 
 
@@ -284,7 +266,7 @@ def _fit(name, leaf, axes, mesh, rules):
       raise ValueError(
           f"{name} dimension {d} ({axis}) has size {shape[d]}, which should divide by "
           f"mesh axes {names} of size {size}: but does not")
-  return P(*spec)
+  return PartitionSpec(*spec)
 
 
 def _rules_table(rules):
@@ -317,7 +299,7 @@ def _as_tuple(mesh_axes: MeshAxes) -> tuple[str, ...]:
 
 
 def _is_spec(x) -> bool:
-  return isinstance(x, P) or x is None
+  return isinstance(x, PartitionSpec) or x is None
 
 
 def _ndim(name, leaf) -> int:

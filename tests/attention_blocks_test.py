@@ -13,7 +13,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec
 import numpy as np
 import pytest
 
@@ -150,12 +150,12 @@ def test_sharded_cache_is_read_block_by_block_without_collectives(quantized):
   """Batch over "data", heads over "model": every block stays on its devices."""
   mesh = jax.make_mesh((2, 4), ("data", "model"), devices=jax.devices("cpu"))
   cache = kvattn.init_cache(4, 40, 4, H, quantized=quantized)  # Five blocks of 8.
-  heads, rows, scalar = P("data", None, "model", None), P("data", None), P()
-  fields = dict(k=heads, v=heads, valid=rows, lengths=P("data"), index=scalar, overflow=scalar)
+  heads, rows, scalar = PartitionSpec("data", None, "model", None), PartitionSpec("data", None), PartitionSpec()
+  fields = dict(k=heads, v=heads, valid=rows, lengths=PartitionSpec("data"), index=scalar, overflow=scalar)
   if quantized:
-    fields.update(k_scale=P("data", None, "model"), v_scale=P("data", None, "model"))
+    fields.update(k_scale=PartitionSpec("data", None, "model"), v_scale=PartitionSpec("data", None, "model"))
   shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), kvattn.KVCache(**fields),
-                           is_leaf=lambda x: isinstance(x, P))
+                           is_leaf=lambda x: isinstance(x, PartitionSpec))
   qkv = NamedSharding(mesh, heads)
   step = jax.jit(functools.partial(kvattn.cached_attention, block_kv=8),
                  in_shardings=(qkv, qkv, qkv, shardings), out_shardings=(qkv, shardings),
@@ -167,8 +167,8 @@ def test_sharded_cache_is_read_block_by_block_without_collectives(quantized):
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(block_q=0), r"block_q must be a positive int, got 0"),
-    (dict(block_kv=2.0), r"block_kv must be a positive int, got 2.0"),
+    (dict(block_q=0), r"block_q should be a positive int: but got 0"),
+    (dict(block_kv=2.0), r"block_kv should be a positive int: but got 2.0"),
     (dict(implementation="cudnn"), r"implementation should be None or one of \[.*'xla'.*\]: "
      r"but got 'cudnn'"),
 ])

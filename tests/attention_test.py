@@ -68,7 +68,7 @@ def test_large_logits_stay_finite():
     (((1, 2, 4, 6), (1, 2, 2, H), (1, 2, 2, H)), r"q shape should be \(B, T, N, H\)=\(1, None, None, 8\)"),
     (((1, 2, 4, H), (1, 3, 2, H), (1, 2, 2, H)), r"k shape should be \(B, T, K, H\)=\(1, 2, 2, 8\)"),
     (((1, 2, 4, H), (1, 2, 2, H), (1, 2, 1, H)), r"v shape should be \(B, T, K, H\)=\(1, 2, 2, 8\)"),
-    (((1, 2, 3, H), (1, 2, 2, H), (1, 2, 2, H)), r"q heads N=3 should be a multiple"),
+    (((1, 2, 3, H), (1, 2, 2, H), (1, 2, 2, H)), r"query heads N=3 should be a multiple of the kv heads K=2"),
     (((1, 0, 4, H), (1, 0, 2, H), (1, 0, 2, H)), r"q shape should be \(B, T, N, H\) with T >= 1"),
 ])
 def test_kernel_errors(shapes, match):

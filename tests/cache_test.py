@@ -35,10 +35,10 @@ def test_cache_is_immutable_and_replaceable():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(batch=0), "batch must be a positive int"),
-    (dict(max_len=2.5), "max_len must be a positive int"),
-    (dict(num_kv_heads=-1), "num_kv_heads must be a positive int"),
-    (dict(dtype=jnp.int32), "dtype must be a floating dtype"),
+    (dict(batch=0), "batch should be a positive int: but got 0"),
+    (dict(max_len=2.5), "max_len should be a positive int: but got 2.5"),
+    (dict(num_kv_heads=-1), "num_kv_heads should be a positive int: but got -1"),
+    (dict(dtype=jnp.int32), "dtype should be a floating dtype: but got int32"),
 ])
 def test_init_cache_errors(kwargs, match):
   args = dict(batch=1, max_len=4, num_kv_heads=K, head_dim=H) | kwargs

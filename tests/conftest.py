@@ -21,8 +21,13 @@ os.environ["XLA_FLAGS"] = " ".join(
 
 import jax  # noqa: E402  (must come after XLA_FLAGS is set)
 
-# Catch accidental broadcasting between arrays of different rank.
+if hasattr(jax.config, "jax_num_cpu_devices"):  # The flag's successor, where jax has it.
+  jax.config.update("jax_num_cpu_devices", 8)
+
+# Catch accidental broadcasting between arrays of different rank, and mixed
+# dtypes promoted silently (as Equinox's tests do).
 jax.config.update("jax_numpy_rank_promotion", "raise")
+jax.config.update("jax_numpy_dtype_promotion", "strict")
 # The float64 comparisons assume float32 matmuls. JAX's default is TF32 on
 # NVIDIA GPUs (about 1e-3 relative) and bfloat16 passes on TPU; on CPU this
 # changes nothing.

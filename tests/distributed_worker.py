@@ -36,7 +36,7 @@ from absl import app
 from absl import flags
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec
 import numpy as np
 
 import kvattn
@@ -77,14 +77,14 @@ def _forward(params, caches, tokens, mask):
 
   def layer(x, layer_and_cache):
     p, cache = layer_and_cache
-    h, cache = kvattn.prefill(p, cache, _norm(x), mask, rope_base=ROPE)
+    h, cache = kvattn.prefill(p, cache, _rms_norm(x), mask, rope_base=ROPE)
     return x + h, cache
 
   x, caches = jax.lax.scan(layer, params["embed"][tokens], (params["layers"], caches))
-  return jnp.einsum("BTD,DV->BTV", _norm(x), params["unembed"]), caches
+  return jnp.einsum("BTD,DV->BTV", _rms_norm(x), params["unembed"]), caches
 
 
-def _norm(x):
+def _rms_norm(x):
   return x * jax.lax.rsqrt(jnp.mean(x * x, axis=-1, keepdims=True) + 1e-6)
 
 
@@ -124,10 +124,10 @@ def generate(mesh: jax.sharding.Mesh | None) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(out), np.asarray(logits)
   caches_shape = jax.eval_shape(_init_caches)
   c_shard = sharding.cache_shardings(caches_shape, mesh)
-  p_shard = {"embed": NamedSharding(mesh, P()), "unembed": NamedSharding(mesh, P()),
+  p_shard = {"embed": NamedSharding(mesh, PartitionSpec()), "unembed": NamedSharding(mesh, PartitionSpec()),
              "layers": sharding.params_shardings(params["layers"], mesh)}
-  rows = NamedSharding(mesh, P("data", None))
-  replicated = NamedSharding(mesh, P())
+  rows = NamedSharding(mesh, PartitionSpec("data", None))
+  replicated = NamedSharding(mesh, PartitionSpec())
   # The caches are created sharded, from the same description as their specs.
   caches = jax.jit(_init_caches, out_shardings=c_shard)()
   run = jax.jit(_generate, in_shardings=(p_shard, c_shard, rows, rows),

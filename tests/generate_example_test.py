@@ -1,7 +1,7 @@
 """Tests of examples/generate.py (and charlm.generate_text, runner.run) with the bundled model.
 
 Compilations of the bundled model dominate the time here, so the tests share
-them: the greedy tokens are computed once per prefill strategy, and the
+them: the greedy tokens are computed once per prefill mode, and the
 command line (a separate process) must print the same ones.
 """
 
@@ -31,16 +31,16 @@ def model():
 
 @pytest.fixture(scope="module")
 def greedy_tokens(model):
-  """Greedy tokens [B, N] for PROMPTS, per prefill strategy."""
+  """Greedy tokens [B, N] for PROMPTS, per prefill mode."""
   params, config, vocab = model
   tokens, mask = charlm.encode_batch(vocab, PROMPTS)
   out = {}
-  for prefill in generation.PREFILL_STRATEGIES:
+  for prefill_mode in generation.PREFILL_MODES:
     caches = transformer.init_caches(config, len(PROMPTS), tokens.shape[1] + N - 1)
-    out[prefill] = np.asarray(generation.generate(
+    out[prefill_mode] = np.asarray(generation.generate(
         transformer.step_fn(config), params, caches, tokens, mask, max_new_tokens=N,
-        sampler=GREEDY, key=jax.random.key(0), prefill=prefill,
-        chunk_size=5 if prefill == "chunked" else None).tokens)
+        sampler=GREEDY, key=jax.random.key(0), prefill_mode=prefill_mode,
+        chunk_size=5 if prefill_mode == "chunked" else None).tokens)
   return out
 
 
@@ -65,7 +65,7 @@ def test_stream_hands_over_the_same_tokens(greedy_tokens, model):
 
 def test_main_prints_the_text_the_timing_and_the_ids(greedy_tokens):
   flags = [f"--prompt={p}" for p in PROMPTS] + [
-      f"--max_new_tokens={N}", "--temperature=0", "--prefill=chunked", "--chunk_size=3",
+      f"--max_new_tokens={N}", "--temperature=0", "--prefill_mode=chunked", "--chunk_size=3",
       "--print_ids"]
   run = subprocess.run([sys.executable, "examples/generate.py", *flags], cwd=REPO,
                        capture_output=True, text=True, timeout=180, check=False)

@@ -3,9 +3,9 @@
 Greedy tokens must not depend on the other rows of a ragged batch, nor on the
 cache at all (recomputing the full forward each step gives the same tokens).
 The loop's bookkeeping (which logits start each row under every prefill
-strategy, EOS, early stop, what finished rows feed) is checked exactly on a
+mode, EOS, early stop, what finished rows feed) is checked exactly on a
 toy model that counts. (tests/generate_example_test.py checks that the three
-prefill strategies give the same greedy tokens with the bundled model.)
+prefill modes give the same greedy tokens with the bundled model.)
 """
 
 import functools
@@ -101,21 +101,21 @@ def _counting_model(params, caches, tokens, mask):
   return logits, (calls + 1, fed + jnp.sum(mask, axis=1, dtype=jnp.int32))
 
 
-@pytest.mark.parametrize("prefill, chunk_size", [("one_pass", None), ("chunked", 2),
+@pytest.mark.parametrize("prefill_mode, chunk_size", [("one_pass", None), ("chunked", 2),
                                                  ("forced", None)])
-def test_eos_stops_each_row_and_the_loop_once_all_rows_are_done(prefill, chunk_size):
+def test_eos_stops_each_row_and_the_loop_once_all_rows_are_done(prefill_mode, chunk_size):
   tokens = np.array([[1, 2, 0], [0, 0, 5], [5, 6, 7]], np.int32)  # Padded right, left, not.
   mask = np.array([[1, 1, 0], [0, 0, 1], [1, 1, 1]], bool)
   caches = (jnp.zeros((), jnp.int32), jnp.zeros((3,), jnp.int32))
   out = generation.generate(_counting_model, None, caches, tokens, mask, max_new_tokens=8,
                             sampler=GREEDY, key=jax.random.key(0), eos_id=8, pad_id=-1,
-                            prefill=prefill, chunk_size=chunk_size)
+                            prefill_mode=prefill_mode, chunk_size=chunk_size)
   np.testing.assert_array_equal(out.tokens, [[3, 4, 5, 6, 7, 8, -1, -1],
                                              [6, 7, 8, -1, -1, -1, -1, -1],
                                              [8, -1, -1, -1, -1, -1, -1, -1]])
   np.testing.assert_array_equal(out.lengths, [6, 3, 1])
   calls, fed = out.caches
-  prefill_calls = {"one_pass": 1, "chunked": 2, "forced": 3}[prefill]
+  prefill_calls = {"one_pass": 1, "chunked": 2, "forced": 3}[prefill_mode]
   assert int(calls) == prefill_calls + 5  # Stopped once row 0 was done, not after 8.
   np.testing.assert_array_equal(fed, [2 + 5, 1 + 2, 3 + 0])  # Finished rows feed nothing.
 
@@ -199,9 +199,10 @@ def _bad(**kw):
 
 @pytest.mark.parametrize("call, match", [
     (_bad(max_new_tokens=9), r"max_len S=10, too small for P \+ max_new_tokens - 1 = 3 \+ 9"),
-    (_bad(max_new_tokens=0), r"max_new_tokens should be a positive int"),
-    (_bad(prefill="lazy"), r"prefill should be one of"),
-    (_bad(prefill="chunked"), r"chunk_size should be a positive int"),
+    (_bad(max_new_tokens=0), r"max_new_tokens should be a positive int: but got 0"),
+    (_bad(max_new_tokens=True), r"max_new_tokens should be a positive int: but got True"),
+    (_bad(prefill_mode="lazy"), r"prefill_mode should be one of"),
+    (_bad(prefill_mode="chunked"), r"chunk_size should be a positive int"),
     (_bad(mask=np.ones((2, 4), bool)), r"mask shape should be \(B, T\)=\(2, 3\)"),
     (_bad(tokens=np.ones((2, 3), np.float32)), r"prompt_tokens dtype should be an integer"),
     (_bad(tokens=np.ones((3,), np.int32)), r"prompt_tokens shape should be \(B, P\)"),

@@ -8,7 +8,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec
 import numpy as np
 import pytest
 
@@ -18,7 +18,7 @@ B, T, S, DM, N, K, H = 4, 6, 16, 32, 8, 4, 8
 
 
 def _shardings(mesh):
-  named = lambda *spec: NamedSharding(mesh, P(*spec))
+  named = lambda *spec: NamedSharding(mesh, PartitionSpec(*spec))
   cache = kvattn.KVCache(
       k=named("data", None, "model", None), v=named("data", None, "model", None),
       valid=named("data", None), lengths=named("data"), index=named(), overflow=named())

@@ -293,7 +293,7 @@ def _setup():
     (lambda p, c, x: ({**p, "wk": p["wk"][:, :1]}, c, x), r"params\['wk'\] shape should be"),
     (lambda p, c, x: ({**p, "wo": p["wo"][:, :, :3]}, c, x), r"params\['wo'\] shape should be"),
     (lambda p, c, x: ({**p, "bo": p["bo"][:3]}, c, x), r"params\['bo'\] shape should be"),
-    (lambda p, c, x: ({**p, "wq": p["wq"][:, :3]}, c, x), r"multiple of the cache's kv heads"),
+    (lambda p, c, x: ({**p, "wq": p["wq"][:, :3]}, c, x), r"query heads N=3 should be a multiple of the kv heads K="),
     (lambda p, c, x: ({**p, "wq": p["wq"][..., :4]}, c, x), r"params\['wq'\].*head_dim"),
     (lambda p, c, x: ({k: v for k, v in p.items() if k != "wv"}, c, x), r"missing \['wv'\]"),
     (lambda p, c, x: ({**p, "w_q": p["wq"]}, c, x), r"unknown keys \['w_q'\]"),

@@ -29,8 +29,8 @@ def test_kernel_scale_is_lecun_normal():
 
 
 @pytest.mark.parametrize("kwargs, match", [
-    (dict(num_kv_heads=3), "num_heads=4 must be a multiple of num_kv_heads=3"),
-    (dict(head_dim=0), "head_dim must be a positive int"),
+    (dict(num_kv_heads=3), "query heads N=4 should be a multiple of the kv heads K=3"),
+    (dict(head_dim=0), "head_dim should be a positive int: but got 0"),
 ])
 def test_errors(kwargs, match):
   with pytest.raises(ValueError, match=match):

@@ -83,7 +83,7 @@ def test_int8_prefill_in_one_equals_prefill_then_decode(params):
 
 
 def test_quantized_needs_float32_dtype():
-  with pytest.raises(ValueError, match="dtype must be float32 when quantized=True"):
+  with pytest.raises(ValueError, match="dtype should be float32 when quantized=True"):
     kvattn.init_cache(1, 8, 1, 8, jnp.bfloat16, quantized=True)
 
 
@@ -97,7 +97,7 @@ def _cache():
      r"cache.v_scale shape should be \(B, S, K\)=\(2, 8, 2\): but got \(2, 4, 2\)"),
     (lambda c: c._replace(k_scale=c.k_scale.astype(jnp.bfloat16)),
      r"cache.k_scale dtype should be float32"),
-    (lambda c: c._replace(v=c.v.astype(jnp.float32)), r"both be int8 or neither"),
+    (lambda c: c._replace(v=c.v.astype(jnp.float32)), r"cache.v dtype should be cache.k.s, int8: but got float32"),
     (lambda c: kvattn.init_cache(2, 8, 2, 4)._replace(k_scale=c.k_scale),
      r"cache.k_scale should be None for a float32 cache"),
 ])

@@ -44,13 +44,23 @@ def test_keeps_dtype():
 
 
 @pytest.mark.parametrize("x_shape, pos_shape, match", [
-    ((1, 2, 1, 5), (1, 2), r"even head dimension H: but got H=5"),
+    ((1, 2, 1, 5), (1, 2), r"x shape should be \(B, T, N, H\) with H even: but got \(1, 2, 1, 5\)"),
     ((1, 2, 1, 4), (1, 3), r"positions shape should be \(B, T\)=\(1, 2\): but got \(1, 3\)"),
-    ((2, 4), (2, 4), r"x should have shape \(B, T, N, H\)"),
+    ((2, 4), (2, 4), r"x shape should be \(B, T, N, H\): but got \(2, 4\)"),
 ])
 def test_errors(x_shape, pos_shape, match):
   with pytest.raises(ValueError, match=match):
     apply_rope(jnp.ones(x_shape), jnp.zeros(pos_shape, jnp.int32))
+
+
+@pytest.mark.parametrize("positions, base, error, match", [
+    (jnp.zeros((1, 2)), 10_000.0, ValueError, r"positions dtype should be an integer dtype"),
+    (jnp.zeros((1, 2), jnp.int32), True, TypeError, r"rope_base should be a positive float: but got True"),
+    (jnp.zeros((1, 2), jnp.int32), -1.0, ValueError, r"rope_base should be a positive float: but got -1.0"),
+])
+def test_bad_positions_or_base(positions, base, error, match):
+  with pytest.raises(error, match=match):
+    apply_rope(jnp.ones((1, 2, 1, 4)), positions, base)
 
 
 if __name__ == "__main__":

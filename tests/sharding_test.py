@@ -22,7 +22,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding, PartitionSpec
 import numpy as np
 import pytest
 
@@ -96,8 +96,8 @@ def _jitted(mesh, params, cache):
   """prefill and decode_step under jax.jit with in/out shardings, donating the cache."""
   p_shard = sharding.params_shardings(params, mesh)
   c_shard = sharding.cache_shardings(cache, mesh)
-  x_shard = NamedSharding(mesh, P("data", None, None))
-  m_shard = NamedSharding(mesh, P("data", None))
+  x_shard = NamedSharding(mesh, PartitionSpec("data", None, None))
+  m_shard = NamedSharding(mesh, PartitionSpec("data", None))
   prefill = jax.jit(_prefill, in_shardings=(p_shard, c_shard, x_shard, m_shard),
                     out_shardings=(x_shard, c_shard), donate_argnums=1)
   decode = jax.jit(_decode, in_shardings=(p_shard, c_shard, x_shard),
@@ -110,23 +110,23 @@ def _jitted(mesh, params, cache):
 
 def test_cache_specs_split_batch_over_data_and_kv_heads_over_model():
   specs = sharding.cache_specs(kvattn.init_cache(B, S, 4, H), _mesh())
-  assert specs.k == P("data", None, "model", None)
-  assert specs.v == P("data", None, "model", None)
-  assert specs.valid == P("data", None)
-  assert specs.lengths == P("data")
-  assert specs.index == P() and specs.overflow == P()
+  assert specs.k == PartitionSpec("data", None, "model", None)
+  assert specs.v == PartitionSpec("data", None, "model", None)
+  assert specs.valid == PartitionSpec("data", None)
+  assert specs.lengths == PartitionSpec("data")
+  assert specs.index == PartitionSpec() and specs.overflow == PartitionSpec()
 
 
 @pytest.mark.parametrize("num_kv_heads", [1, 2], ids=["mqa", "small_gqa"])
 def test_uneven_kv_heads_are_replicated_over_model(num_kv_heads):
   mesh = _mesh()
   specs = sharding.cache_specs(kvattn.init_cache(B, S, num_kv_heads, H), mesh)
-  assert specs.k == P("data", None, None, None)
+  assert specs.k == PartitionSpec("data", None, None, None)
   params, _, _ = _inputs(num_kv_heads)
   p_specs = sharding.params_specs(params, mesh)
-  assert p_specs["wk"] == p_specs["wv"] == P(None, None, None)
-  assert p_specs["wq"] == P(None, "model", None)  # Query heads stay split.
-  assert p_specs["wo"] == P("model", None, None)
+  assert p_specs["wk"] == p_specs["wv"] == PartitionSpec(None, None, None)
+  assert p_specs["wq"] == PartitionSpec(None, "model", None)  # Query heads stay split.
+  assert p_specs["wo"] == PartitionSpec("model", None, None)
 
 
 def test_stacked_caches_and_params_get_a_leading_layers_axis():
@@ -134,15 +134,15 @@ def test_stacked_caches_and_params_get_a_leading_layers_axis():
   cache = jax.eval_shape(lambda: jax.tree.map(lambda a: jnp.stack([a] * 3),
                                               kvattn.init_cache(B, S, 4, H)))
   specs = sharding.cache_specs(cache, mesh)
-  assert specs.k == P(None, "data", None, "model", None)
-  assert specs.index == P(None)
+  assert specs.k == PartitionSpec(None, "data", None, "model", None)
+  assert specs.index == PartitionSpec(None)
   params = jax.eval_shape(lambda: jax.vmap(
       lambda k: kvattn.init_params(k, DM, N, num_kv_heads=4, head_dim=H, use_bias=True))(
           jax.random.split(jax.random.key(0), 3)))
   p_specs = sharding.params_specs(params, mesh)
-  assert p_specs["wq"] == P(None, None, "model", None)
-  assert p_specs["bk"] == P(None, "model", None)
-  assert p_specs["bo"] == P(None, None)
+  assert p_specs["wq"] == PartitionSpec(None, None, "model", None)
+  assert p_specs["bk"] == PartitionSpec(None, "model", None)
+  assert p_specs["bo"] == PartitionSpec(None, None)
 
 
 @pytest.mark.skipif("k_scale" not in kvattn.KVCache._fields,
@@ -155,13 +155,13 @@ def test_int8_scales_are_sharded_like_the_cache():
       index=shape(jnp.int32), overflow=shape(jnp.bool_),
       k_scale=shape(jnp.float32, B, S, 4), v_scale=shape(jnp.float32, B, S, 4))
   specs = sharding.cache_specs(cache, _mesh())
-  assert specs.k_scale == specs.v_scale == P("data", None, "model")
+  assert specs.k_scale == specs.v_scale == PartitionSpec("data", None, "model")
   unquantised = sharding.cache_specs(kvattn.init_cache(B, S, 4, H), _mesh())
   assert unquantised.k_scale is None and unquantised.v_scale is None
 
 
 def test_logical_to_mesh_axes_raises_on_collisions_and_unknown_axes():
-  assert sharding.logical_to_mesh_axes(("batch", None, "kv_heads")) == P("data", None, "model")
+  assert sharding.logical_to_mesh_axes(("batch", None, "kv_heads")) == PartitionSpec("data", None, "model")
   with pytest.raises(ValueError, match="uses a mesh axis twice"):
     sharding.logical_to_mesh_axes(("heads", "kv_heads"))
   with pytest.raises(ValueError, match="uses a mesh axis twice"):
@@ -273,7 +273,7 @@ def test_compiled_decode_step_moves_no_cache_bytes(num_kv_heads, mesh_axes, rule
   mesh = sharding.make_mesh(mesh_axes, devices=jax.devices("cpu"))
   params, _, _ = _inputs(num_kv_heads)
   cache = kvattn.init_cache(B, S, num_kv_heads, H, **({"quantized": True} if quantized else {}))
-  x_shard = NamedSharding(mesh, P("data", None, None))
+  x_shard = NamedSharding(mesh, PartitionSpec("data", None, None))
   c_shard = sharding.cache_shardings(cache, mesh, rules)
   decode = jax.jit(_decode, in_shardings=(sharding.params_shardings(params, mesh, rules),
                                           c_shard, x_shard),
@@ -314,7 +314,7 @@ def test_shard_map_per_shard_equals_single_device():
   cache = kvattn.init_cache(B, S, 4, H)
   p_spec = sharding.params_specs(params, mesh)
   c_spec = sharding.cache_specs(cache, mesh)
-  x_spec, m_spec = P("data", None, None), P("data", None)
+  x_spec, m_spec = PartitionSpec("data", None, None), PartitionSpec("data", None)
 
   def local(fn):
     def run(*args):

@@ -65,7 +65,8 @@ from jax.experimental import pallas as pl
 
 from kvattn.cache import KVCache
 from kvattn.kernels import xla
-from kvattn.online_softmax import Partial, accumulate, empty, normalize, probabilities
+from kvattn.online_softmax import Partial, accumulate, accumulate_axis, empty, normalize
+from kvattn.online_softmax import probabilities
 
 BLOCK_Q = 64  # Query tokens per program of the new chunk (times G rows).
 BLOCK_KV = 64  # Keys per block, in both parts.
@@ -201,7 +202,7 @@ def _flash(rows, row_ok, k, v, key_ok, scales, end, *, causal, group, row_block,
   o, m, l = pl.pallas_call(
       kernel, grid=(b, kh, row_blocks, splits), in_specs=in_specs, out_specs=out_specs,
       out_shape=out_shape, interpret=interpret, name="kvattn_flash", **params)(*operands)
-  part = _merge_splits(Partial(o, m, l))
+  part = accumulate_axis(Partial(o, m, l), axis=2)  # Over the splits.
   return Partial(part.o[:, :, :r], part.m[:, :, :r], part.l[:, :, :r])
 
 
@@ -266,13 +267,6 @@ def _precision(dot_dtype) -> lax.Precision | None:
   if dot_dtype == jnp.float32 and wanted in ("highest", "float32", "F32_F32_F32"):
     return lax.Precision.HIGHEST
   return None
-
-
-def _merge_splits(part: Partial) -> Partial:
-  """Merges partials `[B, K, P, RB...]` over the split axis P (axis 2)."""
-  m = jnp.max(part.m, axis=2)
-  scale = jnp.exp(part.m - m[:, :, None])
-  return Partial(jnp.sum(part.o * scale[..., None], axis=2), m, jnp.sum(part.l * scale, axis=2))
 
 
 def _chunk_without_loop(rows, row_ok, k, v, key_ok, *, causal, group) -> Partial:

@@ -1,0 +1,77 @@
+"""The layout of each pytree, written once: dimensions, dtype and logical axes per leaf.
+
+`kvattn.init_cache` and `kvattn.init_params` build their leaves from these
+tables, the boundary checks compare against them, and `kvattn.sharding`
+derives every PartitionSpec from them. Changing a field's shape happens here.
+
+Dimensions are shape letters; each letter is one logical axis (the names the
+sharding rules map to mesh axes):
+
+  B: "batch"       batch size
+  S: "sequence"    cache capacity (max_len)
+  N: "heads"       query heads
+  K: "kv_heads"    key/value heads
+  H: "head_dim"    head dimension
+  DM: "embed"      model width
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, NamedTuple
+
+LOGICAL_AXES = {"B": "batch", "S": "sequence", "N": "heads", "K": "kv_heads",
+                "H": "head_dim", "DM": "embed"}
+
+
+class Field(NamedTuple):
+  """One leaf of a pytree.
+
+  Attributes:
+    dims: the shape, in letters of `LOGICAL_AXES`.
+    dtype: a fixed dtype name, or None for the pytree's own (the cache's
+      storage dtype, the params' dtype).
+    optional: the leaf may be absent (None in a cache, a missing key in
+      params): int8 scales, biases.
+    fan_in: the dims an input is contracted over (params' initialiser).
+  """
+
+  dims: tuple[str, ...]
+  dtype: str | None = None
+  optional: bool = False
+  fan_in: tuple[str, ...] = ()
+
+  def legend(self) -> str:
+    """The symbolic shape, e.g. "(B, S, K, H)"."""
+    return "(" + ", ".join(self.dims) + ("," if len(self.dims) == 1 else "") + ")"
+
+  def shape(self, sizes: Mapping[str, int]) -> tuple[int, ...]:
+    """The concrete shape for the sizes of the letters."""
+    return tuple(sizes[d] for d in self.dims)
+
+  def logical_axes(self) -> tuple[str, ...]:
+    return tuple(LOGICAL_AXES[d] for d in self.dims)
+
+
+# The KVCache's fields, in order (see kvattn.cache.KVCache).
+CACHE: dict[str, Field] = {
+    "k": Field(("B", "S", "K", "H")),
+    "v": Field(("B", "S", "K", "H")),
+    "valid": Field(("B", "S"), "bool"),
+    "lengths": Field(("B",), "int32"),
+    "index": Field((), "int32"),
+    "overflow": Field((), "bool"),
+    "k_scale": Field(("B", "S", "K"), "float32", optional=True),  # int8 caches only.
+    "v_scale": Field(("B", "S", "K"), "float32", optional=True),
+}
+
+# The attention params (see kvattn.params): Flax DenseGeneral kernels and biases.
+PARAMS: dict[str, Field] = {
+    "wq": Field(("DM", "N", "H"), fan_in=("DM",)),
+    "wk": Field(("DM", "K", "H"), fan_in=("DM",)),
+    "wv": Field(("DM", "K", "H"), fan_in=("DM",)),
+    "wo": Field(("N", "H", "DM"), fan_in=("N", "H")),
+    "bq": Field(("N", "H"), optional=True),
+    "bk": Field(("K", "H"), optional=True),
+    "bv": Field(("K", "H"), optional=True),
+    "bo": Field(("DM",), optional=True),
+}
