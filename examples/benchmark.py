@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import logging
 import os
 import pathlib
 import platform
@@ -57,6 +58,9 @@ from examples import charlm
 import kvattn
 from kvattn import quant
 from kvattn import sampling
+
+# jax logs at INFO that it found no TPU, which absl would print as the first line.
+logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
 
 _QUICK = flags.DEFINE_bool("quick", False, "Small sizes and few rounds, for CI.")
 _BATCH = flags.DEFINE_integer("batch", 4, "B.")

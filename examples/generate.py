@@ -16,6 +16,7 @@ Shape legend:
 from __future__ import annotations
 
 import functools
+import logging
 import pathlib
 import sys
 
@@ -28,6 +29,9 @@ import jax
 from examples import charlm
 from kvattn import generation
 from kvattn import sampling
+
+# jax logs at INFO that it found no TPU, which absl would print as the first line.
+logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
 
 DEFAULT_PROMPTS = ("import ", "class Stack:\n    def push(self, item):\n        ",
                    "    def __init__(self, ")

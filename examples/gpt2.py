@@ -12,6 +12,7 @@ https://huggingface.co/openai-community/gpt2.
 
 from __future__ import annotations
 
+import logging
 import pathlib
 import sys
 
@@ -23,6 +24,9 @@ from absl import flags
 
 from examples import gpt2_weights
 from kvattn import sampling
+
+# jax logs at INFO that it found no TPU, which absl would print as the first line.
+logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Directory of a GPT-2 checkpoint.",
                                   required=True)

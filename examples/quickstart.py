@@ -7,6 +7,7 @@ are stacked on a leading axis and run with `lax.scan`. The weights are random,
 so the tokens mean nothing: this shows the shapes, the calls and the speed.
 """
 
+import logging
 import time
 
 from absl import app
@@ -15,6 +16,9 @@ import jax
 import jax.numpy as jnp
 
 import kvattn
+
+# jax logs at INFO that it found no TPU, which absl would print as the first line.
+logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
 
 _BATCH = flags.DEFINE_integer("batch", 4, "Number of prompts decoded together.")
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 24, "Padded prompt length; rows are ragged.")

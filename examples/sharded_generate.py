@@ -30,13 +30,14 @@ Shape legend:
 from __future__ import annotations
 
 import functools
+import logging
 import os
 import pathlib
 import sys
 import time
 
 if __package__ in (None, ""):  # Run as a script: make the repository root importable.
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+  sys.path.insert(0, str(pathlib.Path(__file__).absolute().parents[1]))
 
 from absl import app
 from absl import flags
@@ -47,6 +48,9 @@ import numpy as np
 
 from kvattn import sharding
 from examples import transformer
+
+# jax logs at INFO that it found no TPU, which absl would print as the first line.
+logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
 
 # The transformer's own leaves beyond the attention params: vocabulary and MLP width.
 RULES = sharding.DEFAULT_RULES + (("vocab", None), ("mlp", "model"))

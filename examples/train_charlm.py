@@ -9,6 +9,7 @@ model of `examples/generate.py`.
 
 from __future__ import annotations
 
+import logging
 import pathlib
 import sys
 
@@ -21,6 +22,9 @@ from absl import flags
 from examples import charlm
 from examples import charlm_training
 from examples import transformer
+
+# jax logs at INFO that it found no TPU, which absl would print as the first line.
+logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
 
 _OUTPUT = flags.DEFINE_string("output", str(charlm.DEFAULT_CHECKPOINT),
                               "Checkpoint to write.")

@@ -165,6 +165,7 @@ def step(params: Params, caches: kvattn.KVCache, tokens: jax.Array,
 
 
 @functools.lru_cache(maxsize=None)
+@functools.lru_cache(maxsize=None)
 def step_fn(config: Config):
   """Returns `step` with its config bound; the same object per config, so jit caches hit."""
   return functools.partial(step, config=config)

@@ -29,13 +29,16 @@ def greedy(logits: jax.Array) -> jax.Array:
 def top_k_logits(logits: jax.Array, k: int) -> jax.Array:
   """Returns float32 `[B, V]`: logits outside each row's k largest set to -inf.
 
-  Tokens tied with the k-th largest logit are all kept. `k` is static.
+  Tokens tied with the k-th largest logit are all kept. `k` is static; k >= V
+  keeps every token.
   """
   _check_logits(logits)
   v = logits.shape[-1]
-  if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= v:
-    raise ValueError(f"k should be an int in [1, V={v}]: but got {k!r}")
+  if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+    raise ValueError(f"k should be a positive int: but got {k!r}")
   logits = logits.astype(jnp.float32)
+  if k >= v:
+    return logits
   kth = lax.top_k(logits, k)[0][:, k - 1:]  # [B, 1]
   return jnp.where(logits < kth, -jnp.inf, logits)
 
@@ -45,7 +48,8 @@ def top_p_logits(logits: jax.Array, p: float | jax.Array) -> jax.Array:
 
   The nucleus is the smallest set of most likely tokens whose probability
   reaches `p` (the most likely token is always in it; tokens tied with the
-  least likely member are kept too). `p` in (0, 1] may be traced.
+  least likely member are kept too). `p` in (0, 1] may be traced; p = 1
+  keeps every token, however the float32 sums round.
   """
   _check_logits(logits)
   if isinstance(p, (int, float)) and not 0.0 < p <= 1.0:
@@ -53,8 +57,12 @@ def top_p_logits(logits: jax.Array, p: float | jax.Array) -> jax.Array:
   logits = logits.astype(jnp.float32)
   sorted_logits = -jnp.sort(-logits, axis=-1)  # [B, V] descending
   probs = jax.nn.softmax(sorted_logits, axis=-1)
-  before = jnp.cumsum(probs, axis=-1) - probs  # probability of the tokens ranked above
-  in_nucleus = before < jnp.asarray(p, jnp.float32)
+  total = jnp.cumsum(probs, axis=-1)
+  before = total - probs  # probability of the tokens ranked above
+  # Against the sum as computed (not 1.0): over a large vocabulary the float32
+  # running sum passes 1 before its last terms, which would cut them at p = 1.
+  p = jnp.asarray(p, jnp.float32)
+  in_nucleus = (before < p * total[:, -1:]) | (p >= 1.0)
   # The smallest logit in the nucleus; everything below it is cut.
   threshold = jnp.min(jnp.where(in_nucleus, sorted_logits, jnp.inf), axis=-1, keepdims=True)
   return jnp.where(logits < threshold, -jnp.inf, logits)

@@ -15,15 +15,14 @@ import jax.numpy as jnp
 import pytest
 
 import kvattn
+from tests import reference
 
 B, DM, N, K, H = 2, 256, 4, 2, 64
 DTYPES = ["float32", "bfloat16", "float16", "int8"]
 
 
 def new_cache(max_len, dtype):
-  if dtype == "int8":
-    return kvattn.init_cache(B, max_len, K, H, quantized=True)
-  return kvattn.init_cache(B, max_len, K, H, jnp.dtype(dtype))
+  return reference.new_cache(B, max_len, K, H, dtype)
 
 
 def cache_bytes(cache):

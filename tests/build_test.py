@@ -196,6 +196,30 @@ def readme_problems(root: pathlib.Path, build_text: str) -> list[str]:
           for rel in sorted(modules - provided)]
 
 
+def env_problems(root: pathlib.Path, build_text: str) -> list[str]:
+  """py_tests without `env = TEST_ENV`, or a TEST_ENV whose XLA flags differ from conftest's."""
+  tree = ast.parse(build_text, filename="BUILD")
+  flags = None
+  for node in tree.body:
+    if isinstance(node, ast.Assign) and [getattr(t, "id", None) for t in node.targets] == [
+        "TEST_ENV"]:
+      value = node.value.values[node.value.keys.index(
+          next(k for k in node.value.keys if ast.literal_eval(k) == "XLA_FLAGS"))]
+      flags = tuple(ast.literal_eval(value.args[0]))  # " ".join([...])
+  conftest = ast.parse((root / "tests" / "conftest.py").read_text(encoding="utf-8"))
+  want = next(ast.literal_eval(n.value) for n in conftest.body if isinstance(n, ast.Assign)
+              and getattr(n.targets[0], "id", None) == "_FLAGS")
+  problems = [] if flags == tuple(want) else [
+      f"BUILD: TEST_ENV's XLA_FLAGS {flags} differ from tests/conftest.py's {tuple(want)}"]
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "py_test":
+      env = next((kw.value for kw in node.keywords if kw.arg == "env"), None)
+      name = next(ast.literal_eval(kw.value) for kw in node.keywords if kw.arg == "name")
+      if getattr(env, "id", None) != "TEST_ENV":
+        problems.append(f"py_test {name!r} has no `env = TEST_ENV`")
+  return problems
+
+
 def _build_text() -> str:
   return (ROOT / "BUILD").read_text(encoding="utf-8")
 
@@ -322,6 +346,11 @@ py_library(name = "kvattn", srcs = ["kvattn/__init__.py"], deps = [":a"])
   assert dep_problems(tmp_path, fixed.replace('deps = [":a"]', 'deps = [":a", ":c"]', 1)) == [
       ":b depends on :c but imports none of its srcs"]
 
+
+
+def test_every_test_gets_the_conftest_xla_flags():
+  problems = env_problems(ROOT, _build_text())
+  assert not problems, "\n".join(problems)
 
 if __name__ == "__main__":
   sys.exit(pytest.main([__file__]))

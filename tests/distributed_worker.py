@@ -30,7 +30,7 @@ import pathlib
 import sys
 
 if __name__ == "__main__":  # Run as a script: make the repository root importable.
-  sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+  sys.path.insert(0, str(pathlib.Path(__file__).absolute().parents[1]))
 
 from absl import app
 from absl import flags

@@ -70,6 +70,7 @@ def test_main_prints_the_text_the_timing_and_the_ids(greedy_tokens):
   run = subprocess.run([sys.executable, "examples/generate.py", *flags], cwd=REPO,
                        capture_output=True, text=True, timeout=180, check=False)
   assert run.returncode == 0, run.stderr
+  assert "Unable to initialize backend" not in run.stderr + run.stdout, run.stderr
   lines = run.stdout.splitlines()
   assert lines[0] == "--- prompt 1" and lines[1].startswith(PROMPTS[0])
   timing = lines[-2]

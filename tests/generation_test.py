@@ -17,6 +17,7 @@ import numpy as np
 import pytest
 
 from examples import transformer
+import kvattn
 from kvattn import generation
 from kvattn import sampling
 
@@ -195,6 +196,38 @@ def _bad(**kw):
         args.pop("tokens"), args.pop("mask"), sampler=GREEDY, key=jax.random.key(0), **args)
 
   return call
+
+
+def test_ten_thousand_tokens_one_compilation_flat_memory_overflow_at_capacity():
+  """A long run through generate: compiled once, no live buffer left behind, no NaN,
+  and the cache overflows exactly when a write passes its capacity."""
+  config = transformer.Config(vocab_size=16, num_layers=1, d_model=16, num_heads=2,
+                              num_kv_heads=1, head_dim=8, d_ff=16, rope_base=10_000.0)
+  params = transformer.init_params(jax.random.key(0), config)
+  tokens, mask = np.array([[1, 2, 3]], np.int32), np.ones((1, 3), bool)
+  new_tokens = 10_000
+  sampler = sampling.Sampler(temperature=1.0)
+  step_fn = transformer.step_fn(config)
+
+  compiled = (generation.start._cache_size(), generation.finish._cache_size())
+  live = {id(a) for a in jax.live_arrays()}
+  # Room for exactly the prompt and the tokens fed back: P + new_tokens - 1.
+  caches = transformer.init_caches(config, 1, 3 + new_tokens - 1)
+  out = generation.generate(step_fn, params, caches, tokens, mask, max_new_tokens=new_tokens,
+                            sampler=sampler, key=jax.random.key(1))
+  # One compiled prefill and one compiled loop for all 10,000 steps.
+  assert (generation.start._cache_size(), generation.finish._cache_size()) == (
+      compiled[0] + 1, compiled[1] + 1)
+  assert int(out.lengths[0]) == new_tokens and np.all((out.tokens >= 0) & (out.tokens < 16))
+  assert not bool(kvattn.overflowed(out.caches).any())
+  np.testing.assert_array_equal(out.caches.index, [3 + new_tokens - 1])
+  # Exactly full: one more token does not fit, and is reported.
+  step = jax.jit(step_fn)
+  logits, full = step(params, out.caches, out.tokens[:, -1:], None)
+  assert bool(kvattn.overflowed(full).all()) and np.all(np.isfinite(logits))
+  del out, full, logits, caches
+  left = [a for a in jax.live_arrays() if id(a) not in live]
+  assert not left, [a.shape for a in left]
 
 
 @pytest.mark.parametrize("call, match", [

@@ -3,7 +3,7 @@
 Two checks that need no GPU: the kernels, run in interpret mode, match the
 float64 reference for every storage dtype (the invariants over ragged rows,
 GQA, prefix-LM, block edges and overflow run for every implementation in
-tests/attention_blocks_test.py); and the call lowers for CUDA, through
+tests/attention_test.py); and the call lowers for CUDA, through
 Pallas's Triton lowering, to Triton kernels (`jax.export` lowers for a
 platform this machine does not have).
 """
@@ -18,7 +18,6 @@ import numpy as np
 import pytest
 
 import kvattn
-from kvattn import quant
 from kvattn.kernels import pallas_gpu
 from tests import reference
 
@@ -26,20 +25,6 @@ B, N, K, H = 3, 4, 2, 16
 # The stored keys and values are the reference's inputs, so the tolerance is
 # the kernel's own rounding: matmuls in the storage dtype for 16-bit caches.
 TOL = {"float32": 1e-4, "int8": 1e-4, "bfloat16": 3e-2, "float16": 4e-3}
-
-
-def new_cache(max_len, dtype):
-  if dtype == "int8":
-    return kvattn.init_cache(B, max_len, K, H, quantized=True)
-  return kvattn.init_cache(B, max_len, K, H, jnp.dtype(dtype))
-
-
-def stored(cache, name, total):
-  """The cache's keys or values for the first `total` slots, as float64."""
-  x = getattr(cache, name)[:, :total]
-  if cache.quantized:
-    x = quant.dequantize(x, getattr(cache, name + "_scale")[:, :total])
-  return np.asarray(x.astype(jnp.float32), np.float64)
 
 
 @pytest.mark.parametrize("dtype", sorted(TOL))
@@ -51,18 +36,18 @@ def test_every_dtype_matches_float64_reference(dtype, prefix_lm):
   q = rng.standard_normal((B, total, N, H), np.float32)
   k = rng.standard_normal((B, total, K, H), np.float32)
   v = rng.standard_normal((B, total, K, H), np.float32)
-  mask = reference.ragged_mask(total)
+  mask = reference.three_row_mask(total)
   call = jax.jit(functools.partial(kvattn.cached_attention, implementation="pallas_gpu",
                                    prefix_lm=prefix_lm, block_q=4, block_kv=5))
-  cache, outs, ids, lo = new_cache(24, dtype), [], [], 0
+  cache, outs, ids, lo = reference.new_cache(B, 24, K, H, dtype), [], [], 0
   for c, size in enumerate(sizes):
     o, cache = call(q[:, lo:lo + size], k[:, lo:lo + size], v[:, lo:lo + size], cache,
                     mask[:, lo:lo + size])
     outs.append(np.asarray(o))
     ids += [c] * size
     lo += size
-  want = reference.attention_by_rows(q, stored(cache, "k", total), stored(cache, "v", total),
-                                     mask, ids, prefix_lm)
+  want = reference.attention_by_rows(q, reference.stored(cache, "k", total),
+                                     reference.stored(cache, "v", total), mask, ids, prefix_lm)
   np.testing.assert_allclose(np.concatenate(outs, 1), want, rtol=TOL[dtype], atol=TOL[dtype])
 
 
@@ -70,8 +55,7 @@ def test_every_dtype_matches_float64_reference(dtype, prefix_lm):
 @pytest.mark.parametrize("num_tokens", [1, 64])
 def test_lowers_to_triton_kernels_for_cuda(dtype, num_tokens):
   """One kernel for the cache; a second for a chunk of 16 tokens or more."""
-  cache = kvattn.init_cache(2, 256, 2, 64, quantized=True) if dtype == "int8" else (
-      kvattn.init_cache(2, 256, 2, 64, jnp.dtype(dtype)))
+  cache = reference.new_cache(2, 256, 2, 64, dtype)
   q = jnp.ones((2, num_tokens, 8, 64))
   call = jax.jit(functools.partial(kvattn.cached_attention, implementation="pallas_gpu"))
   triton = "__gpu$xla.gpu.triton"

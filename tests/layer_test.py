@@ -63,13 +63,6 @@ def run_cached(params, x, mask, prompt_splits, num_decode, max_len, *, prefix_lm
   return jnp.concatenate(outs, axis=1), np.array(chunk_ids), cache
 
 
-def ragged_mask(lengths, width, left_pad):
-  """bool [B, width], lengths[b] real tokens per row, padded on the left or right."""
-  pos = np.arange(width)[None, :]
-  lengths = np.asarray(lengths)[:, None]
-  return jnp.asarray(pos >= width - lengths if left_pad else pos < lengths)
-
-
 @st.composite
 def scenarios(draw):
   # Few distinct shapes (each compiles once), many distinct contents.
@@ -96,7 +89,8 @@ def test_invariant_prefill_chunks_decode_equal_full_attention(sc):
   params = make_params(sc["num_kv_heads"], seed=sc["seed"])
   total = sc["prompt_len"] + sc["num_decode"]
   x = jax.random.normal(jax.random.key(sc["seed"]), (sc["b"], total, DM))
-  prompt_mask = ragged_mask(sc["lengths"], sc["prompt_len"], sc["left_pad"])
+  prompt_mask = jnp.asarray(reference.ragged_mask(sc["lengths"], sc["prompt_len"],
+                                                 sc["left_pad"]))
   mask = jnp.concatenate([prompt_mask, jnp.ones((sc["b"], sc["num_decode"]), bool)], 1)
   kw = dict(prefix_lm=sc["prefix_lm"], rope_base=sc["rope_base"])
   max_len = 10
@@ -151,7 +145,7 @@ def test_bfloat16_cache_close_to_float64():
   b, t = 2, 12
   params = make_params(2)
   x = jax.random.normal(jax.random.key(4), (b, t, DM))
-  mask = ragged_mask([12, 7], t, left_pad=True)
+  mask = jnp.asarray(reference.ragged_mask([12, 7], t, left_pad=True))
   out, ids, cache = run_cached(params, x, mask, [5], 0, 16, cache_dtype=jnp.bfloat16,
                                rope_base=10_000.0)
   assert cache.k.dtype == jnp.bfloat16 and out.dtype == jnp.float32
@@ -361,6 +355,35 @@ def test_implementation_argument_reaches_the_kernel(implementation):
                             implementation=implementation)
   want = reference.layer(params, x, mask, np.array([0] * 6 + [1]), rope_base=10_000.0)
   np.testing.assert_allclose(jnp.concatenate([out1, out2], 1), want, **TOL)
+
+
+@pytest.mark.parametrize("poison", [np.nan, np.inf, 3e38])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+def test_garbage_at_padding_never_reaches_a_real_token(poison, dtype):
+  """NaN, inf or huge values in x at padding: real outputs finite and unchanged,
+  in the prefill and in the decode steps after it."""
+  params = make_params(2)
+  x = np.asarray(jax.random.normal(jax.random.key(4), (3, 9, DM)))
+  mask = np.ones((3, 9), bool)
+  mask[0, :3] = False  # Left padding.
+  mask[1, 4:6] = False  # Right padding of the prompt.
+  mask[2, 1] = False  # A hole.
+  dirty = x.copy()
+  dirty[~mask] = poison
+  outs = []
+  for inputs in (x, dirty):
+    cache = reference.new_cache(3, 12, 2, H, dtype)
+    out, cache = prefill(params, cache, jnp.asarray(inputs[:, :6]), jnp.asarray(mask[:, :6]),
+                         rope_base=10_000.0)
+    pieces = [np.asarray(out)]
+    for t in range(6, 9):
+      out, cache = decode_step(params, cache, jnp.asarray(inputs[:, t:t + 1]), rope_base=10_000.0)
+      pieces.append(np.asarray(out))
+    outs.append(np.concatenate(pieces, 1))
+  clean, got = outs
+  assert np.all(np.isfinite(got[mask]))
+  np.testing.assert_allclose(got[mask], clean[mask], rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(got[~mask], 0.0)
 
 
 if __name__ == "__main__":

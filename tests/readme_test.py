@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
+README = pathlib.Path(__file__).absolute().parent.parent / "README.md"
 
 
 def _python_blocks():

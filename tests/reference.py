@@ -57,10 +57,75 @@ def attention_by_rows(q, k, v, mask, chunk_ids, prefix_lm=False):
   return out
 
 
-def ragged_mask(total: int) -> np.ndarray:
+def attention_by_calls(q, k, v, mask, sizes, max_len: int, prefix_lm: bool = False):
+  """What feeding the tokens to a cache of max_len slots, in calls of `sizes`, must give.
+
+  Models the cache's rules independently: a call fits if the slots written so
+  far plus its T fit in max_len and no call has overflowed before; a call that
+  does not fit writes nothing (and neither does any later call), yet its
+  queries still attend to everything written plus the call's own tokens.
+  Within a call, tokens see each other causally (both ways with prefix_lm);
+  padding (mask False) is never attended to and gives zeros.
+
+  Returns:
+    (out [B, total, N, H] float64, written: tokens written, overflowed: bool).
+  """
+  q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+  mask = np.asarray(mask)
+  out = np.zeros(q.shape, np.float64)
+  written, overflowed, lo = 0, False, 0
+  for size in sizes:
+    hi = lo + size
+    for b in range(q.shape[0]):
+      old = [i for i in range(written) if mask[b, i]]
+      new = [i for i in range(lo, hi) if mask[b, i]]
+      if not new:
+        continue
+      keys = np.array(old + new)
+      queries = np.array(new)
+      allowed = (keys[None, :] < written) | (keys[None, :] <= queries[:, None]) | prefix_lm
+      out[b, queries] = attention(q[b, queries], k[b, keys], v[b, keys], allowed)
+    if not overflowed and written + size <= max_len:
+      written = hi
+    else:
+      overflowed = True
+    lo = hi
+  return out, written, overflowed
+
+
+def stored(cache, name: str, total: int) -> np.ndarray:
+  """The first `total` slots of a cache's keys ("k") or values ("v") as float64.
+
+  What a cache holds, read back: cast to its dtype, or int8 times the scale of
+  each vector. The reference takes these, so a comparison measures the
+  kernel's own rounding, not the storage's.
+  """
+  x = np.asarray(getattr(cache, name)[:, :total]).astype(np.float64)
+  scale = getattr(cache, name + "_scale")
+  if scale is not None:
+    x = x * np.asarray(scale[:, :total], np.float64)[..., None]
+  return x
+
+
+def new_cache(batch, max_len, num_kv_heads, head_dim, dtype: str):
+  """An empty kvattn cache of storage dtype "float32", "bfloat16", "float16" or "int8"."""
+  import kvattn  # The oracle itself never touches kvattn; only this helper does.
+  if dtype == "int8":
+    return kvattn.init_cache(batch, max_len, num_kv_heads, head_dim, quantized=True)
+  return kvattn.init_cache(batch, max_len, num_kv_heads, head_dim, dtype)
+
+
+def three_row_mask(total: int) -> np.ndarray:
   """Three rows: full, left-padded by 3, with holes (every third token): bool [3, total]."""
   pos = np.arange(total)
   return np.stack([pos >= 0, pos >= 3, pos % 3 != 1])
+
+
+def ragged_mask(lengths, width: int, left_pad: bool) -> np.ndarray:
+  """bool [B, width], lengths[b] real tokens per row, padded on the left or the right."""
+  pos = np.arange(width)[None, :]
+  lengths = np.asarray(lengths)[:, None]
+  return pos >= width - lengths if left_pad else pos < lengths
 
 
 def allowed_mask(chunk_ids: np.ndarray, prefix_lm: bool) -> np.ndarray:

@@ -82,6 +82,32 @@ def test_filters_exactly():
                                 [[1, 1, 1, 1, 1]])
 
 
+def test_top_p_one_keeps_a_large_vocabulary_whole():
+  """Over GPT-2's 50,257 tokens the float32 running sum passes 1 early: p = 1 must cut nothing."""
+  logits = 3 * jax.random.normal(jax.random.key(7), (4, 50_257))
+  assert np.all(np.isfinite(sampling.top_p_logits(logits, 1.0)))
+  assert np.all(np.isfinite(sampling.top_p_logits(logits, jnp.float32(1.0))))
+
+
+def test_top_k_at_or_above_the_vocabulary_keeps_everything():
+  logits = jax.random.normal(jax.random.key(8), (2, 6))
+  for k in (6, 7, 100):
+    np.testing.assert_array_equal(sampling.top_k_logits(logits, k), logits)
+  key = jax.random.key(9)
+  np.testing.assert_array_equal(_sample(key, logits, top_k=100), _sample(key, logits))
+
+
+def test_ties_keep_every_tied_token_and_greedy_takes_the_first():
+  logits = jnp.array([[1.0, 3.0, 3.0, 0.0, 3.0]])
+  np.testing.assert_array_equal(np.isfinite(sampling.top_k_logits(logits, 1)),
+                                [[False, True, True, False, True]])
+  np.testing.assert_array_equal(np.isfinite(sampling.top_p_logits(logits, 0.1)),
+                                [[False, True, True, False, True]])
+  np.testing.assert_array_equal(sampling.greedy(logits), [1])
+  np.testing.assert_array_equal(
+      _sample(jax.random.key(0), logits, temperature=0.0, top_k=2, top_p=0.5), [1])
+
+
 _sample = jax.jit(sampling.sample, static_argnames="top_k")
 
 
@@ -114,8 +140,8 @@ def test_sampler_is_hashable_by_value():
 @pytest.mark.parametrize("call, match", [
     (lambda: sampling.greedy(jnp.zeros((5,))), r"logits shape should be \(B, V\)"),
     (lambda: sampling.greedy(jnp.zeros((2, 5), jnp.int32)), r"logits dtype should be floating"),
-    (lambda: sampling.top_k_logits(jnp.zeros((2, 5)), 6), r"k should be an int in \[1, V=5\]"),
-    (lambda: sampling.top_k_logits(jnp.zeros((2, 5)), 0), r"k should be an int"),
+    (lambda: sampling.top_k_logits(jnp.zeros((2, 5)), 0), r"k should be a positive int: but got 0"),
+    (lambda: sampling.top_k_logits(jnp.zeros((2, 5)), True), r"k should be a positive int"),
     (lambda: sampling.top_p_logits(jnp.zeros((2, 5)), 0.0), r"p should be in \(0, 1\]"),
     (lambda: sampling.sample(jax.random.key(0), jnp.zeros((2, 5)), temperature=-1.0),
      r"temperature should be >= 0"),

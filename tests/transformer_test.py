@@ -81,5 +81,24 @@ def test_unknown_activation_raises():
     transformer.init_params(jax.random.key(0), LEARNED._replace(activation="swish"))
 
 
+@pytest.mark.parametrize("pad_id", [-100, 40], ids=["negative", "vocab_size"])
+def test_out_of_range_pad_ids_change_no_real_logit(pad_id):
+  """jnp.take gives NaN embeddings for ids out of range; at padding they stay inert."""
+  config = ROPE_GQA
+  params = transformer.init_params(jax.random.key(0), config)
+  tokens = np.asarray(jax.random.randint(jax.random.key(1), (2, 6), 1, config.vocab_size))
+  mask = np.array([[False, False, True, True, True, True], [True] * 4 + [False] * 2])
+  outs = []
+  for pad in (0, pad_id):
+    padded = jnp.asarray(np.where(mask, tokens, pad), jnp.int32)
+    caches = transformer.init_caches(config, 2, 8)
+    logits, caches = step(params, caches, padded, jnp.asarray(mask), config=config)
+    nxt, _ = step(params, caches, padded[:, -1:] * 0 + 3, None, config=config)
+    outs.append(np.concatenate([np.asarray(logits), np.asarray(nxt)], 1))
+  real = np.concatenate([mask, np.ones((2, 1), bool)], 1)
+  assert np.all(np.isfinite(outs[1][real]))
+  np.testing.assert_allclose(outs[1][real], outs[0][real], rtol=1e-6, atol=1e-6)
+
+
 if __name__ == "__main__":
   sys.exit(pytest.main([__file__]))

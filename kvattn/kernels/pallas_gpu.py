@@ -240,12 +240,17 @@ def _kernel(end_ref, q_ref, q_ok_ref, k_ref, v_ref, k_ok_ref, *refs, key_block, 
     v = v_ref[keys, :]
     if quantized:
       k, v = k.astype(jnp.float32), v.astype(jnp.float32)
+    # Values of keys nobody may see are zeroed: 0 times a NaN or inf left at
+    # padding or in a slot never written would still be NaN.
+    column = at + lax.broadcasted_iota(jnp.int32, (key_block, 1), 0)
+    key_ok = ((k_ok_ref[keys] != 0)[:, None] & (column >= first) & (column < needed))
+    v = jnp.where(key_ok, v, jnp.zeros_like(v))
     logits = lax.dot_general(q, k.astype(dot_dtype), (((1,), (1,)), ((), ())),
                              precision=precision, preferred_element_type=jnp.float32)  # [RB, C]
     if quantized:
       logits = logits * k_scale_ref[keys][None, :]
     p, m = probabilities(logits, allowed, 1)
-    pv = p * v_scale_ref[keys][None, :] if quantized else p
+    pv = jnp.where(allowed, p * v_scale_ref[keys][None, :], 0.0) if quantized else p
     o = lax.dot_general(pv.astype(dot_dtype), v.astype(dot_dtype), (((1,), (0,)), ((), ())),
                         precision=precision, preferred_element_type=jnp.float32)  # [RB, H]
     return accumulate(acc, Partial(o, m, jnp.sum(p, axis=1)))
@@ -278,5 +283,6 @@ def _chunk_without_loop(rows, row_ok, k, v, key_ok, *, causal, group) -> Partial
     token = lax.broadcasted_iota(jnp.int32, (t * group, t), 0) // group
     allowed = allowed & (lax.broadcasted_iota(jnp.int32, (t * group, t), 1) <= token)[None, None]
   p, m = probabilities(logits, allowed, 3)
-  o = jnp.einsum("BKRT,BTKH->BKRH", p, v.astype(jnp.float32))
+  v = jnp.where(key_ok[:, :, None, None], v.astype(jnp.float32), 0.0)  # Padding stays inert.
+  o = jnp.einsum("BKRT,BTKH->BKRH", p, v)
   return Partial(o, m, jnp.sum(p, axis=3))

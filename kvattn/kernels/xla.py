@@ -215,6 +215,7 @@ def _partial_matmul(qh, kt, vt, mask) -> Partial:
   c = kt.shape[2]
   logits = jnp.einsum("BKGTH,BKCH->BKGTC", qh, kt)
   p, m = probabilities(logits, jnp.broadcast_to(mask[:, None, None], (b, kh, g, t, c)), -1)
+  vt = jnp.where(_key_ok(mask)[:, None, :, None], vt, 0.0)  # Padding stays inert.
   o = jnp.einsum("BKGTC,BKCH->BKGTH", p, vt)
   return Partial(o.reshape(b, -1, h), m.reshape(b, -1), jnp.sum(p, axis=-1).reshape(b, -1))
 
@@ -229,7 +230,8 @@ def _partial_vector(qh, k, v, mask, scales) -> Partial:
   """
   b, kh, g, t, h = qh.shape
   c, r = k.shape[1], g * t
-  k, v = k.astype(jnp.float32), v.astype(jnp.float32)
+  k = k.astype(jnp.float32)
+  v = jnp.where(_key_ok(mask)[:, :, None, None], v.astype(jnp.float32), 0.0)  # Padding stays inert.
   qr = qh.reshape(b, kh, r, h)
   # Logits by matmul: XLA:CPU reduces over H (the minor axis) several times
   # more slowly. With one kv head the block is read as stored; with several,
@@ -247,7 +249,7 @@ def _partial_vector(qh, k, v, mask, scales) -> Partial:
   mask = mask.transpose(0, 2, 1)[:, :, None, None]  # [B, C, 1, 1, T]
   mask = jnp.broadcast_to(mask, (b, c, kh, g, t)).reshape(b, c, kh * r)
   p, m = probabilities(logits, mask, 1)  # p [B, C, K*R]
-  pv = p if scales is None else p * _per_row(scales[1], r)
+  pv = p if scales is None else jnp.where(mask, p * _per_row(scales[1], r), 0.0)
   # The products keep no unit axis (K = 1 or R = 1), which XLA:CPU reduces slowly.
   if kh == 1:
     o = jnp.sum(pv[..., None] * v[:, :, 0, None], axis=1)  # [B, R, H]
@@ -256,6 +258,16 @@ def _partial_vector(qh, k, v, mask, scales) -> Partial:
   else:
     o = jnp.sum(pv.reshape(b, c, kh, r)[..., None] * v[:, :, :, None], axis=1)
   return Partial(o.reshape(b, kh * r, h), m, jnp.sum(p, axis=1))
+
+
+def _key_ok(mask):
+  """bool `[B, C]`: keys some query may attend to.
+
+  Values (and value scales) elsewhere are zeroed before they are multiplied:
+  a probability of 0 times a NaN or inf at padding, or in a slot never
+  written, would still be NaN.
+  """
+  return jnp.any(mask, axis=1)
 
 
 def _per_row(scale, r):
@@ -275,7 +287,11 @@ def _varying_like(tree, sources):
 
   def cast(x):
     missing = tuple(sorted(axes - _varying(x)))
-    return lax.pcast(x, missing, to="varying") if missing else x
+    if not missing:
+      return x
+    if hasattr(lax, "pcast"):  # jax >= 0.8.2.
+      return lax.pcast(x, missing, to="varying")
+    return lax.pvary(x, missing)
 
   return jax.tree.map(cast, tree)
 
