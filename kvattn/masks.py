@@ -16,9 +16,12 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from kvattn._checks import check_positive_ints
+
 
 def _positions(num_queries: int, num_keys: int, offset) -> tuple[jax.Array, jax.Array]:
   """Query and key positions as broadcastable `[T, S]` int32 grids."""
+  check_positive_ints(num_queries=num_queries, num_keys=num_keys)
   q = lax.broadcasted_iota(jnp.int32, (num_queries, num_keys), 0)
   k = lax.broadcasted_iota(jnp.int32, (num_queries, num_keys), 1)
   return q + jnp.asarray(offset, jnp.int32), k
@@ -62,6 +65,7 @@ def sliding_window_mask(num_queries: int, num_keys: int, window: int, offset=0) 
       0 1 1 0
       0 0 1 1
   """
+  check_positive_ints(window=window)
   q, k = _positions(num_queries, num_keys, offset)
   return (k <= q) & (k > q - window)
 

@@ -321,6 +321,8 @@ def test_large_logits_stay_finite(implementation):
      r"query heads N=3 should be a multiple of the kv heads K=2"),
     (((1, 0, 4, H), (1, 0, 2, H), (1, 0, 2, H)), r"q shape should be \(B, T, N, H\) with T >= 1"),
     (((1, 5, 4, H), (1, 5, 2, H), (1, 5, 2, H)), r"q has T=5 new tokens, more than the cache's max_len S=4"),
+    (((1, 2, 4 * H), (1, 2, 2, H), (1, 2, 2, H)),
+     r"q shape should be \(B, T, N, H\)=\(1, None, None, 16\): but got \(1, 2, 64\)"),
 ])
 def test_bad_shapes_raise(shapes, match):
   q, k, v = (jnp.ones(s) for s in shapes)

@@ -38,6 +38,7 @@ def test_cache_is_immutable_and_replaceable():
     (dict(batch=0), "batch should be a positive int: but got 0"),
     (dict(max_len=2.5), "max_len should be a positive int: but got 2.5"),
     (dict(num_kv_heads=-1), "num_kv_heads should be a positive int: but got -1"),
+    (dict(head_dim=True), "head_dim should be a positive int: but got True"),
     (dict(dtype=jnp.int32), "dtype should be a floating dtype: but got int32"),
 ])
 def test_init_cache_errors(kwargs, match):

@@ -77,5 +77,15 @@ def test_offset_may_be_traced():
   np.testing.assert_array_equal(got, _m(["1 1 0", "1 1 0", "1 1 1"]))
 
 
+@pytest.mark.parametrize("call, match", [
+    (lambda: masks.causal_mask(0, 4), r"num_queries should be a positive int: but got 0"),
+    (lambda: masks.prefix_lm_mask(2, True, 1), r"num_keys should be a positive int: but got True"),
+    (lambda: masks.sliding_window_mask(2, 2, 0), r"window should be a positive int: but got 0"),
+])
+def test_bad_sizes_raise(call, match):
+  with pytest.raises(ValueError, match=match):
+    call()
+
+
 if __name__ == "__main__":
   sys.exit(pytest.main([__file__]))

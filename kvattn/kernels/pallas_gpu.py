@@ -43,7 +43,7 @@ Shape legend:
   B: batch size
   T: number of new tokens in this call
   S: cache capacity (max_len)
-  L: number of keys a kernel call reads (S for the cache, T for the chunk)
+  J: number of keys a kernel call reads (S for the cache, T for the chunk)
   N: number of query heads
   K: number of key/value heads
   G: N // K, query heads per key/value head
@@ -51,7 +51,7 @@ Shape legend:
   R: query rows per kv head, T * G, token-major (row r is token r // G)
   RB: query rows per program
   C: keys per block
-  P: splits of the keys (programs along them)
+  NS: splits of the keys (programs along them)
 """
 
 from __future__ import annotations
@@ -143,9 +143,9 @@ def _flash(rows, row_ok, k, v, key_ok, scales, end, *, causal, group, row_block,
   Args:
     rows: `[B, K, R, H]` scaled queries, token-major.
     row_ok: bool `[B, R]`, True for rows of real tokens.
-    k, v: `[B, L, K, H]` keys and values (the cache, or the new chunk).
-    key_ok: bool `[B, L]`, True for real keys.
-    scales: None, or float32 `(k_scale, v_scale)` `[B, L, K]` of int8 k and v.
+    k, v: `[B, J, K, H]` keys and values (the cache, or the new chunk).
+    key_ok: bool `[B, J]`, True for real keys.
+    scales: None, or float32 `(k_scale, v_scale)` `[B, J, K]` of int8 k and v.
     end: int32 scalar, keys from `end` on are ignored (and their blocks
       skipped).
     causal: row r sees key i only if i <= r // group.
@@ -227,7 +227,7 @@ def _kernel(end_ref, q_ref, q_ok_ref, k_ref, v_ref, k_ok_ref, *refs, key_block, 
 
   def body(j, acc):
     first = j * key_block
-    # When C does not divide L, the last block starts at L - C and overlaps
+    # When C does not divide J, the last block starts at J - C and overlaps
     # the one before; keys below its nominal start were counted there.
     at = jnp.minimum(first, length - key_block)
     keys = pl.ds(at, key_block)
