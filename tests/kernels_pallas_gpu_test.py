@@ -52,11 +52,15 @@ def test_every_dtype_matches_float64_reference(dtype, prefix_lm):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "int8"])
-@pytest.mark.parametrize("num_tokens", [1, 64])
-def test_lowers_to_triton_kernels_for_cuda(dtype, num_tokens):
-  """One kernel for the cache; a second for a chunk of 16 tokens or more."""
-  cache = reference.new_cache(2, 256, 2, 64, dtype)
-  q = jnp.ones((2, num_tokens, 8, 64))
+@pytest.mark.parametrize("num_tokens, max_len, num_heads", [
+    (1, 256, 8), (64, 256, 8), (37, 1000, 6)])  # Odd T, S and G = 3 too.
+def test_lowers_to_triton_kernels_for_cuda(dtype, num_tokens, max_len, num_heads):
+  """One kernel for the cache; a second for a chunk of 16 tokens or more.
+
+  Triton takes only power-of-two tiles: the lowering refuses anything else.
+  """
+  cache = reference.new_cache(2, max_len, 2, 64, dtype)
+  q = jnp.ones((2, num_tokens, num_heads, 64))
   call = jax.jit(functools.partial(kvattn.cached_attention, implementation="pallas_gpu"))
   triton = "__gpu$xla.gpu.triton"
   exported = export.export(call, platforms=["cuda"],

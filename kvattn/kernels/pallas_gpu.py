@@ -114,19 +114,27 @@ def _attend(q, k_new, v_new, cache, start, mask, *, prefix_lm, block_q, block_kv
   min_block = 1 if interpret else _MIN_BLOCK
   row_block = _rows_per_program(t * g, block_q * g, min_block)
 
+  # Triton takes only power-of-two tiles; interpreted, any block size runs
+  # (the tests use small odd ones, to reach every edge).
+  key_block = (lambda size: size) if interpret else _power_of_two_at_most
   scales = (cache.k_scale, cache.v_scale) if cache.quantized else None
   cached = _flash(rows, row_ok, cache.k, cache.v, cache.valid, scales, start, causal=False,
-                  group=g, row_block=row_block, key_block=min(block_kv, cache.max_len),
+                  group=g, row_block=row_block, key_block=key_block(min(block_kv, cache.max_len)),
                   dot_dtype=dot_dtype, interpret=interpret)
   if t >= min_block:
     new = _flash(rows, row_ok, k_new, v_new, mask, None, jnp.int32(t), causal=not prefix_lm,
-                 group=g, row_block=row_block, key_block=min(block_kv, t), dot_dtype=dot_dtype,
-                 interpret=interpret)
+                 group=g, row_block=row_block, key_block=key_block(min(block_kv, t)),
+                 dot_dtype=dot_dtype, interpret=interpret)
   else:  # A decode step or a short chunk: one small block, no loop.
     new = _chunk_without_loop(rows, row_ok, k_new, v_new, mask, causal=not prefix_lm, group=g)
   o = normalize(accumulate(cached, new))  # [B, K, R, H]
   o = o.reshape(b, kh, t, g, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h)
   return o.astype(q.dtype), cache
+
+
+def _power_of_two_at_most(size: int) -> int:
+  """The largest power of two <= size, and at least Triton's smallest tile."""
+  return max(1 << (size.bit_length() - 1), _MIN_BLOCK)
 
 
 def _rows_per_program(rows: int, wanted: int, min_block: int) -> int:
