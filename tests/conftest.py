@@ -22,7 +22,10 @@ os.environ["XLA_FLAGS"] = " ".join(
 import jax  # noqa: E402  (must come after XLA_FLAGS is set)
 
 if hasattr(jax.config, "jax_num_cpu_devices"):  # The flag's successor, where jax has it.
-  jax.config.update("jax_num_cpu_devices", 8)
+  try:
+    jax.config.update("jax_num_cpu_devices", 8)
+  except RuntimeError:  # A backend already started (XLA_FLAGS above still gave it 8 devices).
+    pass
 
 # Catch accidental broadcasting between arrays of different rank, and mixed
 # dtypes promoted silently (as Equinox's tests do).

@@ -53,14 +53,19 @@ def test_errors(x_shape, pos_shape, match):
     apply_rope(jnp.ones(x_shape), jnp.zeros(pos_shape, jnp.int32))
 
 
+# numpy positions: a jax array built at import would start the backend before
+# tests/conftest.py sets its flags (a test file runs as a script under Bazel).
 @pytest.mark.parametrize("positions, base, error, match", [
-    (jnp.zeros((1, 2)), 10_000.0, ValueError, r"positions dtype should be an integer dtype"),
-    (jnp.zeros((1, 2), jnp.int32), True, TypeError, r"rope_base should be a positive float: but got True"),
-    (jnp.zeros((1, 2), jnp.int32), -1.0, ValueError, r"rope_base should be a positive float: but got -1.0"),
+    (np.zeros((1, 2), np.float32), 10_000.0, ValueError,
+     r"positions dtype should be an integer dtype"),
+    (np.zeros((1, 2), np.int32), True, TypeError,
+     r"rope_base should be a positive float: but got True"),
+    (np.zeros((1, 2), np.int32), -1.0, ValueError,
+     r"rope_base should be a positive float: but got -1.0"),
 ])
 def test_bad_positions_or_base(positions, base, error, match):
   with pytest.raises(error, match=match):
-    apply_rope(jnp.ones((1, 2, 1, 4)), positions, base)
+    apply_rope(jnp.ones((1, 2, 1, 4)), jnp.asarray(positions), base)
 
 
 if __name__ == "__main__":
