@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from examples import runner
-from examples import transformer
+from kvattn.models import transformer
 from kvattn import sampling
 
 DEFAULT_CHECKPOINT = pathlib.Path(__file__).absolute().parent / "data" / "charlm.npz"

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from examples import transformer
+from kvattn.models import transformer
 
 _SKIPPED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idlelib",
                            "turtledemo", "lib2to3", "__pycache__"})

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from examples import runner
-from examples import transformer
+from kvattn.models import transformer
 from kvattn import sampling
 
 

@@ -47,7 +47,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 import numpy as np
 
 from kvattn import sharding
-from examples import transformer
+from kvattn.models import transformer
 
 # jax logs at INFO that it found no TPU, which absl would print as the first line.
 logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)

@@ -21,7 +21,7 @@ from absl import flags
 
 from examples import charlm
 from examples import charlm_training
-from examples import transformer
+from kvattn.models import transformer
 
 # jax logs at INFO that it found no TPU, which absl would print as the first line.
 logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)

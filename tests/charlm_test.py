@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from examples import charlm
-from examples import transformer
+from kvattn.models import transformer
 
 TINY = transformer.Config(vocab_size=0, num_layers=1, d_model=16, num_heads=2, num_kv_heads=2,
                           head_dim=8, d_ff=32, rope_base=10_000.0)

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from examples import charlm
-from examples import transformer
+from kvattn.models import transformer
 from kvattn import generation
 from kvattn import sampling
 

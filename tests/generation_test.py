@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from examples import transformer
+from kvattn.models import transformer
 import kvattn
 from kvattn import generation
 from kvattn import sampling

@@ -21,7 +21,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from examples import gpt2_weights
-from examples import transformer
+from kvattn.models import transformer
 from kvattn import sampling
 
 HF_CONFIG = {

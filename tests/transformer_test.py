@@ -1,4 +1,4 @@
-"""Tests of examples/transformer.py: the cached step against the uncached forward.
+"""Tests of kvattn/models/transformer.py: the cached step against the uncached forward.
 
 `forward` computes attention directly, without kvattn, so agreement checks
 the caches, the stacked-layer scan, positions under padding and RoPE.
@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from examples import transformer
+from kvattn.models import transformer
 
 ROPE_GQA = transformer.Config(vocab_size=40, num_layers=3, d_model=32, num_heads=4,
                               num_kv_heads=2, head_dim=8, d_ff=64, rope_base=10_000.0,
