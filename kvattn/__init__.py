@@ -23,7 +23,7 @@ from kvattn.layer import decode_step
 from kvattn.layer import prefill
 from kvattn.params import init_params
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "Generation",

@@ -6,9 +6,11 @@ and cost nothing under `jit`.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any
 
 import jax.numpy as jnp
+import numpy as np
 
 from kvattn import layout
 
@@ -34,7 +36,8 @@ def check_shape(name: str, x: Any, legend: str, expected: tuple[int | None, ...]
 def check_positive_ints(**values: Any) -> None:
   """Raises ValueError naming the first value that is not a positive int (bools excluded)."""
   for name, value in values.items():
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    if (not isinstance(value, numbers.Integral) or isinstance(value, (bool, np.bool_))
+        or value < 1):
       raise ValueError(f"{name} should be a positive int: but got {value!r}")
 
 
@@ -63,6 +66,8 @@ def check_cache(cache: Any) -> None:
     raise ValueError(f"cache.k shape should be {k_field.legend()}: but got {shape}")
   sizes = dict(zip(k_field.dims, shape))
   int8 = cache.k.dtype == jnp.int8
+  if not (int8 or jnp.issubdtype(cache.k.dtype, jnp.floating)):
+    raise ValueError(f"cache.k dtype should be a floating dtype or int8: but got {cache.k.dtype}")
   if getattr(cache.v, "dtype", None) != cache.k.dtype:
     raise ValueError(f"cache.v dtype should be cache.k's, {cache.k.dtype}: but got "
                      f"{getattr(cache.v, 'dtype', None)}")

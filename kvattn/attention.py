@@ -23,6 +23,7 @@ Shape legend:
   S: cache capacity (max_len)
   N: number of query heads
   K: number of key/value heads
+  G: N // K, query heads per key/value head
   H: head dimension
 """
 
@@ -91,8 +92,9 @@ def cached_attention(
       `IMPLEMENTATIONS`: "xla" or "pallas_gpu".
     block_q: queries per block of the new chunk; None for the
       implementation's default.
-    block_kv: cache slots per block of the cached prefix; None for the
-      default. Neither block size changes the result beyond float32 rounding.
+    block_kv: keys per block (cache slots of the cached prefix; "pallas_gpu"
+      also blocks the new chunk's keys with it); None for the default.
+      Neither block size changes the result beyond float32 rounding.
 
   Returns:
     `(o, new_cache)`: o `[B, T, N, H]` in q's dtype, and the updated cache.
@@ -109,6 +111,9 @@ def check_qkv(q, k, v, cache: KVCache, mask) -> jax.Array:
   b, s, kh, h = cache.k.shape
   check_shape("q", q, "(B, T, N, H)", (b, None, None, h))
   _, t, n, _ = q.shape
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    if not jnp.issubdtype(x.dtype, jnp.floating):
+      raise ValueError(f"{name} dtype should be a floating dtype: but got {x.dtype}")
   check_shape("k", k, "(B, T, K, H)", (b, t, kh, h))
   check_shape("v", v, "(B, T, K, H)", (b, t, kh, h))
   if t < 1:

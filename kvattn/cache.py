@@ -228,6 +228,7 @@ def _put_select(buf, x, start, fits):
   return lax.dynamic_update_slice_in_dim(buf, new, start, axis=1)
 
 
+@jax.custom_jvp
 def _put_bits_if(buf, x, start, fits):
   """`_put_select` for a bfloat16 buffer on XLA:CPU, by a `lax.cond` on the uint16 bits.
 
@@ -246,3 +247,11 @@ def _put_bits_if(buf, x, start, fits):
     return lax.bitcast_convert_type(bits, buf.dtype)
 
   return lax.cond(fits, write, lambda buf: buf, buf)
+
+
+@_put_bits_if.defjvp
+def _put_bits_if_jvp(primals, tangents):
+  """Bits carry no derivative: tangents are written by the same rule, as values."""
+  buf, x, start, fits = primals
+  dbuf, dx, _, _ = tangents
+  return _put_bits_if(buf, x, start, fits), _put_select(dbuf, dx, start, fits)

@@ -9,8 +9,11 @@ Shape legend:
 
 from __future__ import annotations
 
+import numbers
+
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from kvattn._checks import check_shape
 
@@ -36,16 +39,25 @@ def apply_rope(x: jax.Array, positions: jax.Array, base: float = 10_000.0) -> ja
   check_shape("positions", positions, "(B, T)", (b, t))
   if not jnp.issubdtype(positions.dtype, jnp.integer):
     raise ValueError(f"positions dtype should be an integer dtype: but got {positions.dtype}")
-  check_base(base)
+  check_base(base, "base")
   return rotate(x, positions, base)
 
 
-def check_base(base) -> None:
-  """Raises TypeError/ValueError unless the RoPE base is a positive real number."""
-  if isinstance(base, bool) or not isinstance(base, (int, float)):
-    raise TypeError(f"rope_base should be a positive float: but got {base!r}")
+def check_base(base, name: str = "rope_base") -> None:
+  """Raises TypeError/ValueError unless the RoPE base is a positive number.
+
+  A Python or numpy number is checked; a jax scalar (traced, perhaps) is
+  taken as it is.
+  """
+  if getattr(base, "shape", None) == () and hasattr(base, "dtype") and not isinstance(
+      base, np.generic):
+    if not jnp.issubdtype(base.dtype, jnp.number):
+      raise TypeError(f"{name} should be a positive float: but got dtype {base.dtype}")
+    return
+  if isinstance(base, (bool, np.bool_)) or not isinstance(base, numbers.Real):
+    raise TypeError(f"{name} should be a positive float: but got {base!r}")
   if not base > 0:
-    raise ValueError(f"rope_base should be a positive float: but got {base!r}")
+    raise ValueError(f"{name} should be a positive float: but got {base!r}")
 
 
 def rotate(x: jax.Array, positions: jax.Array, base: float) -> jax.Array:

@@ -114,5 +114,35 @@ def test_prompt_longer_than_cache_raises_at_trace_time():
     jax.jit(kvattn.prefill)(_params(), kvattn.init_cache(1, 8, K, H), jnp.ones((1, 9, DM)))
 
 
+def test_gradients_flow_through_a_bfloat16_cache():
+  """The bfloat16 write on CPU goes through uint16 bits, which carry no derivative:
+  its custom JVP writes the tangents by the same rule."""
+  rng = np.random.default_rng(0)
+  k1 = jnp.asarray(rng.standard_normal((1, 3, 1, 8)), jnp.float32)
+  q2, k2 = (jnp.asarray(rng.standard_normal((1, 2, 1, 8)), jnp.float32) for _ in range(2))
+
+  def loss(k1, dtype):
+    _, cache = kvattn.cached_attention(k1, k1, k1, kvattn.init_cache(1, 8, 1, 8, dtype))
+    o, _ = kvattn.cached_attention(q2, k2, k2, cache)
+    return jnp.sum(o.astype(jnp.float32) ** 2)
+
+  want = jax.grad(loss)(k1, jnp.float32)
+  got = jax.grad(loss)(k1, jnp.bfloat16)
+  assert float(jnp.abs(want).sum()) > 1.0
+  np.testing.assert_allclose(got, want, rtol=0.1, atol=0.1)
+
+
+def test_a_cache_of_integers_other_than_int8_is_refused():
+  cache = kvattn.init_cache(1, 4, K, H)
+  bad = cache._replace(k=cache.k.astype(jnp.int32), v=cache.v.astype(jnp.int32))
+  with pytest.raises(ValueError, match="cache.k dtype should be a floating dtype or int8: "
+                                       "but got int32"):
+    kvattn.cached_attention(jnp.ones((1, 1, K, H)), jnp.ones((1, 1, K, H)),
+                            jnp.ones((1, 1, K, H)), bad)
+  with pytest.raises(ValueError, match="q dtype should be a floating dtype: but got int32"):
+    kvattn.cached_attention(jnp.ones((1, 1, K, H), jnp.int32), jnp.ones((1, 1, K, H)),
+                            jnp.ones((1, 1, K, H)), cache)
+
+
 if __name__ == "__main__":
   sys.exit(pytest.main([__file__]))

@@ -87,5 +87,9 @@ def test_bad_sizes_raise(call, match):
     call()
 
 
+def test_numpy_int_sizes_are_accepted():
+  np.testing.assert_array_equal(masks.causal_mask(np.int64(2), 2), _m(["1 0", "1 1"]))
+
+
 if __name__ == "__main__":
   sys.exit(pytest.main([__file__]))

@@ -58,14 +58,21 @@ def test_errors(x_shape, pos_shape, match):
 @pytest.mark.parametrize("positions, base, error, match", [
     (np.zeros((1, 2), np.float32), 10_000.0, ValueError,
      r"positions dtype should be an integer dtype"),
-    (np.zeros((1, 2), np.int32), True, TypeError,
-     r"rope_base should be a positive float: but got True"),
+    (np.zeros((1, 2), np.int32), True, TypeError, r"base should be a positive float: but got True"),
     (np.zeros((1, 2), np.int32), -1.0, ValueError,
-     r"rope_base should be a positive float: but got -1.0"),
+     r"base should be a positive float: but got -1.0"),
 ])
 def test_bad_positions_or_base(positions, base, error, match):
   with pytest.raises(error, match=match):
     apply_rope(jnp.ones((1, 2, 1, 4)), jnp.asarray(positions), base)
+
+
+def test_numpy_and_jax_scalar_bases_are_accepted():
+  x, positions = jnp.ones((1, 2, 1, 4)), jnp.array([[0, 5]])
+  want = apply_rope(x, positions, 10_000.0)
+  np.testing.assert_allclose(apply_rope(x, positions, np.float32(10_000.0)), want, rtol=1e-6)
+  traced = jax.jit(lambda b: apply_rope(x, positions, b))(jnp.float32(10_000.0))
+  np.testing.assert_allclose(traced, want, rtol=1e-5)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,9 @@ the kernel reads at trace time). Softmax statistics are always float32.
 
 On any platform other than CUDA the kernels run in interpret mode: slow, for
 tests. Shapes the compiled kernel cannot take (H not a power of two >= 16, a
-cache shorter than 16 slots) use the XLA implementation instead.
+cache shorter than 16 slots) use the XLA implementation instead. Compiled,
+block sizes become powers of two of at least 16 (Triton's tiles), and a
+program takes at most 128 query rows (block_q tokens times G heads).
 
 Status: checked in interpret mode only; not yet compiled or timed on a GPU,
 so `cached_attention` does not pick it by default (name it with
@@ -74,6 +76,9 @@ BLOCK_KV = 64  # Keys per block, in both parts.
 # H200): the cache is split until B * K * row blocks * splits reaches it.
 _TARGET_PROGRAMS = 264
 _MIN_BLOCK = 16  # Triton's smallest matmul tile.
+# Query rows per program at most (block_q tokens times G heads, capped): a
+# 128 x H float32 tile and its accumulator stay within a program's registers.
+_MAX_ROWS = 128
 
 
 def attend(q: jax.Array, k_new: jax.Array, v_new: jax.Array, cache: KVCache, start: jax.Array,
@@ -112,7 +117,7 @@ def _attend(q, k_new, v_new, cache, start, mask, *, prefix_lm, block_q, block_kv
   block_q = block_q or BLOCK_Q
   block_kv = block_kv or BLOCK_KV
   min_block = 1 if interpret else _MIN_BLOCK
-  row_block = _rows_per_program(t * g, block_q * g, min_block)
+  row_block = _rows_per_program(t * g, min(block_q * g, _MAX_ROWS), min_block)
 
   # Triton takes only power-of-two tiles; interpreted, any block size runs
   # (the tests use small odd ones, to reach every edge).
