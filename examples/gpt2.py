@@ -22,7 +22,8 @@ if __package__ in (None, ""):  # Run as a script: make the repository root impor
 from absl import app
 from absl import flags
 
-from examples import gpt2_weights
+from examples import runner
+from kvattn.models import gpt2
 from kvattn import sampling
 
 # jax logs at INFO that it found no TPU, which absl would print as the first line.
@@ -45,7 +46,7 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   if (_PROMPT.value is None) == (_PROMPT_IDS.value is None):
     raise app.UsageError("give exactly one of --prompt and --prompt_ids")
-  params, config, hf = gpt2_weights.load(_CHECKPOINT.value)
+  params, config, hf = gpt2.load(_CHECKPOINT.value)
   tokenizer = None
   tokenizer_path = pathlib.Path(_CHECKPOINT.value) / "tokenizer.json"
   if tokenizer_path.exists():
@@ -60,7 +61,7 @@ def main(argv):
   if not prompt_ids:
     raise app.UsageError("the prompt is empty")
   sampler = sampling.Sampler(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
-  ids, timing = gpt2_weights.generate_ids(
+  ids, timing = runner.generate_ids(
       params, config, prompt_ids, max_new_tokens=_MAX_NEW_TOKENS.value, sampler=sampler,
       seed=_SEED.value, eos_id=hf.get("eos_token_id"))
   if tokenizer is not None:

@@ -20,6 +20,7 @@ import numpy as np
 
 from kvattn import generation
 from kvattn import sampling
+from kvattn.models import transformer
 
 
 class Timing(NamedTuple):
@@ -102,3 +103,20 @@ def _lengths(tokens: np.ndarray, steps: int, eos_id: int | None) -> np.ndarray:
   is_eos = tokens[:, :steps] == eos_id
   first = np.where(is_eos.any(axis=1), is_eos.argmax(axis=1) + 1, steps)
   return first.astype(np.int32)
+
+
+def generate_ids(params: transformer.Params, config: transformer.Config, prompt_ids: list[int],
+                 *, max_new_tokens: int, sampler: sampling.Sampler, seed: int = 0,
+                 eos_id: int | None = None) -> tuple[np.ndarray, Timing]:
+  """Continues one prompt; returns the new ids (up to and including EOS) and timing."""
+  if config.max_positions and len(prompt_ids) + max_new_tokens - 1 > config.max_positions:
+    raise ValueError(
+        f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) - 1 should fit "
+        f"the model's {config.max_positions} positions")
+  tokens = np.asarray([prompt_ids], np.int32)
+  mask = np.ones(tokens.shape, bool)
+  caches = transformer.init_caches(config, 1, tokens.shape[1] + max_new_tokens - 1)
+  out, lengths, timing = run(transformer.step_fn(config), params, caches, tokens,
+                                      mask, max_new_tokens=max_new_tokens, sampler=sampler,
+                                      seed=seed, eos_id=eos_id)
+  return out[0, :lengths[0]], timing

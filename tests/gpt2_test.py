@@ -1,4 +1,4 @@
-"""Tests of examples/gpt2_weights.py and examples/gpt2.py on a small random checkpoint
+"""Tests of kvattn/models/gpt2.py and examples/gpt2.py on a small random checkpoint
 in the Hugging Face layout.
 
 The oracle is a float64 numpy GPT-2 forward written here from the GPT-2
@@ -20,7 +20,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from examples import gpt2_weights
+from examples import runner
+from kvattn.models import gpt2
 from kvattn.models import transformer
 from kvattn import sampling
 
@@ -106,7 +107,7 @@ def _assert_close(got, want):
 @pytest.mark.parametrize("prefix", ["", "transformer."])
 def test_logits_match_float64_numpy_gpt2(tmp_path, prefix):
   weights = _random_weights(prefix=prefix)
-  params, config, _ = gpt2_weights.load(_write_checkpoint(tmp_path, weights))
+  params, config, _ = gpt2.load(_write_checkpoint(tmp_path, weights))
   ids = np.random.default_rng(1).integers(0, HF_CONFIG["vocab_size"], 12)
   want = numpy_gpt2(weights, ids)
   assert np.std(want) > 1.0  # Not a degenerate model: the comparison means something.
@@ -129,41 +130,41 @@ def test_logits_match_float64_numpy_gpt2(tmp_path, prefix):
 
 def test_cached_generation_equals_uncached_greedy(tmp_path):
   weights = _random_weights(seed=2)
-  params, config, hf = gpt2_weights.load(_write_checkpoint(tmp_path, weights))
+  params, config, hf = gpt2.load(_write_checkpoint(tmp_path, weights))
   prompt = [3, 14, 15, 9, 26]
-  ids, _ = gpt2_weights.generate_ids(params, config, prompt, max_new_tokens=10,
+  ids, _ = runner.generate_ids(params, config, prompt, max_new_tokens=10,
                              sampler=sampling.Sampler(), eos_id=hf["eos_token_id"])
   # Uncached: the float64 numpy forward over the whole sequence for each new token.
   np.testing.assert_array_equal(ids, _greedy_numpy(weights, prompt, 10, hf["eos_token_id"]))
 
 
 def test_config_mapping():
-  config = gpt2_weights.config_from_hf(HF_CONFIG)
+  config = gpt2.config_from_hf(HF_CONFIG)
   assert config == transformer.Config(
       vocab_size=50, num_layers=2, d_model=32, num_heads=4, num_kv_heads=4, head_dim=8,
       d_ff=128, max_positions=40, rope_base=None, tie_embeddings=True, activation="gelu_tanh",
       use_bias=True, norm_eps=1e-5)
   with pytest.raises(ValueError, match="unsupported activation_function 'swish'"):
-    gpt2_weights.config_from_hf({**HF_CONFIG, "activation_function": "swish"})
+    gpt2.config_from_hf({**HF_CONFIG, "activation_function": "swish"})
 
 
 def test_missing_or_misshapen_tensors_are_named(tmp_path):
-  config = gpt2_weights.config_from_hf(HF_CONFIG)
+  config = gpt2.config_from_hf(HF_CONFIG)
   weights = _random_weights()
   del weights["h.1.mlp.c_fc.bias"]
   with pytest.raises(ValueError, match=r"no tensor 'h.1.mlp.c_fc.bias'"):
-    gpt2_weights.params_from_hf(weights, config)
+    gpt2.params_from_hf(weights, config)
   weights = _random_weights()
   weights["wpe.weight"] = weights["wpe.weight"][:5]
   match = r"wpe.weight shape should be \(40, 32\): but got \(5, 32\)"
   with pytest.raises(ValueError, match=match):
-    gpt2_weights.params_from_hf(weights, config)
+    gpt2.params_from_hf(weights, config)
 
 
 def test_prompt_longer_than_the_positions_is_refused(tmp_path):
-  params, config, _ = gpt2_weights.load(_write_checkpoint(tmp_path, _random_weights()))
+  params, config, _ = gpt2.load(_write_checkpoint(tmp_path, _random_weights()))
   with pytest.raises(ValueError, match="should fit the model's 40 positions"):
-    gpt2_weights.generate_ids(params, config, [1] * 30, max_new_tokens=12, sampler=sampling.Sampler())
+    runner.generate_ids(params, config, [1] * 30, max_new_tokens=12, sampler=sampling.Sampler())
 
 
 def _greedy_numpy(weights, prompt, max_new_tokens, eos_id):

@@ -1,4 +1,4 @@
-"""GPT-2 checkpoints in the Hugging Face layout, mapped onto the example transformer.
+"""GPT-2 checkpoints in the Hugging Face layout, mapped onto `kvattn.models.transformer`.
 
 Weights are read with the `safetensors` package's numpy API (the `[gpt2]`
 extra; no torch). GPT-2's Conv1D weights are already `[in, out]`; the fused
@@ -8,7 +8,7 @@ tanh, a final LayerNorm precedes the unembedding, which is tied to `wte`.
 Shape legend:
   L: number of layers
   V: vocabulary size
-  P: number of learned positions
+  W: number of learned positions
   DM: model width
   F: MLP hidden width
   N: number of heads
@@ -23,9 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from examples import runner
 from kvattn.models import transformer
-from kvattn import sampling
 
 
 def config_from_hf(hf: dict[str, Any]) -> transformer.Config:
@@ -107,20 +105,3 @@ def _tree_stack(trees):
   if isinstance(trees[0], dict):
     return {k: _tree_stack([t[k] for t in trees]) for k in trees[0]}
   return np.stack(trees)
-
-
-def generate_ids(params: transformer.Params, config: transformer.Config, prompt_ids: list[int],
-                 *, max_new_tokens: int, sampler: sampling.Sampler, seed: int = 0,
-                 eos_id: int | None = None) -> tuple[np.ndarray, runner.Timing]:
-  """Continues one prompt; returns the new ids (up to and including EOS) and timing."""
-  if config.max_positions and len(prompt_ids) + max_new_tokens - 1 > config.max_positions:
-    raise ValueError(
-        f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) - 1 should fit "
-        f"the model's {config.max_positions} positions")
-  tokens = np.asarray([prompt_ids], np.int32)
-  mask = np.ones(tokens.shape, bool)
-  caches = transformer.init_caches(config, 1, tokens.shape[1] + max_new_tokens - 1)
-  out, lengths, timing = runner.run(transformer.step_fn(config), params, caches, tokens,
-                                      mask, max_new_tokens=max_new_tokens, sampler=sampler,
-                                      seed=seed, eos_id=eos_id)
-  return out[0, :lengths[0]], timing
