@@ -42,7 +42,6 @@ import pathlib
 import platform
 import sys
 import time
-from typing import Callable
 
 if __package__ in (None, ""):  # Run as a script: make the repository root importable.
   sys.path.insert(0, str(pathlib.Path(__file__).absolute().parents[1]))
@@ -55,6 +54,7 @@ import numpy as np
 
 from examples import benchmark_accelerator
 from examples import charlm
+from examples import timing
 import kvattn
 from kvattn import quant
 from kvattn import sampling
@@ -86,29 +86,6 @@ _BANDWIDTH_MIB = flags.DEFINE_integer(
     "larger than the last-level cache.")
 
 
-class Stateful:
-  """A timed call plus an untimed reset between calls (e.g. of a donated cache)."""
-
-  def __init__(self, run: Callable[[], object], reset: Callable[[], None] = lambda: None):
-    self.run = run
-    self.reset = reset
-
-
-def time_interleaved(cases: dict[str, Stateful], rounds: int) -> dict[str, tuple[float, float]]:
-  """Runs every case once per round, in turn; returns {name: (median ms, min ms)}."""
-  for case in cases.values():  # Compile and warm up.
-    jax.block_until_ready(case.run())
-    case.reset()
-  times = {name: [] for name in cases}
-  for _ in range(rounds):
-    for name, case in cases.items():
-      start = time.perf_counter()
-      jax.block_until_ready(case.run())
-      times[name].append((time.perf_counter() - start) * 1e3)
-      case.reset()
-  return {name: (float(np.median(t)), float(np.min(t))) for name, t in times.items()}
-
-
 def machine() -> str:
   device = jax.devices()[0]
   if device.platform != "cpu":
@@ -136,7 +113,7 @@ def copy_bandwidth(mib: int, rounds: int) -> tuple[float, float]:
     state["x"] = add(state["x"])
     return state["x"]
 
-  t = time_interleaved({"copy": Stateful(copy), "read": Stateful(lambda: total(state["x"]))},
+  t = timing.time_interleaved({"copy": timing.Stateful(copy), "read": timing.Stateful(lambda: total(state["x"]))},
                        rounds)
   nbytes = n * 4
   return 2 * nbytes / t["copy"][0] / 1e6, nbytes / t["read"][0] / 1e6
@@ -171,40 +148,6 @@ def filled_cache(b, s, kh, h, fill, dtype: str, seed=0) -> kvattn.KVCache:
       lengths=jnp.full((b,), fill, jnp.int32), index=jnp.asarray(fill, jnp.int32))
 
 
-def donated_calls(fn, cache, *args, index: int | None = None) -> Stateful:
-  """Calls fn(*args, cache) -> (out, cache) with the cache donated, resetting its index."""
-  state = {"cache": cache}
-
-  def run():
-    out, state["cache"] = fn(*args, state["cache"])
-    return out
-
-  def reset():
-    if index is not None:
-      state["cache"] = state["cache"]._replace(index=jnp.asarray(index, jnp.int32))
-
-  return Stateful(run, reset)
-
-
-def einsum_forward(params, x):
-  """The attention layer's full causal forward as one masked einsum, no cache.
-
-  What Flax's `dot_product_attention` computes: all `[B, K, G, T, T]` logits,
-  a causal mask, a float32 softmax. The same projections as `kvattn.prefill`.
-  """
-  b, t, _ = x.shape
-  n, kh = params["wq"].shape[1], params["wk"].shape[1]
-  h = params["wq"].shape[2]
-  q = jnp.einsum("BTD,DNH->BTNH", x, params["wq"]).reshape(b, t, kh, n // kh, h)
-  k = jnp.einsum("BTD,DKH->BTKH", x, params["wk"])
-  v = jnp.einsum("BTD,DKH->BTKH", x, params["wv"])
-  logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k) * h ** -0.5
-  causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
-  logits = jnp.where(causal, logits, jnp.finfo(jnp.float32).min)
-  o = jnp.einsum("BKGTS,BSKH->BTKGH", jax.nn.softmax(logits, axis=-1), v)
-  return jnp.einsum("BTNH,NHD->BTD", o.reshape(b, t, n, h), params["wo"])
-
-
 def prefill_table(cfg, rounds) -> dict[str, float]:
   b, n, kh, h, s, t = cfg
   rng = np.random.default_rng(1)
@@ -213,23 +156,23 @@ def prefill_table(cfg, rounds) -> dict[str, float]:
   v = jnp.asarray(rng.standard_normal((b, t, kh, h), np.float32))
   kernel = jax.jit(lambda q, k, v, c: kvattn.cached_attention(q, k, v, c), donate_argnums=3)
   reference = jax.jit(functools.partial(jax.nn.dot_product_attention, is_causal=True))
-  kernel_times = time_interleaved({
+  kernel_times = timing.time_interleaved({
       "kvattn.cached_attention (prefill at index 0, cache write included)":
-          donated_calls(kernel, kvattn.init_cache(b, s, kh, h), q, k, v, index=0),
+          timing.donated_calls(kernel, kvattn.init_cache(b, s, kh, h), q, k, v, index=0),
       "jax.nn.dot_product_attention(is_causal=True), no cache":
-          Stateful(lambda: reference(q, k, v)),
+          timing.Stateful(lambda: reference(q, k, v)),
   }, rounds)
 
   dm = n * h
   params = kvattn.init_params(jax.random.key(0), dm, n, num_kv_heads=kh, head_dim=h)
   x = jnp.asarray(rng.standard_normal((b, t, dm), np.float32))
   prefill = jax.jit(lambda p, x, c: kvattn.prefill(p, c, x), donate_argnums=2)
-  forward = jax.jit(einsum_forward)
-  einsum_times = time_interleaved({
-      f"kvattn.prefill of {t} tokens": donated_calls(prefill, kvattn.init_cache(b, s, kh, h),
+  forward = jax.jit(benchmark_accelerator.einsum_forward)
+  einsum_times = timing.time_interleaved({
+      f"kvattn.prefill of {t} tokens": timing.donated_calls(prefill, kvattn.init_cache(b, s, kh, h),
                                                       params, x, index=0),
       "full causal forward, one masked einsum (Flax's way), no cache":
-          Stateful(lambda: forward(params, x)),
+          timing.Stateful(lambda: forward(params, x)),
   }, rounds)
 
   decode = jax.jit(lambda p, x, c: kvattn.decode_step(p, c, x), donate_argnums=2)
@@ -244,10 +187,10 @@ def prefill_table(cfg, rounds) -> dict[str, float]:
   def fresh():
     state["cache"] = kvattn.init_cache(b, s, kh, h)
 
-  layer_times = time_interleaved({
-      f"kvattn.prefill of {t} tokens": donated_calls(prefill, kvattn.init_cache(b, s, kh, h),
+  layer_times = timing.time_interleaved({
+      f"kvattn.prefill of {t} tokens": timing.donated_calls(prefill, kvattn.init_cache(b, s, kh, h),
                                                       params, x, index=0),
-      f"{t} x kvattn.decode_step (jitted, donated)": Stateful(by_decode_steps, fresh),
+      f"{t} x kvattn.decode_step (jitted, donated)": timing.Stateful(by_decode_steps, fresh),
   }, max(3, rounds // 6))
 
   print(f"\n## Prefill, prompt T={t} (B={b}, N={n}, K={kh}, H={h}, S={s}, float32)\n")
@@ -295,11 +238,11 @@ def decode_table(cfg, fills, dtypes, rounds, copy_gbs) -> dict[str, float]:
   for fill in fills:
     for dtype in dtypes:
       cache = filled_cache(b, s, kh, h, fill, dtype)
-      cases[(fill, dtype)] = donated_calls(kernel, cache, q, kv, kv, index=fill)
+      cases[(fill, dtype)] = timing.donated_calls(kernel, cache, q, kv, kv, index=fill)
     plain = filled_cache(b, s, kh, h, fill, "float32")  # Not donated: read only.
     end = jnp.asarray(fill, jnp.int32)
-    cases[(fill, "bound")] = Stateful(functools.partial(bound, plain.k, plain.v, end))
-  times = time_interleaved(cases, rounds)
+    cases[(fill, "bound")] = timing.Stateful(functools.partial(bound, plain.k, plain.v, end))
+  times = timing.time_interleaved(cases, rounds)
 
   print(f"\n## Decode step, one cache of S={s} (B={b}, N={n}, K={kh}, H={h}), "
         f"kernel `cached_attention` with T=1\n")
@@ -345,8 +288,8 @@ def capacity_table(b, n, kh, h, capacities, dtypes, rounds) -> dict[str, float]:
       cache = filled_cache(b, s, kh, h, fill, dtype)
       stats = step.lower(params, x, cache).compile().memory_analysis()
       temps[(dtype, s)] = stats.temp_size_in_bytes
-      cases[(dtype, s)] = donated_calls(step, cache, params, x, index=fill)
-  times = time_interleaved(cases, rounds)
+      cases[(dtype, s)] = timing.donated_calls(step, cache, params, x, index=fill)
+  times = timing.time_interleaved(cases, rounds)
   small, large = capacities[0], capacities[-1]
   print(f"\n## Decode step at fill {fill} by capacity (B={b}, N={n}, K={kh}, H={h}), "
         "`decode_step` donated\n")
@@ -456,8 +399,7 @@ def run():
     else:
       cfg = (8, 32, (32, 8), 128, 8192, 2048, jnp.bfloat16)
       fills = [64, 2048, 8128]
-    goals += benchmark_accelerator.tables(cfg, fills, max(3, rounds // 3), copy_gbs,
-                                          time_interleaved, Stateful)
+    goals += benchmark_accelerator.tables(cfg, fills, max(3, rounds // 3), copy_gbs)
   print("\n## Goals\n")
   print("| goal | measured | met |")
   print("| --- | ---: | :---: |")

@@ -21,13 +21,11 @@ K kv heads, G = N // K, H head dim.
 from __future__ import annotations
 
 import functools
-from typing import Callable
-
 import jax
 import jax.numpy as jnp
 from jax import lax
-import numpy as np
 
+from examples import timing
 import kvattn
 
 # HBM bandwidth from the vendor's spec sheet, bytes/s, by device_kind prefix.
@@ -73,7 +71,7 @@ def einsum_decode_step(params, k_cache, v_cache, x, index):
   return out, k_cache, v_cache
 
 
-def tables(cfg, fills, rounds, copy_gbs, time_interleaved, stateful) -> list[tuple[str, float, float]]:
+def tables(cfg, fills, rounds, copy_gbs) -> list[tuple]:
   """Prints the accelerator tables; returns the goals as (name, measured, bound).
 
   Args:
@@ -81,7 +79,6 @@ def tables(cfg, fills, rounds, copy_gbs, time_interleaved, stateful) -> list[tup
     fills: decode fills.
     rounds: timing rounds.
     copy_gbs: the device's measured copy bandwidth (read + write), GB/s.
-    time_interleaved, stateful: the timing helpers of examples/benchmark.py.
   """
   b, n, kv_heads, h, s, t, dtype = cfg
   device = jax.devices()[0]
@@ -90,38 +87,23 @@ def tables(cfg, fills, rounds, copy_gbs, time_interleaved, stateful) -> list[tup
   goals = []
   for kh in kv_heads:
     goals += _decode_kernel_table(b, n, kh, h, s, fills, dtype, rounds, copy_gbs, spec,
-                                  implementations, time_interleaved, stateful)
-  goals += _decode_step_table(b, n, kv_heads[0], h, s, fills, dtype, rounds, implementations,
-                              time_interleaved, stateful)
-  goals += _prefill_table(b, n, kv_heads[0], h, s, t, dtype, rounds, implementations,
-                          time_interleaved, stateful)
+                                  implementations)
+  goals += _decode_step_table(b, n, kv_heads[0], h, s, fills, dtype, rounds, implementations)
+  goals += _prefill_table(b, n, kv_heads[0], h, s, t, dtype, rounds, implementations)
   return goals
 
 
-def _donated(fn: Callable, cache, index, stateful, *args):
-  state = {"cache": cache}
-
-  def run():
-    out, state["cache"] = fn(*args, state["cache"])
-    return out
-
-  def reset():
-    state["cache"] = state["cache"]._replace(index=jnp.asarray(index, jnp.int32))
-
-  return stateful(run, reset)
-
-
-def _decode_kernel_table(b, n, kh, h, s, fills, dtype, rounds, copy_gbs, spec, implementations,
-                         time_interleaved, stateful):
+def _decode_kernel_table(b, n, kh, h, s, fills, dtype, rounds, copy_gbs, spec,
+                         implementations):
   q = jax.random.normal(jax.random.key(2), (b, 1, n, h), dtype)
   kv = q[:, :, :kh]
   cases = {}
   for impl in implementations:
     kernel = jax.jit(functools.partial(_kernel_call, implementation=impl), donate_argnums=3)
     for fill in fills:
-      cases[(impl, fill)] = _donated(kernel, random_cache(b, s, kh, h, fill, dtype), fill,
-                                     stateful, q, kv, kv)
-  times = time_interleaved(cases, rounds)
+      cases[(impl, fill)] = timing.donated_calls(
+          kernel, random_cache(b, s, kh, h, fill, dtype), q, kv, kv, index=fill)
+  times = timing.time_interleaved(cases, rounds)
   name = jnp.dtype(dtype).name
   print(f"\n## Decode kernel (`cached_attention`, T=1), B={b}, N={n}, K={kh}, H={h}, "
         f"S={s}, {name}\n")
@@ -148,8 +130,7 @@ def _kernel_call(q, k, v, cache, *, implementation):
   return kvattn.cached_attention(q, k, v, cache, implementation=implementation)
 
 
-def _decode_step_table(b, n, kh, h, s, fills, dtype, rounds, implementations, time_interleaved,
-                       stateful):
+def _decode_step_table(b, n, kh, h, s, fills, dtype, rounds, implementations):
   dm = n * h
   params = kvattn.init_params(jax.random.key(0), dm, n, num_kv_heads=kh, head_dim=h, dtype=dtype)
   x = jax.random.normal(jax.random.key(3), (b, 1, dm), dtype)
@@ -157,8 +138,8 @@ def _decode_step_table(b, n, kh, h, s, fills, dtype, rounds, implementations, ti
   for impl in implementations:
     step = jax.jit(functools.partial(_step_call, implementation=impl), donate_argnums=2)
     for fill in fills:
-      cases[(impl, fill)] = _donated(step, random_cache(b, s, kh, h, fill, dtype), fill,
-                                     stateful, params, x)
+      cases[(impl, fill)] = timing.donated_calls(
+          step, random_cache(b, s, kh, h, fill, dtype), params, x, index=fill)
   einsum = jax.jit(einsum_decode_step, donate_argnums=(1, 2))
   for fill in fills:
     cache = random_cache(b, s, kh, h, fill, dtype)
@@ -168,8 +149,8 @@ def _decode_step_table(b, n, kh, h, s, fills, dtype, rounds, implementations, ti
       out, state["k"], state["v"] = einsum(params, state["k"], state["v"], x, fill)
       return out
 
-    cases[("einsum", fill)] = stateful(run)
-  times = time_interleaved(cases, rounds)
+    cases[("einsum", fill)] = timing.Stateful(run)
+  times = timing.time_interleaved(cases, rounds)
   print(f"\n## Decode step (`decode_step`, projections included) vs a whole-cache einsum "
         f"step (Flax's way), B={b}, N={n}, K={kh}, H={h}, S={s}, {jnp.dtype(dtype).name}\n")
   print("| fill | " + " | ".join(f"{impl} ms" for impl in implementations) +
@@ -211,8 +192,7 @@ def einsum_forward(params, x):
   return jnp.einsum("BTNH,NHD->BTD", o.reshape(b, t, n, h), params["wo"])
 
 
-def _prefill_table(b, n, kh, h, s, t, dtype, rounds, implementations, time_interleaved,
-                   stateful):
+def _prefill_table(b, n, kh, h, s, t, dtype, rounds, implementations):
   keys = jax.random.split(jax.random.key(4), 3)
   q = jax.random.normal(keys[0], (b, t, n, h), dtype)
   k = jax.random.normal(keys[1], (b, t, kh, h), dtype)
@@ -220,25 +200,27 @@ def _prefill_table(b, n, kh, h, s, t, dtype, rounds, implementations, time_inter
   cases = {}
   for impl in implementations:
     kernel = jax.jit(functools.partial(_kernel_call, implementation=impl), donate_argnums=3)
-    cases[f"kvattn {impl}"] = _donated(kernel, kvattn.init_cache(b, s, kh, h, dtype), 0,
-                                       stateful, q, k, v)
+    cases[f"kvattn {impl}"] = timing.donated_calls(
+        kernel, kvattn.init_cache(b, s, kh, h, dtype), q, k, v, index=0)
   dpa = {"xla": jax.jit(functools.partial(jax.nn.dot_product_attention, is_causal=True,
                                           implementation="xla"))}
   if jax.devices()[0].platform == "gpu":
     dpa["cudnn"] = jax.jit(functools.partial(jax.nn.dot_product_attention, is_causal=True,
                                              implementation="cudnn"))
   for name, fn in dpa.items():
-    cases[f"jax.nn.dot_product_attention {name}"] = stateful(functools.partial(fn, q, k, v))
+    cases[f"jax.nn.dot_product_attention {name}"] = timing.Stateful(
+        functools.partial(fn, q, k, v))
   dm = n * h
   params = kvattn.init_params(jax.random.key(0), dm, n, num_kv_heads=kh, head_dim=h, dtype=dtype)
   x = jax.random.normal(jax.random.key(5), (b, t, dm), dtype)
   for impl in implementations:
     layer = jax.jit(functools.partial(_prefill_call, implementation=impl), donate_argnums=2)
-    cases[f"kvattn.prefill layer, {impl}"] = _donated(
-        layer, kvattn.init_cache(b, s, kh, h, dtype), 0, stateful, params, x)
+    cases[f"kvattn.prefill layer, {impl}"] = timing.donated_calls(
+        layer, kvattn.init_cache(b, s, kh, h, dtype), params, x, index=0)
   forward = jax.jit(einsum_forward)
-  cases["full causal forward, one masked einsum"] = stateful(functools.partial(forward, params, x))
-  times = time_interleaved(cases, rounds)
+  cases["full causal forward, one masked einsum"] = timing.Stateful(
+      functools.partial(forward, params, x))
+  times = timing.time_interleaved(cases, rounds)
   print(f"\n## Prefill at index 0, T={t}, B={b}, N={n}, K={kh}, H={h}, "
         f"{jnp.dtype(dtype).name}: kernel, then layer\n")
   print("| what | ms |")

@@ -113,7 +113,8 @@ def _check(params, cache, x, mask, prefix_lm, rope_base, implementation, decode=
   dm, _ = check_params(params, kh, h)
   if decode:
     check_shape("x", x, "(B, 1, DM)", (b, 1, dm))
-  check_shape("x", x, "(B, T, DM)", (b, None, dm))
+  else:
+    check_shape("x", x, "(B, T, DM)", (b, None, dm))
   t = x.shape[1]
   if t < 1:
     raise ValueError(f"x shape should be (B, T, DM) with T >= 1: but got {x.shape}")
