@@ -2,7 +2,7 @@ r"""Runs a GPT-2 checkpoint in the Hugging Face layout on the example transforme
 
 A checkpoint directory holds `config.json`, `model.safetensors` and, for text
 prompts, `tokenizer.json`. Weights are read with the `safetensors` package's
-numpy API and text is tokenized with `tokenizers` (the `[gpt2]` extra; no
+numpy API and text is tokenized with `tokenizers` (the `[models]` extra; no
 torch). Nothing is downloaded: point `--checkpoint` at a local copy, e.g. of
 https://huggingface.co/openai-community/gpt2.
 
@@ -44,31 +44,11 @@ _PRINT_IDS = flags.DEFINE_bool("print_ids", False, "End with a line of the gener
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  if (_PROMPT.value is None) == (_PROMPT_IDS.value is None):
-    raise app.UsageError("give exactly one of --prompt and --prompt_ids")
-  params, config, hf = gpt2.load(_CHECKPOINT.value)
-  tokenizer = None
-  tokenizer_path = pathlib.Path(_CHECKPOINT.value) / "tokenizer.json"
-  if tokenizer_path.exists():
-    from tokenizers import Tokenizer  # The [gpt2] extra.
-    tokenizer = Tokenizer.from_file(str(tokenizer_path))
-  if _PROMPT.value is not None:
-    if tokenizer is None:
-      raise app.UsageError(f"--prompt needs {tokenizer_path}; or pass --prompt_ids")
-    prompt_ids = tokenizer.encode(_PROMPT.value).ids
-  else:
-    prompt_ids = [int(i) for i in _PROMPT_IDS.value]
-  if not prompt_ids:
-    raise app.UsageError("the prompt is empty")
-  sampler = sampling.Sampler(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
-  ids, timing = runner.generate_ids(
-      params, config, prompt_ids, max_new_tokens=_MAX_NEW_TOKENS.value, sampler=sampler,
-      seed=_SEED.value, eos_id=hf.get("eos_token_id"))
-  if tokenizer is not None:
-    print(tokenizer.decode(prompt_ids) + tokenizer.decode(ids.tolist()))
-  print(timing.line(1, len(prompt_ids)))
-  if _PRINT_IDS.value:
-    print(" ".join(str(i) for i in ids))
+  runner.main_for_checkpoint(
+      gpt2.load, checkpoint=_CHECKPOINT.value, prompt=_PROMPT.value,
+      prompt_ids=_PROMPT_IDS.value, max_new_tokens=_MAX_NEW_TOKENS.value,
+      sampler=sampling.Sampler(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value),
+      seed=_SEED.value, print_ids=_PRINT_IDS.value)
 
 
 if __name__ == "__main__":

@@ -18,8 +18,11 @@ from typing import Any, Callable, NamedTuple
 import jax
 import numpy as np
 
+from absl import app
+
 from kvattn import generation
 from kvattn import sampling
+from kvattn.models import checkpoint as model_checkpoint
 from kvattn.models import transformer
 
 
@@ -40,7 +43,7 @@ class Timing(NamedTuple):
 
 def run(step_fn: Callable, params: Any, caches: Any, tokens: np.ndarray, mask: np.ndarray, *,
         max_new_tokens: int, sampler: sampling.Sampler, seed: int = 0,
-        eos_id: int | None = None, pad_id: int = 0, prefill_mode: str = "one_pass",
+        eos_id: int | list[int] | None = None, pad_id: int = 0, prefill_mode: str = "one_pass",
         chunk_size: int | None = None, on_token: Callable[[np.ndarray], None] | None = None
         ) -> tuple[np.ndarray, np.ndarray, Timing]:
   """Generates for prompts `tokens [B, P]` (mask `[B, P]`) and times the stages.
@@ -79,8 +82,9 @@ def run(step_fn: Callable, params: Any, caches: Any, tokens: np.ndarray, mask: n
     warm = generation.start(step_fn, params, caches, tokens, mask, key, **start_kw)
     jax.block_until_ready(generation.advance(step_fn, params, warm, **loop_kw))
     t1 = time.perf_counter()
+    # prompt_buckets=None: the prompt the warm-up above compiled for.
     stream = generation.generate_stream(step_fn, params, caches, tokens, mask, key=key,
-                                        **start_kw)
+                                        prompt_buckets=None, **start_kw)
     columns = [np.asarray(next(stream))]
     on_token(columns[0])
     t2 = time.perf_counter()
@@ -96,18 +100,18 @@ def run(step_fn: Callable, params: Any, caches: Any, tokens: np.ndarray, mask: n
   return out, lengths, timing
 
 
-def _lengths(tokens: np.ndarray, steps: int, eos_id: int | None) -> np.ndarray:
+def _lengths(tokens: np.ndarray, steps: int, eos_id) -> np.ndarray:
   """Per-row lengths of streamed columns: up to and including the first EOS."""
   if eos_id is None:
     return np.full((tokens.shape[0],), steps, np.int32)
-  is_eos = tokens[:, :steps] == eos_id
+  is_eos = np.isin(tokens[:, :steps], np.asarray(eos_id).reshape(-1))
   first = np.where(is_eos.any(axis=1), is_eos.argmax(axis=1) + 1, steps)
   return first.astype(np.int32)
 
 
 def generate_ids(params: transformer.Params, config: transformer.Config, prompt_ids: list[int],
                  *, max_new_tokens: int, sampler: sampling.Sampler, seed: int = 0,
-                 eos_id: int | None = None) -> tuple[np.ndarray, Timing]:
+                 eos_id: int | list[int] | None = None) -> tuple[np.ndarray, Timing]:
   """Continues one prompt; returns the new ids (up to and including EOS) and timing."""
   if config.max_positions and len(prompt_ids) + max_new_tokens - 1 > config.max_positions:
     raise ValueError(
@@ -115,8 +119,40 @@ def generate_ids(params: transformer.Params, config: transformer.Config, prompt_
         f"the model's {config.max_positions} positions")
   tokens = np.asarray([prompt_ids], np.int32)
   mask = np.ones(tokens.shape, bool)
-  caches = transformer.init_caches(config, 1, tokens.shape[1] + max_new_tokens - 1)
+  caches = transformer.init_caches(config, 1, tokens.shape[1] + max_new_tokens - 1,
+                                   dtype=jax.numpy.dtype(params["embed"].dtype))
   out, lengths, timing = run(transformer.step_fn(config), params, caches, tokens,
                                       mask, max_new_tokens=max_new_tokens, sampler=sampler,
                                       seed=seed, eos_id=eos_id)
   return out[0, :lengths[0]], timing
+
+
+def main_for_checkpoint(load: Callable[[str], tuple[Any, transformer.Config, dict]], *,
+                        checkpoint: str, prompt: str | None, prompt_ids: list[str] | None,
+                        max_new_tokens: int, sampler: sampling.Sampler, seed: int,
+                        print_ids: bool) -> None:
+  """The body of the checkpoint examples' mains (gpt2.py, llama.py): load, generate, print.
+
+  Prints the text (with a tokenizer.json), a timing line, and with
+  `print_ids` a last line of the generated ids, space separated.
+  """
+  if (prompt is None) == (prompt_ids is None):
+    raise app.UsageError("give exactly one of --prompt and --prompt_ids")
+  params, config, hf = load(checkpoint)
+  tokenizer = model_checkpoint.read_tokenizer(checkpoint)
+  if prompt is not None:
+    if tokenizer is None:
+      raise app.UsageError(f"--prompt needs {checkpoint}/tokenizer.json; or pass --prompt_ids")
+    ids_in = tokenizer.encode(prompt).ids
+  else:
+    ids_in = [int(i) for i in prompt_ids]
+  if not ids_in:
+    raise app.UsageError("the prompt is empty")
+  eos = model_checkpoint.eos_ids(hf)
+  ids, timing = generate_ids(params, config, ids_in, max_new_tokens=max_new_tokens,
+                             sampler=sampler, seed=seed, eos_id=eos or None)
+  if tokenizer is not None:
+    print(tokenizer.decode(ids_in) + tokenizer.decode(ids.tolist()))
+  print(timing.line(1, len(ids_in)))
+  if print_ids:
+    print(" ".join(str(i) for i in ids))

@@ -1,7 +1,8 @@
 """kvattn: functional JAX attention with an explicit key/value cache.
 
 A prompt goes through `prefill` in one pass at any cache index; `decode_step`
-appends one token. The cache is a pytree of arrays and its index a traced
+appends one token; `self_attention` is the same layer without a cache, for
+training. The cache is a pytree of arrays and its index a traced
 int32, so each function compiles once and serves every position.
 """
 
@@ -16,11 +17,13 @@ from kvattn.cache import KVCache
 from kvattn.cache import init_cache
 from kvattn.cache import overflowed
 from kvattn.cache import token_positions
+from kvattn.dot_product import dot_product_attention
 from kvattn.generation import Generation
 from kvattn.generation import generate
 from kvattn.generation import generate_stream
 from kvattn.layer import decode_step
 from kvattn.layer import prefill
+from kvattn.layer import self_attention
 from kvattn.params import init_params
 
 __version__ = "0.2.0"
@@ -30,6 +33,7 @@ __all__ = [
     "KVCache",
     "cached_attention",
     "decode_step",
+    "dot_product_attention",
     "generate",
     "generate_stream",
     "generation",
@@ -41,6 +45,7 @@ __all__ = [
     "quant",
     "rope",
     "sampling",
+    "self_attention",
     "sharding",
     "token_positions",
 ]

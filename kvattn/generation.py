@@ -5,25 +5,31 @@ None) -> (logits [B, T, V], caches)`: any pytree of caches, any number of
 tokens per call. Generation is one prefill of a ragged batch of prompts, then
 decode steps in a `lax.while_loop` that stops each row at `eos_id` and stops
 altogether once every row is done. `generate_stream` runs the same steps from
-Python and yields each token as it is produced.
+Python and yields each token as it is produced. Both pad the prompts on the
+right up to a bucket length (`prompt_buckets`), so that prompts of many
+lengths share a few compilations.
 
 Shape legend:
   B: batch size
-  P: padded prompt length
+  P: padded prompt length (before bucketing)
   T: tokens per model call
   U: prefill chunk size (chunk_size)
   V: vocabulary size
   M: max_new_tokens
+  S: the caches' max_len
 """
 
 from __future__ import annotations
 
+import collections.abc
 import functools
-from typing import Any, Callable, Iterator, NamedTuple
+import numbers
+from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+import numpy as np
 
 from kvattn._checks import check_mask, check_positive_ints, check_shape
 from kvattn.cache import KVCache
@@ -32,6 +38,10 @@ StepFn = Callable[[Any, Any, jax.Array, "jax.Array | None"], tuple[jax.Array, An
 Sampler = Callable[[jax.Array, jax.Array], jax.Array]
 
 PREFILL_MODES = ("one_pass", "chunked", "forced")
+
+# Powers of two from 16 to 2**30, past any cache's max_len: the default bucket
+# lengths of the prompts (see `bucket_length`).
+DEFAULT_PROMPT_BUCKETS = tuple(2 ** i for i in range(4, 31))
 
 
 class DecodeState(NamedTuple):
@@ -81,12 +91,15 @@ def start(step_fn: StepFn, params: Any, caches: Any, prompt_tokens: jax.Array,
           chunk_size: int | None = None) -> DecodeState:
   """Runs the prompts through the model and draws the first new token of each row.
 
-  The first stage of `generate`; the arguments are `generate`'s.
+  The first stage of `generate`; the arguments are `generate`'s, with the
+  prompts already padded to their bucket (`start` pads nothing: P here is the
+  length compiled for).
 
   Returns:
     A `DecodeState` with column 0 filled (step 1).
   """
   b, p = _check_args(caches, prompt_tokens, prompt_mask, max_new_tokens, prefill_mode, chunk_size)
+  _check_eos(eos_id)
   prompt_tokens = prompt_tokens.astype(jnp.int32)
   # Each row's last real prompt token (not column P - 1 under right padding).
   last = p - 1 - jnp.argmax(prompt_mask[:, ::-1], axis=1).astype(jnp.int32)
@@ -139,13 +152,16 @@ def finish(step_fn: StepFn, params: Any, state: DecodeState, *, sampler: Sampler
 def generate(step_fn: StepFn, params: Any, caches: Any, prompt_tokens: jax.Array,
              prompt_mask: jax.Array, *, max_new_tokens: int, sampler: Sampler,
              key: jax.Array, eos_id: int | None = None, pad_id: int = 0,
-             prefill_mode: str = "one_pass", chunk_size: int | None = None) -> Generation:
+             prefill_mode: str = "one_pass", chunk_size: int | None = None,
+             prompt_buckets: Sequence[int] | None = DEFAULT_PROMPT_BUCKETS) -> Generation:
   """Generates up to M tokens per prompt: a prefill, then a compiled decode loop.
 
   The two stages, `start` and `finish`, are each compiled once per shape and
   static setting (step_fn, sampler, M, prefill_mode, chunk_size); eos_id and
   pad_id are traced, so every EOS id shares a compilation (None, "no EOS", is
-  compiled apart). The caches must have room for P + M - 1 more tokens.
+  compiled apart). The prompts are first padded up to a bucket length (see
+  `prompt_buckets`), so prompts of many lengths share a compilation of
+  `start`. The caches must have room for P + M - 1 more tokens.
 
   Args:
     step_fn: the model, `(params, caches, tokens [B, T], mask [B, T] | None) ->
@@ -157,16 +173,33 @@ def generate(step_fn: StepFn, params: Any, caches: Any, prompt_tokens: jax.Array
     key: a PRNG key.
     max_new_tokens: M >= 1.
     sampler: `(key, logits [B, V]) -> int32 [B]`, e.g. `kvattn.sampling.Sampler`.
-    eos_id: a row is done once it produces this token; None: never.
-    pad_id: fills `tokens` after EOS; finished rows feed it, masked out.
+    eos_id: a row is done once it produces this token, or any of these
+      tokens (a list of ints, as Llama 3's `eos_token_id`); None: never.
+    pad_id: fills `tokens` after EOS; finished rows feed it, masked out; it
+      also fills the prompts' bucket padding.
     prefill_mode: "one_pass" (the whole prompt in one call), "chunked" (calls of
       `chunk_size` tokens, the last one shorter) or "forced" (one token per
       call, as a decode step would). Greedy tokens are the same for all three.
     chunk_size: U for "chunked".
+    prompt_buckets: ascending positive ints, the lengths prompts are padded to
+      (default 16, 32, 64, ...: `DEFAULT_PROMPT_BUCKETS`); None: P as it is.
+      The prompts get `bucket_length(P, prompt_buckets, S - M + 1)` columns,
+      the smallest bucket >= P for which the caches (max_len S) have room,
+      bucket + M - 1 slots; where no bucket fits, P is kept, so bucketing
+      never fails where P would not. The extra columns are appended on the
+      right: `pad_id` tokens, mask False. The tokens generated are the same
+      as without bucketing (padding gets no position and is never attended);
+      what changes is the caches' layout: the padding occupies bucket - P
+      slots (marked not valid) before the new tokens, and the prefill runs
+      over all bucket columns (in every prefill mode). The room is read off
+      the `KVCache`s among `caches`; without any, P is kept.
 
   Returns:
     `Generation(tokens [B, M], lengths [B], caches)`.
   """
+  prompt_tokens, prompt_mask = _pad_to_bucket(
+      caches, prompt_tokens, prompt_mask, max_new_tokens=max_new_tokens, pad_id=pad_id,
+      prefill_mode=prefill_mode, chunk_size=chunk_size, prompt_buckets=prompt_buckets)
   state = start(step_fn, params, caches, prompt_tokens, prompt_mask, key,
                 max_new_tokens=max_new_tokens, sampler=sampler, eos_id=eos_id, pad_id=pad_id,
                 prefill_mode=prefill_mode, chunk_size=chunk_size)
@@ -177,17 +210,23 @@ def generate(step_fn: StepFn, params: Any, caches: Any, prompt_tokens: jax.Array
 def generate_stream(step_fn: StepFn, params: Any, caches: Any, prompt_tokens: jax.Array,
                     prompt_mask: jax.Array, *, max_new_tokens: int, sampler: Sampler,
                     key: jax.Array, eos_id: int | None = None, pad_id: int = 0,
-                    prefill_mode: str = "one_pass",
-                    chunk_size: int | None = None) -> Iterator[jax.Array]:
+                    prefill_mode: str = "one_pass", chunk_size: int | None = None,
+                    prompt_buckets: Sequence[int] | None = DEFAULT_PROMPT_BUCKETS
+                    ) -> Iterator[jax.Array]:
   """Like `generate`, but yields each column, int32 `[B]`, as soon as it is drawn.
 
   The steps are the compiled loop's own (`start`, then `advance` from Python),
-  so the tokens are the same. Finished rows yield `pad_id`. Stops after M
-  columns or once every row is done.
+  and the prompts are padded to the same bucket, so the tokens are the same.
+  Finished rows yield `pad_id`. Stops after M columns or once every row is
+  done.
   """
+  prompt_tokens, prompt_mask = _pad_to_bucket(
+      caches, prompt_tokens, prompt_mask, max_new_tokens=max_new_tokens, pad_id=pad_id,
+      prefill_mode=prefill_mode, chunk_size=chunk_size, prompt_buckets=prompt_buckets)
   kw = dict(sampler=sampler, eos_id=eos_id, pad_id=pad_id)
   state = start(step_fn, params, caches, prompt_tokens, prompt_mask, key,
-                max_new_tokens=max_new_tokens, prefill_mode=prefill_mode, chunk_size=chunk_size, **kw)
+                max_new_tokens=max_new_tokens, prefill_mode=prefill_mode,
+                chunk_size=chunk_size, **kw)
   yield state.tokens[:, 0]
   for i in range(1, max_new_tokens):
     if bool(jnp.all(state.done)):
@@ -196,13 +235,41 @@ def generate_stream(step_fn: StepFn, params: Any, caches: Any, prompt_tokens: ja
     yield state.tokens[:, i]
 
 
+def bucket_length(p: int, buckets: Sequence[int] | None, room: int | None = None) -> int:
+  """The length a prompt of P columns is padded to.
+
+  Args:
+    p: P, the prompt's length.
+    buckets: ascending positive ints (e.g. `DEFAULT_PROMPT_BUCKETS`); None: no
+      bucketing.
+    room: the longest prompt the caches have room for (S - M + 1); None: no
+      limit.
+
+  Returns:
+    The smallest bucket >= P that is at most `room`; P itself where there is
+    none (P beyond the last bucket, or the bucket too long for the room) or
+    `buckets` is None. E.g. 16 for P = 5 with the default buckets, but 5 if
+    room is 12.
+  """
+  _check_buckets(buckets)
+  if buckets is None:
+    return p
+  # Ascending: if the first bucket >= P has no room, no later one has.
+  bucket = next((b for b in buckets if b >= p), p)
+  return bucket if room is None or bucket <= room else p
+
+
 def _record(state: DecodeState, logits, sampler, eos_id, pad_id) -> DecodeState:
   """Draws column `state.step` from logits `[B, V]` for the rows not done."""
   token = sampler(jax.random.fold_in(state.key, state.step), logits).astype(jnp.int32)
   token = jnp.where(state.done, pad_id, token)
   tokens = lax.dynamic_update_index_in_dim(state.tokens, token, state.step, axis=1)
   lengths = jnp.where(state.done, state.lengths, state.step + 1)
-  done = state.done if eos_id is None else state.done | (token == eos_id)
+  if eos_id is not None:  # One id, or several (a list of ints is a pytree of scalars).
+    eos = jnp.stack([jnp.asarray(i, jnp.int32) for i in jax.tree.leaves(eos_id)])  # [E]
+    done = state.done | jnp.any(token[:, None] == eos[None], axis=1)
+  else:
+    done = state.done
   return state._replace(tokens=tokens, lengths=lengths, done=done, step=state.step + 1)
 
 
@@ -247,6 +314,68 @@ def _chunked_prefill(step_fn, params, caches, tokens, mask, last, size):
   return last_logits, caches
 
 
+def _pad_to_bucket(caches, tokens, mask, *, max_new_tokens, pad_id, prefill_mode, chunk_size,
+                   prompt_buckets):
+  """Checks generate's arguments, then pads the prompts on the right to their bucket.
+
+  Plain Python on static shapes, before `start`: P and the buckets choose the
+  shape compiled for. Returns (tokens [B, bucket], mask [B, bucket]).
+  """
+  _check_buckets(prompt_buckets)
+  _, p = _check_args(caches, tokens, mask, max_new_tokens, prefill_mode, chunk_size)
+  s = _max_len(caches)
+  if s is None:  # No KVCache: the room for padding is unknown.
+    return tokens, mask
+  extra = bucket_length(p, prompt_buckets, s - max_new_tokens + 1) - p
+  if not extra:
+    return tokens, mask
+  return _pad_right(tokens, extra, pad_id), _pad_right(mask, extra, False)
+
+
+def _pad_right(x, extra, value):
+  """x `[B, P]` -> `[B, P + extra]`, the new columns `value`; stays numpy if it was."""
+  widths = ((0, 0), (0, extra))
+  if isinstance(x, jax.Array) or isinstance(value, jax.Array):
+    return jnp.pad(x, widths, constant_values=value)
+  return np.pad(np.asarray(x), widths, constant_values=value)
+
+
+def _check_buckets(buckets):
+  """Raises ValueError unless buckets is None or ascending positive ints."""
+  if buckets is None:
+    return
+  ok = (isinstance(buckets, collections.abc.Sequence) and not isinstance(buckets, str)
+        and len(buckets) > 0
+        and all(isinstance(b, numbers.Integral) and not isinstance(b, (bool, np.bool_)) and b >= 1
+                for b in buckets)
+        and all(a < b for a, b in zip(buckets, buckets[1:])))
+  if not ok:
+    raise ValueError("prompt_buckets should be None or a non-empty sequence of ascending "
+                     f"positive ints: but got {buckets!r}")
+
+
+def _max_len(caches) -> int | None:
+  """The smallest max_len S of the `KVCache`s among caches; None if there are none."""
+  sizes = [cache.k.shape[-3]  # k is [..., B, S, K, H] (stacked caches have leading axes).
+           for cache in jax.tree.leaves(caches, is_leaf=lambda x: isinstance(x, KVCache))
+           if isinstance(cache, KVCache)]
+  return min(sizes, default=None)
+
+
+def _check_eos(eos_id) -> None:
+  """eos_id: None, an integer scalar, or a non-empty list of them (traced or not)."""
+  if eos_id is None:
+    return
+  leaves = jax.tree.leaves(eos_id)
+  ok = bool(leaves) and all(
+      (isinstance(i, numbers.Integral) and not isinstance(i, (bool, np.bool_)))
+      or (getattr(i, "shape", None) == () and jnp.issubdtype(i.dtype, jnp.integer))
+      for i in leaves)
+  if not ok:
+    raise ValueError(f"eos_id should be None, an int or a non-empty list of ints: but got "
+                     f"{eos_id!r}")
+
+
 def _check_args(caches, tokens, mask, max_new_tokens, prefill_mode, chunk_size):
   """Static checks; returns (B, P)."""
   check_shape("prompt_tokens", tokens, "(B, P)", (None, None))
@@ -264,11 +393,9 @@ def _check_args(caches, tokens, mask, max_new_tokens, prefill_mode, chunk_size):
     raise ValueError(f"chunk_size should be a positive int with prefill_mode='chunked': "
                      f"but got {chunk_size!r}")
   needed = p + max_new_tokens - 1
-  for cache in jax.tree.leaves(caches, is_leaf=lambda x: isinstance(x, KVCache)):
-    if isinstance(cache, KVCache):
-      s = cache.k.shape[-3]  # k is [..., B, S, K, H] (stacked caches have leading axes).
-      if s < needed:
-        raise ValueError(
-            f"caches have max_len S={s}, too small for P + max_new_tokens - 1 = "
-            f"{p} + {max_new_tokens} - 1 = {needed} tokens")
+  s = _max_len(caches)
+  if s is not None and s < needed:
+    raise ValueError(
+        f"caches have max_len S={s}, too small for P + max_new_tokens - 1 = "
+        f"{p} + {max_new_tokens} - 1 = {needed} tokens")
   return b, p

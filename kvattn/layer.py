@@ -1,4 +1,4 @@
-"""Cached multi-head attention layer: prefill and decode_step.
+"""The multi-head attention layer: prefill and decode_step with a cache, self_attention without.
 
 Shape legend:
   B: batch size
@@ -12,10 +12,13 @@ Shape legend:
 
 from __future__ import annotations
 
+from typing import Mapping
+
 import jax
 import jax.numpy as jnp
 
 from kvattn import attention
+from kvattn import dot_product
 from kvattn import rope
 from kvattn._checks import check_cache, check_mask, check_shape
 from kvattn.cache import KVCache, token_positions
@@ -30,6 +33,7 @@ def prefill(
     *,
     prefix_lm: bool | jax.Array = False,
     rope_base: float | None = None,
+    rope_scaling: rope.Scaling | None = None,
     implementation: str | None = None,
 ) -> tuple[jax.Array, KVCache]:
   """Runs T >= 1 new tokens through attention in one pass and caches them.
@@ -49,36 +53,108 @@ def prefill(
     rope_base: None for no rotary embedding (e.g. models with learned
       positions); a float applies RoPE to q and k at each token's position in
       its own sequence (see `kvattn.token_positions`).
+    rope_scaling: None, or a `kvattn.rope.Scaling` of RoPE's frequencies
+      (Llama 3.1's "llama3", or "linear"); needs rope_base.
     implementation: the attention implementation, as in
       `kvattn.cached_attention`; None for the platform's default.
 
   Returns:
     `(out, new_cache)`: out `[B, T, DM]` in x's dtype, zeros at padding.
   """
-  _check(params, cache, x, mask, prefix_lm, rope_base, implementation)
+  _check(params, cache, x, mask, prefix_lm, rope_base, rope_scaling, implementation)
   return _prefill(params, cache, x, mask, prefix_lm=prefix_lm, rope_base=rope_base,
-                  implementation=implementation)
+                  rope_scaling=rope_scaling, implementation=implementation)
 
 
-def _prefill(params, cache, x, mask, *, prefix_lm, rope_base, implementation):
+def _prefill(params, cache, x, mask, *, prefix_lm, rope_base, rope_scaling, implementation):
   """`prefill` without the checks."""
-  t = x.shape[1]
+  positions = token_positions(cache, mask, num_tokens=x.shape[1])
+  q, k, v = project_qkv(params, x, positions, rope_base, rope_scaling)
+  full = jnp.ones(x.shape[:2], jnp.bool_) if mask is None else mask
+  o, cache = attention.attend(q, k, v, cache, full, prefix_lm=prefix_lm,
+                              implementation=implementation)
+  return project_out(params, o, mask, x.dtype), cache
+
+
+def self_attention(
+    params: Params,
+    x: jax.Array,
+    mask: jax.Array | None = None,
+    *,
+    causal: bool = True,
+    rope_base: float | None = None,
+    rope_scaling: rope.Scaling | None = None,
+    block_size: int | None = None,
+) -> jax.Array:
+  """The attention layer over whole sequences, without a cache: for training.
+
+  The same projections, RoPE and attention numerics as `prefill` on an empty
+  cache (through `kvattn.dot_product_attention`), and reverse-differentiable,
+  with memory O(T * block) rather than O(T^2).
+
+  Args:
+    params: attention params (see `kvattn.params`).
+    x: `[B, T, DM]` inputs.
+    mask: bool `[B, T]`, True for real tokens (padding anywhere); None: all
+      real. Positions count real tokens only, as in `prefill`.
+    causal: False for bidirectional attention (prefix-LM over the whole input).
+    rope_base: as in `prefill`.
+    rope_scaling: as in `prefill`.
+    block_size: as in `kvattn.dot_product_attention`.
+
+  Returns:
+    out `[B, T, DM]` in x's dtype, zeros at padding.
+  """
+  # No cache to take K and H from: they come from wk, checked first.
+  wk = params.get("wk") if isinstance(params, Mapping) else None
+  shape = getattr(wk, "shape", None)
+  if shape is not None and len(shape) == 3:
+    dm, _ = check_params(params, shape[1], shape[2])
+  elif isinstance(params, Mapping) and wk is not None:
+    raise ValueError(f"params['wk'] shape should be (DM, K, H): but got {shape}")
+  else:
+    dm, _ = check_params(params, 1, 1)  # Raises: not a dict, or no wk.
+  check_shape("x", x, "(B, T, DM)", (None, None, dm))
+  b, t, _ = x.shape
+  if mask is not None:
+    check_mask(mask, b, t)
+  _check_rope(rope_base, rope_scaling)
+  return _self_attention(params, x, mask, causal=causal, rope_base=rope_base,
+                         rope_scaling=rope_scaling, block_size=block_size)
+
+
+def _self_attention(params, x, mask, *, causal, rope_base, rope_scaling, block_size):
+  """`self_attention` without the checks of params, x and the RoPE settings."""
+  if mask is None:
+    positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
+  else:
+    m = mask.astype(jnp.int32)
+    positions = jnp.cumsum(m, axis=1) - m  # As token_positions on an empty cache.
+  q, k, v = project_qkv(params, x, positions, rope_base, rope_scaling)
+  o = dot_product.dot_product_attention(q, k, v, mask, causal=causal, block_size=block_size)
+  return project_out(params, o, mask, x.dtype)
+
+
+def project_qkv(params: Params, x: jax.Array, positions: jax.Array, rope_base,
+                rope_scaling) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """q `[B, T, N, H]`, k, v `[B, T, K, H]` of x `[B, T, DM]`, RoPE applied (unchecked)."""
   q = _project(x, params["wq"], params.get("bq"))
   k = _project(x, params["wk"], params.get("bk"))
   v = _project(x, params["wv"], params.get("bv"))
   if rope_base is not None:
-    positions = token_positions(cache, mask, num_tokens=t)
-    q = rope.rotate(q, positions, rope_base)
-    k = rope.rotate(k, positions, rope_base)
-  full = jnp.ones(x.shape[:2], jnp.bool_) if mask is None else mask
-  o, cache = attention.attend(q, k, v, cache, full, prefix_lm=prefix_lm,
-                              implementation=implementation)
+    q = rope.rotate(q, positions, rope_base, rope_scaling)
+    k = rope.rotate(k, positions, rope_base, rope_scaling)
+  return q, k, v
+
+
+def project_out(params: Params, o: jax.Array, mask: jax.Array | None, dtype) -> jax.Array:
+  """The output projection of o `[B, T, N, H]` -> `[B, T, DM]` in dtype, zeros at padding."""
   out = jnp.einsum("BTNH,NHD->BTD", o, params["wo"])
   if "bo" in params:
     out = out + params["bo"][None, None]
   if mask is not None:
     out = jnp.where(mask[:, :, None], out, 0)
-  return out.astype(x.dtype), cache
+  return out.astype(dtype)
 
 
 def decode_step(
@@ -87,6 +163,7 @@ def decode_step(
     x: jax.Array,
     *,
     rope_base: float | None = None,
+    rope_scaling: rope.Scaling | None = None,
     implementation: str | None = None,
 ) -> tuple[jax.Array, KVCache]:
   """Appends one token per row and attends over everything cached.
@@ -96,17 +173,19 @@ def decode_step(
     cache: the `KVCache` to read and append to.
     x: `[B, 1, DM]` inputs, one real token per row.
     rope_base: as in `prefill`.
+    rope_scaling: as in `prefill`.
     implementation: as in `prefill`.
 
   Returns:
     `(out [B, 1, DM], new_cache)`.
   """
-  _check(params, cache, x, None, False, rope_base, implementation, decode=True)
+  _check(params, cache, x, None, False, rope_base, rope_scaling, implementation, decode=True)
   return _prefill(params, cache, x, None, prefix_lm=False, rope_base=rope_base,
-                  implementation=implementation)
+                  rope_scaling=rope_scaling, implementation=implementation)
 
 
-def _check(params, cache, x, mask, prefix_lm, rope_base, implementation, decode=False) -> None:
+def _check(params, cache, x, mask, prefix_lm, rope_base, rope_scaling, implementation,
+           decode=False) -> None:
   """The checks of `prefill` and `decode_step`, once per call."""
   check_cache(cache)
   b, _, kh, h = cache.k.shape
@@ -123,8 +202,16 @@ def _check(params, cache, x, mask, prefix_lm, rope_base, implementation, decode=
   if mask is not None:
     check_mask(mask, b, t)
   attention.check_options(prefix_lm, implementation)
+  _check_rope(rope_base, rope_scaling)
+
+
+def _check_rope(rope_base, rope_scaling) -> None:
   if rope_base is not None:
     rope.check_base(rope_base)
+  rope.check_scaling(rope_scaling)
+  if rope_scaling is not None and rope_base is None:
+    raise ValueError(f"rope_scaling needs a rope_base: but got rope_base=None and "
+                     f"rope_scaling={rope_scaling!r}")
 
 
 def _project(x, w, bias):

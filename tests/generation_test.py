@@ -4,10 +4,13 @@ Greedy tokens must not depend on the other rows of a ragged batch, nor on the
 cache at all (recomputing the full forward each step gives the same tokens).
 The loop's bookkeeping (which logits start each row under every prefill
 mode, EOS, early stop, what finished rows feed) is checked exactly on a
-toy model that counts. (tests/generate_example_test.py checks that the three
-prefill modes give the same greedy tokens with the bundled model.)
+toy model that counts. Padding the prompts to a bucket length changes the
+compilations and the caches' layout, never the tokens. (tests/generate_example_test.py
+checks that the three prefill modes give the same greedy tokens with the
+bundled model.)
 """
 
+import contextlib
 import functools
 import sys
 
@@ -105,6 +108,8 @@ def _counting_model(params, caches, tokens, mask):
 @pytest.mark.parametrize("prefill_mode, chunk_size", [("one_pass", None), ("chunked", 2),
                                                  ("forced", None)])
 def test_eos_stops_each_row_and_the_loop_once_all_rows_are_done(prefill_mode, chunk_size):
+  # These caches hold no KVCache, so their room is unknown and the prompts are not
+  # padded to a bucket: the prefill calls below are those of P = 3.
   tokens = np.array([[1, 2, 0], [0, 0, 5], [5, 6, 7]], np.int32)  # Padded right, left, not.
   mask = np.array([[1, 1, 0], [0, 0, 1], [1, 1, 1]], bool)
   caches = (jnp.zeros((), jnp.int32), jnp.zeros((3,), jnp.int32))
@@ -119,6 +124,18 @@ def test_eos_stops_each_row_and_the_loop_once_all_rows_are_done(prefill_mode, ch
   prefill_calls = {"one_pass": 1, "chunked": 2, "forced": 3}[prefill_mode]
   assert int(calls) == prefill_calls + 5  # Stopped once row 0 was done, not after 8.
   np.testing.assert_array_equal(fed, [2 + 5, 1 + 2, 3 + 0])  # Finished rows feed nothing.
+
+
+def test_several_eos_ids_each_end_a_row():
+  """Llama 3 lists several EOS ids; a row stops at whichever comes first."""
+  tokens = np.array([[1], [4], [7]], np.int32)
+  caches = (jnp.zeros((), jnp.int32), jnp.zeros((3,), jnp.int32))
+  out = generation.generate(_counting_model, None, caches, tokens, np.ones((3, 1), bool),
+                            max_new_tokens=6, sampler=GREEDY, key=jax.random.key(0),
+                            eos_id=[4, 9], pad_id=-1)
+  np.testing.assert_array_equal(out.tokens, [[2, 3, 4, -1, -1, -1], [5, 6, 7, 8, 9, -1],
+                                             [8, 9, -1, -1, -1, -1]])
+  np.testing.assert_array_equal(out.lengths, [3, 5, 2])
 
 
 def test_without_eos_every_row_runs_to_max_new_tokens():
@@ -233,6 +250,8 @@ def test_ten_thousand_tokens_one_compilation_flat_memory_overflow_at_capacity():
 @pytest.mark.parametrize("call, match", [
     (_bad(max_new_tokens=9), r"max_len S=10, too small for P \+ max_new_tokens - 1 = 3 \+ 9"),
     (_bad(max_new_tokens=0), r"max_new_tokens should be a positive int: but got 0"),
+    (_bad(eos_id=[]), r"eos_id should be None, an int or a non-empty list of ints: but got \[\]"),
+    (_bad(eos_id=2.5), r"eos_id should be None, an int or a non-empty list of ints"),
     (_bad(max_new_tokens=True), r"max_new_tokens should be a positive int: but got True"),
     (_bad(prefill_mode="lazy"), r"prefill_mode should be one of"),
     (_bad(prefill_mode="chunked"), r"chunk_size should be a positive int"),
@@ -243,6 +262,109 @@ def test_ten_thousand_tokens_one_compilation_flat_memory_overflow_at_capacity():
 def test_bad_arguments_raise(call, match):
   with pytest.raises(ValueError, match=match):
     call()
+
+
+@contextlib.contextmanager
+def _compilations(name):
+  """Yields a list that gets one entry per XLA compilation of the jitted `name` in the block.
+
+  (`_cache_size()` counts dispatch-cache entries instead: numpy and jax arguments
+  of one shape make two entries but one compilation.)
+  """
+  compiled = []
+
+  def listen(event, duration, **kw):
+    del duration
+    if (event == "/jax/core/compile/backend_compile_duration"
+        and kw.get("fun_name") == f"jit({name})"):
+      compiled.append(name)
+
+  jax.monitoring.register_event_duration_secs_listener(listen)
+  try:
+    yield compiled
+  finally:
+    jax.monitoring.unregister_event_duration_listener(listen)
+
+
+# Prompts of these lengths fall in the default buckets 16 and 32.
+BUCKET_LENGTHS = (3, 9, 17, 20)
+BUCKET_N = 4  # max_new_tokens
+BUCKET_MAX_LEN = 32 + BUCKET_N - 1  # Room for the bucket 32.
+
+
+def _bucket_prompt(n):
+  """Prompts [2, n]: rows of n and n - 2 real tokens, padded left if n is odd, else right."""
+  return _prompts([n, max(n - 2, 1)], n, left_pad=n % 2 == 1, seed=n)
+
+
+@pytest.mark.parametrize("prefill_mode, chunk_size", [("one_pass", None), ("chunked", 5)])
+def test_a_stream_of_prompt_lengths_compiles_once_per_bucket_with_the_same_tokens(
+    prefill_mode, chunk_size):
+  params = _params(CONFIG, seed=6)
+  kw = dict(prefill_mode=prefill_mode, chunk_size=chunk_size, max_new_tokens=BUCKET_N,
+            max_len=BUCKET_MAX_LEN)
+  with _compilations("start") as compiled:
+    bucketed = [_generate(CONFIG, params, *_bucket_prompt(n), **kw) for n in BUCKET_LENGTHS]
+  assert len(compiled) == 2  # Buckets 16 and 32.
+  for n, out in zip(BUCKET_LENGTHS, bucketed):
+    tokens, mask = _bucket_prompt(n)
+    plain = _generate(CONFIG, params, tokens, mask, prompt_buckets=None, **kw)
+    np.testing.assert_array_equal(out.tokens, plain.tokens, err_msg=f"P={n}")
+    # The padding takes cache slots, not positions: the same real tokens, further on.
+    bucket = 16 if n <= 16 else 32
+    np.testing.assert_array_equal(out.caches.index, [bucket + BUCKET_N - 1] * CONFIG.num_layers)
+    np.testing.assert_array_equal(plain.caches.index, [n + BUCKET_N - 1] * CONFIG.num_layers)
+    np.testing.assert_array_equal(out.caches.lengths, plain.caches.lengths)
+    np.testing.assert_array_equal(out.caches.valid.sum(-1), plain.caches.valid.sum(-1))
+
+
+def test_the_stream_pads_to_the_same_bucket():
+  params = _params(CONFIG, seed=6)
+  tokens, mask = _bucket_prompt(9)
+  n = BUCKET_N + 1  # Not the test above's compilation, whichever runs first.
+  with _compilations("start") as compiled:
+    out = _generate(CONFIG, params, tokens, mask, max_new_tokens=n, max_len=BUCKET_MAX_LEN)
+  assert len(compiled) == 1
+  np.testing.assert_array_equal(out.caches.index, [16 + n - 1] * CONFIG.num_layers)
+  caches = transformer.init_caches(CONFIG, 2, BUCKET_MAX_LEN)
+  with _compilations("start") as compiled:
+    # jax arrays are padded with jax (numpy ones stay numpy); the same compilation.
+    stream = generation.generate_stream(
+        transformer.step_fn(CONFIG), params, caches, jnp.asarray(tokens), jnp.asarray(mask),
+        max_new_tokens=n, sampler=GREEDY, key=jax.random.key(0))
+    np.testing.assert_array_equal(np.stack(list(stream), axis=1), out.tokens)
+  assert not compiled  # generate's prefill for the bucket 16 served the stream.
+
+
+def test_prompts_keep_their_length_where_no_bucket_fits_the_caches():
+  params = _params(CONFIG, seed=7)
+  tokens, mask = _prompts([6, 2, 5], P, left_pad=False, seed=7)
+  max_len = P + N + 6  # Room for prompts of up to 13 columns.
+  plain = _generate(CONFIG, params, tokens, mask, max_len=max_len, prompt_buckets=None)
+  for buckets, width in [(generation.DEFAULT_PROMPT_BUCKETS, P), ((4, 8, 12), 8), ((4, 16), P)]:
+    out = _generate(CONFIG, params, tokens, mask, max_len=max_len, prompt_buckets=buckets)
+    np.testing.assert_array_equal(out.tokens, plain.tokens, err_msg=str(buckets))
+    np.testing.assert_array_equal(out.caches.index, [width + N - 1] * CONFIG.num_layers)
+    assert not bool(kvattn.overflowed(out.caches).any())
+
+
+def test_bucket_length():
+  default = generation.DEFAULT_PROMPT_BUCKETS
+  assert [generation.bucket_length(p, default) for p in (1, 16, 17, 1000)] == [16, 16, 32, 1024]
+  assert generation.bucket_length(5, default, room=16) == 16
+  assert generation.bucket_length(5, default, room=15) == 5  # The bucket has no room.
+  assert generation.bucket_length(9, [4, 8]) == 9  # Past the last bucket.
+  assert generation.bucket_length(9, None) == 9
+  assert generation.bucket_length(2 ** 30, default) == 2 ** 30
+
+
+@pytest.mark.parametrize("buckets", [[16, 8], [8, 8], [0, 16], [], [16.0], [True, 16], "16", 16])
+def test_bad_prompt_buckets_raise(buckets):
+  match = r"prompt_buckets should be None or a non-empty sequence of ascending positive ints"
+  with pytest.raises(ValueError, match=match):
+    generation.bucket_length(5, buckets)
+  with pytest.raises(ValueError, match=match):
+    _bad(prompt_buckets=buckets)()
 
 
 if __name__ == "__main__":

@@ -386,5 +386,38 @@ def test_garbage_at_padding_never_reaches_a_real_token(poison, dtype):
   np.testing.assert_array_equal(got[~mask], 0.0)
 
 
+@pytest.mark.parametrize("num_kv_heads", [N, 1])
+@pytest.mark.parametrize("causal", [True, False])
+def test_self_attention_equals_prefill_on_an_empty_cache(num_kv_heads, causal):
+  """The layer without a cache: the same numbers as prefill, and a gradient."""
+  params = make_params(num_kv_heads)
+  x = jax.random.normal(jax.random.key(3), (2, 9, DM))
+  mask = jnp.asarray(np.arange(9)[None] >= np.array([[0], [4]]))  # Left padding in row 1.
+  scaling = kvattn.rope.Scaling("linear", 2.0)
+  want, _ = kvattn.prefill(params, kvattn.init_cache(2, 12, num_kv_heads, H), x, mask,
+                           prefix_lm=not causal, rope_base=100.0, rope_scaling=scaling)
+  got = jax.jit(lambda p, x: kvattn.self_attention(
+      p, x, mask, causal=causal, rope_base=100.0, rope_scaling=scaling, block_size=4))(params, x)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  grads = jax.grad(lambda p: jnp.sum(kvattn.self_attention(p, x, mask, causal=causal) ** 2))(
+      params)
+  assert all(np.all(np.isfinite(g)) and np.any(g != 0) for g in jax.tree.leaves(grads))
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (lambda p, x: kvattn.self_attention(p, x[:, :, :5]), ValueError,
+     r"x shape should be \(B, T, DM\)=\(None, None, 16\): but got \(2, 3, 5\)"),
+    (lambda p, x: kvattn.self_attention({"wq": p["wq"]}, x), ValueError, r"params is missing"),
+    (lambda p, x: kvattn.self_attention([p], x), TypeError, r"params should be a dict"),
+    (lambda p, x: kvattn.self_attention(p, x, jnp.ones((2, 4), bool)), ValueError, r"mask"),
+    (lambda p, x: kvattn.self_attention(p, x, rope_scaling=kvattn.rope.Scaling("linear", 2.0)),
+     ValueError, r"rope_scaling needs a rope_base"),
+])
+def test_self_attention_errors_name_the_argument(call, error, match):
+  params = make_params(N)
+  with pytest.raises(error, match=match):
+    call(params, jnp.ones((2, 3, DM)))
+
+
 if __name__ == "__main__":
   sys.exit(pytest.main([__file__]))

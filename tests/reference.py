@@ -10,13 +10,42 @@ H head dim, G = N // K.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 
-def rope(x: np.ndarray, positions: np.ndarray, base: float) -> np.ndarray:
+def rope_frequencies(h: int, base: float, scaling: dict | None = None) -> np.ndarray:
+  """Float64 RoPE frequencies [H/2]; `scaling` as Hugging Face's `rope_scaling` dict.
+
+  Llama 3.1's rule is applied one frequency at a time, as its paper states it.
+  """
+  freqs = [base ** (-2 * i / h) for i in range(h // 2)]
+  kind = (scaling or {}).get("rope_type", (scaling or {}).get("type"))
+  if kind is None:
+    return np.array(freqs)
+  if kind == "linear":
+    return np.array(freqs) / scaling["factor"]
+  factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
+  old = scaling["original_max_position_embeddings"]
+  out = []
+  for freq in freqs:
+    wavelength = 2 * math.pi / freq
+    if wavelength < old / high:  # High frequency: kept.
+      out.append(freq)
+    elif wavelength > old / low:  # Low frequency: divided by the factor.
+      out.append(freq / factor)
+    else:  # Between: a blend of the two.
+      smooth = (old / wavelength - low) / (high - low)
+      out.append((1 - smooth) * freq / factor + smooth * freq)
+  return np.array(out)
+
+
+def rope(x: np.ndarray, positions: np.ndarray, base: float,
+         scaling: dict | None = None) -> np.ndarray:
   """x [L, M, H] rotated at integer positions [L], half-split layout, float64."""
   h = x.shape[-1]
-  inv_freq = base ** (-np.arange(0, h, 2, dtype=np.float64) / h)
+  inv_freq = rope_frequencies(h, base, scaling)
   angle = positions[:, None, None].astype(np.float64) * inv_freq
   x1, x2 = x[..., : h // 2], x[..., h // 2:]
   return np.concatenate(

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kvattn.rope import apply_rope
+from kvattn.rope import Scaling, apply_rope, inverse_frequencies
 from tests import reference
 
 
@@ -73,6 +73,38 @@ def test_numpy_and_jax_scalar_bases_are_accepted():
   np.testing.assert_allclose(apply_rope(x, positions, np.float32(10_000.0)), want, rtol=1e-6)
   traced = jax.jit(lambda b: apply_rope(x, positions, b))(jnp.float32(10_000.0))
   np.testing.assert_allclose(traced, want, rtol=1e-5)
+
+
+LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+          "original_max_position_embeddings": 64}
+
+
+@pytest.mark.parametrize("hf_scaling, scaling", [
+    (LLAMA3, Scaling("llama3", 8.0, 1.0, 4.0, 64)),
+    ({"type": "linear", "factor": 4.0}, Scaling("linear", 4.0)),
+])
+def test_scaled_frequencies_match_float64_reference(hf_scaling, scaling):
+  h = 32  # With base 500000 and an original length of 64, all three llama3 bands occur.
+  want = reference.rope_frequencies(h, 500_000.0, hf_scaling)
+  np.testing.assert_allclose(inverse_frequencies(h, 500_000.0, scaling), want, rtol=2e-6)
+  assert not np.allclose(want, reference.rope_frequencies(h, 500_000.0))  # It scales.
+  x = jax.random.normal(jax.random.key(4), (1, 6, 2, h))
+  positions = jnp.array([[0, 3, 50, 200, 1000, 4000]])
+  got = apply_rope(x, positions, 500_000.0, scaling)
+  ref = reference.rope(np.asarray(x[0], np.float64), np.asarray(positions[0]), 500_000.0,
+                       hf_scaling)
+  np.testing.assert_allclose(got[0], ref, rtol=2e-4, atol=2e-4)
+
+
+@pytest.mark.parametrize("scaling, error, match", [
+    ({"factor": 8.0}, TypeError, r"scaling should be None or a kvattn.rope.Scaling"),
+    (Scaling("yarn", 8.0), ValueError, r"scaling.kind should be one of \('linear', 'llama3'\)"),
+    (Scaling("linear", 0.0), ValueError, r"scaling.factor should be a positive number: but got 0.0"),
+    (Scaling("llama3", 8.0, 4.0, 1.0), ValueError, r"high_freq_factor > low_freq_factor"),
+])
+def test_bad_scaling(scaling, error, match):
+  with pytest.raises(error, match=match):
+    apply_rope(jnp.ones((1, 2, 1, 4)), jnp.zeros((1, 2), jnp.int32), 10_000.0, scaling)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Tests of kvattn/models/transformer.py: the cached step against the uncached forward.
 
-`forward` computes attention directly, without kvattn, so agreement checks
-the caches, the stacked-layer scan, positions under padding and RoPE.
-(tests/gpt2_test.py checks `forward` itself against a float64 numpy GPT-2.)
+`forward` runs `kvattn.self_attention` (no cache), so agreement checks the
+caches, the stacked-layer scan, positions under padding and RoPE.
+(tests/gpt2_test.py and tests/llama_test.py check `forward` itself, and its
+gradient, against float64 numpy models.)
 """
 
 import sys
@@ -12,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import kvattn
 from kvattn.models import transformer
 
 ROPE_GQA = transformer.Config(vocab_size=40, num_layers=3, d_model=32, num_heads=4,
@@ -19,13 +21,18 @@ ROPE_GQA = transformer.Config(vocab_size=40, num_layers=3, d_model=32, num_heads
                               tie_embeddings=False, activation="relu", use_bias=False)
 LEARNED = transformer.Config(vocab_size=40, num_layers=2, d_model=32, num_heads=4,
                              num_kv_heads=4, head_dim=8, d_ff=64, max_positions=16)
+# The Llama family's pieces: RMSNorm, SwiGLU, q/k/v biases only, scaled RoPE.
+LLAMA_LIKE = ROPE_GQA._replace(norm="rms_norm", gated_mlp=True, activation="silu",
+                               qkv_bias=True, tie_embeddings=True,
+                               rope_scaling=kvattn.rope.Scaling("llama3", 4.0, 1.0, 4.0, 8))
 TOL = dict(rtol=1e-4, atol=1e-4)
 
 forward = jax.jit(transformer.forward, static_argnames="config")
 step = jax.jit(transformer.step, static_argnames="config")
 
 
-@pytest.mark.parametrize("config", [ROPE_GQA, LEARNED], ids=["rope_gqa", "learned"])
+@pytest.mark.parametrize("config", [ROPE_GQA, LEARNED, LLAMA_LIKE],
+                         ids=["rope_gqa", "learned", "llama_like"])
 @pytest.mark.parametrize("left_pad", [False, True], ids=["right_pad", "left_pad"])
 def test_step_in_chunks_equals_forward(config, left_pad):
   params = transformer.init_params(jax.random.key(0), config)
@@ -76,9 +83,49 @@ def test_bad_inputs_raise(call, match):
     call(params, transformer.init_caches(LEARNED, 2, 8))
 
 
-def test_unknown_activation_raises():
-  with pytest.raises(ValueError, match="config.activation should be one of"):
-    transformer.init_params(jax.random.key(0), LEARNED._replace(activation="swish"))
+def test_llama_like_params_layout():
+  layers = transformer.init_params(jax.random.key(0), LLAMA_LIKE)["layers"]
+  assert sorted(layers["attn"]) == ["bk", "bq", "bv", "wk", "wo", "wq", "wv"]
+  assert sorted(layers["mlp"]) == ["w_gate", "w_in", "w_out"]
+  assert sorted(layers["ln1"]) == ["scale"]
+
+
+@pytest.mark.parametrize("change, match", [
+    (dict(activation="swish"), r"config.activation should be one of"),
+    (dict(norm="batch_norm"), r"config.norm should be one of \('layer_norm', 'rms_norm'\)"),
+    (dict(num_kv_heads=3), r"query heads N=4 should be a multiple of the kv heads K=3"),
+    (dict(d_ff=0), r"d_ff should be a positive int"),
+    (dict(rope_base=None, max_positions=8, rope_scaling=kvattn.rope.Scaling("linear", 2.0)),
+     r"config.rope_scaling needs config.rope_base"),
+    (dict(rope_scaling=kvattn.rope.Scaling("ntk", 2.0)), r"config.rope_scaling.kind"),
+])
+def test_bad_configs_raise(change, match):
+  with pytest.raises(ValueError, match=match):
+    transformer.init_params(jax.random.key(0), ROPE_GQA._replace(**change))
+  with pytest.raises(ValueError, match=match):
+    transformer.step_fn(ROPE_GQA._replace(**change))
+
+
+def test_forward_trains_with_blocks_and_under_jit():
+  """A gradient step through forward lowers the loss; blocks do not change the logits."""
+  config = LLAMA_LIKE
+  params = transformer.init_params(jax.random.key(0), config)
+  tokens = jax.random.randint(jax.random.key(1), (2, 20), 0, config.vocab_size)
+  mask = jnp.asarray(np.arange(20)[None] < np.array([[20], [13]]))
+
+  def loss(p, block_size=None):
+    logits = transformer.forward(p, tokens[:, :-1], mask[:, :-1], config=config,
+                                 block_size=block_size)
+    logp = jax.nn.log_softmax(logits)
+    nll = -jnp.take_along_axis(logp, tokens[:, 1:, None], axis=-1)[..., 0]
+    real = mask[:, 1:]
+    return jnp.sum(jnp.where(real, nll, 0.0)) / jnp.sum(real.astype(jnp.float32))
+
+  value, grads = jax.jit(jax.value_and_grad(loss))(params)
+  assert all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grads))
+  moved = jax.tree.map(lambda p, g: p - 0.05 * g, params, grads)
+  assert float(jax.jit(loss)(moved)) < float(value)
+  np.testing.assert_allclose(jax.jit(loss, static_argnums=1)(params, 4), value, rtol=1e-5)
 
 
 @pytest.mark.parametrize("pad_id", [-100, 40], ids=["negative", "vocab_size"])

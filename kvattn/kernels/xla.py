@@ -67,13 +67,22 @@ def attend(q: jax.Array, k_new: jax.Array, v_new: jax.Array, cache: KVCache, sta
   g = n // kh
   block_q = min(block_q or BLOCK_Q, t)
   block_kv = min(block_kv or BLOCK_KV, cache.max_len)
-  # Queries grouped by kv head: [B, K, G, T, H], float32, pre-scaled.
-  qh = q.astype(jnp.float32) * (h ** -0.5)
-  qh = qh.reshape(b, t, kh, g, h).transpose(0, 2, 3, 1, 4)
+  qh = group_queries(q, kh)
   cached, cache = _attend_cache(qh, mask, cache, start, block_kv)
-  new = _attend_chunk(qh, k_new, v_new, mask, prefix_lm, block_q)
+  new = attend_chunk(qh, k_new, v_new, mask, prefix_lm, block_q)
   o = normalize(accumulate(cached, new)).reshape(b, kh, g, t, h)
   return o.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q.dtype), cache
+
+
+def group_queries(q: jax.Array, num_kv_heads: int) -> jax.Array:
+  """Queries `[B, T, N, H]` grouped by kv head: `[B, K, G, T, H]`, float32, pre-scaled.
+
+  Scaled by 1/sqrt(H) here, once, so that every caller (`attend`,
+  `kvattn.dot_product`) feeds `attend_chunk` the same numbers.
+  """
+  b, t, n, h = q.shape
+  qh = q.astype(jnp.float32) * (h ** -0.5)
+  return qh.reshape(b, t, num_kv_heads, n // num_kv_heads, h).transpose(0, 2, 3, 1, 4)
 
 
 def _attend_cache(qh, q_mask, cache: KVCache, end, block) -> tuple[Partial, KVCache]:
@@ -116,13 +125,13 @@ def _attend_cache(qh, q_mask, cache: KVCache, end, block) -> tuple[Partial, KVCa
     return accumulate(acc, part), bufs
 
   b, kh, g, t, h = qh.shape
-  init = _varying_like(empty((b, kh * g * t), h), (qh, q_mask, cache, end))
+  init = varying_like(empty((b, kh * g * t), h), (qh, q_mask, cache, end))
   bufs = {name: getattr(cache, name) for name in names}
   acc, bufs = lax.fori_loop(0, (end + block - 1) // block, body, (init, bufs))
   return acc, cache._replace(**bufs)
 
 
-def _attend_chunk(qh, k, v, mask, prefix_lm: bool, block: int) -> Partial:
+def attend_chunk(qh, k, v, mask, prefix_lm: bool, block: int) -> Partial:
   """Partial softmax of the queries over the new keys, query block by query block.
 
   A loop with a static trip count runs over the blocks of `block` queries; a
@@ -168,7 +177,7 @@ def _attend_chunk(qh, k, v, mask, prefix_lm: bool, block: int) -> Partial:
         part = _partial_matmul(qb, take(k, key_axis), take(v, key_axis), allowed)
       return accumulate(acc, part)
 
-    init = _varying_like(empty((b, kh * g * block), h), (qh, mask, k, v, i))
+    init = varying_like(empty((b, kh * g * block), h), (qh, mask, k, v, i))
     return lax.fori_loop(0, num_blocks if prefix_lm else i + 1, key_block, init)
 
   parts = lax.map(query_block, jnp.arange(num_blocks, dtype=jnp.int32))
@@ -276,7 +285,7 @@ def _per_row(scale, r):
   return jnp.broadcast_to(scale[..., None], (b, c, kh, r)).reshape(b, c, kh * r)
 
 
-def _varying_like(tree, sources):
+def varying_like(tree, sources):
   """Marks `tree` as varying over the manual mesh axes `sources` vary over.
 
   Inside `shard_map` a loop's carry must have the same varying axes on entry

@@ -1,7 +1,7 @@
 """GPT-2 checkpoints in the Hugging Face layout, mapped onto `kvattn.models.transformer`.
 
-Weights are read with the `safetensors` package's numpy API (the `[gpt2]`
-extra; no torch). GPT-2's Conv1D weights are already `[in, out]`; the fused
+Weights are read with the `safetensors` package's numpy API (the `[models]`
+extra; no torch; see `kvattn.models.checkpoint`). GPT-2's Conv1D weights are already `[in, out]`; the fused
 `c_attn` is split into wq, wk, wv; positions are learned, the MLP uses GELU
 tanh, a final LayerNorm precedes the unembedding, which is tied to `wte`.
 
@@ -17,12 +17,12 @@ Shape legend:
 
 from __future__ import annotations
 
-import json
 import pathlib
 from typing import Any
 
 import numpy as np
 
+from kvattn.models import checkpoint
 from kvattn.models import transformer
 
 
@@ -53,16 +53,10 @@ def params_from_hf(weights: dict[str, np.ndarray], config: transformer.Config
   splits into wq, wk, wv `[DM, N, H]`; `c_proj` `[N H, DM]` becomes wo
   `[N, H, DM]`. The unembedding is tied to `wte`.
   """
-  w = {name.removeprefix("transformer."): np.asarray(a, np.float32)
-       for name, a in weights.items()}
+  w = checkpoint.Tensors({name.removeprefix("transformer."): a for name, a in weights.items()},
+                         np.float32, "model.safetensors")
+  get = w.take
   dm, n, h = config.d_model, config.num_heads, config.head_dim
-
-  def get(name, shape):
-    if name not in w:
-      raise ValueError(f"model.safetensors has no tensor {name!r}")
-    if w[name].shape != shape:
-      raise ValueError(f"{name} shape should be {shape}: but got {w[name].shape}")
-    return w[name]
 
   def layer(i):
     pre = f"h.{i}."
@@ -83,7 +77,7 @@ def params_from_hf(weights: dict[str, np.ndarray], config: transformer.Config
     }
 
   layers = [layer(i) for i in range(config.num_layers)]
-  stacked = _tree_stack(layers)
+  stacked = checkpoint.tree_stack(layers)
   return {
       "embed": get("wte.weight", (config.vocab_size, dm)),
       "pos_embed": get("wpe.weight", (config.max_positions, dm)),
@@ -92,16 +86,8 @@ def params_from_hf(weights: dict[str, np.ndarray], config: transformer.Config
   }
 
 
-def load(checkpoint: str | pathlib.Path) -> tuple[transformer.Params, transformer.Config, dict]:
-  """Reads `config.json` and `model.safetensors`; returns (params, config, hf_config)."""
-  from safetensors.numpy import load_file  # The [gpt2] extra.
-  directory = pathlib.Path(checkpoint)
-  hf = json.loads((directory / "config.json").read_text())
+def load(directory: str | pathlib.Path) -> tuple[transformer.Params, transformer.Config, dict]:
+  """Reads `config.json` and `model.safetensors` (or its shards); returns (params, config, hf_config)."""
+  hf = checkpoint.read_config(directory)
   config = config_from_hf(hf)
-  return params_from_hf(load_file(directory / "model.safetensors"), config), config, hf
-
-
-def _tree_stack(trees):
-  if isinstance(trees[0], dict):
-    return {k: _tree_stack([t[k] for t in trees]) for k in trees[0]}
-  return np.stack(trees)
+  return params_from_hf(checkpoint.read_tensors(directory), config), config, hf

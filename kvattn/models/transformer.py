@@ -1,10 +1,18 @@
-"""A minimal pre-LayerNorm decoder LM written as plain functions over kvattn.
+"""A pre-norm decoder LM written as plain functions over kvattn.
+
+One `Config` covers GPT-2 (LayerNorm, GELU MLP, learned positions, biases) and
+the Llama family (RMSNorm, SwiGLU, RoPE with Llama 3.1 or linear scaling,
+grouped-query attention, optional q/k/v biases as in Qwen2, tied or untied
+unembedding); `kvattn.models.gpt2` and `kvattn.models.llama` load their
+checkpoints into it.
 
 Layer params are stacked on a leading axis and the layers run under
 `lax.scan`; so are the caches: one `kvattn.KVCache` pytree whose leaves have a
 leading L axis, each layer reading and returning its own slice. `step` is the
 cached forward that `kvattn.generate` drives; `forward` is the same model
-without a cache (for training, and as the oracle for cached decoding).
+without a cache (for training: reverse-differentiable, attention memory
+O(T * block)), through the same projections and attention numerics
+(`kvattn.self_attention`).
 
 Shape legend:
   B: batch size
@@ -30,6 +38,7 @@ import jax.numpy as jnp
 from jax import lax
 
 import kvattn
+from kvattn._checks import check_heads, check_positive_ints
 
 Params = dict[str, Any]
 
@@ -37,7 +46,10 @@ _ACTIVATIONS = {
     "gelu_tanh": functools.partial(jax.nn.gelu, approximate=True),  # GPT-2's "gelu_new".
     "gelu": functools.partial(jax.nn.gelu, approximate=False),
     "relu": jax.nn.relu,
+    "silu": jax.nn.silu,
 }
+
+NORMS = ("layer_norm", "rms_norm")
 
 
 class Config(NamedTuple):
@@ -54,9 +66,15 @@ class Config(NamedTuple):
     max_positions: W learned position embeddings; 0 for none.
     rope_base: None for no RoPE; else the RoPE base.
     tie_embeddings: unembed with the token embedding's transpose.
-    activation: one of "gelu_tanh", "gelu", "relu".
-    use_bias: biases in attention, MLP.
-    norm_eps: LayerNorm epsilon.
+    activation: one of "gelu_tanh", "gelu", "relu", "silu".
+    use_bias: biases in the attention output and the MLP (and in q, k, v
+      unless `qkv_bias` says otherwise).
+    norm_eps: the norm's epsilon.
+    norm: "layer_norm" (scale and bias) or "rms_norm" (scale only).
+    gated_mlp: the MLP is `w_out(act(x w_gate) * (x w_in))` (SwiGLU with
+      "silu"); else `w_out(act(x w_in))`.
+    qkv_bias: biases in q, k, v; None: as `use_bias`.
+    rope_scaling: None, or a `kvattn.rope.Scaling` (needs rope_base).
   """
 
   vocab_size: int
@@ -72,6 +90,37 @@ class Config(NamedTuple):
   activation: str = "gelu_tanh"
   use_bias: bool = True
   norm_eps: float = 1e-5
+  norm: str = "layer_norm"
+  gated_mlp: bool = False
+  qkv_bias: bool | None = None
+  rope_scaling: kvattn.rope.Scaling | None = None
+
+
+def check_config(config: Config) -> None:
+  """Raises TypeError/ValueError for a config no model can be built from."""
+  if not isinstance(config, Config):
+    raise TypeError(f"config should be a transformer.Config: but got {type(config).__name__}")
+  c = config
+  check_positive_ints(vocab_size=c.vocab_size, num_layers=c.num_layers, d_model=c.d_model,
+                      num_heads=c.num_heads, num_kv_heads=c.num_kv_heads, head_dim=c.head_dim,
+                      d_ff=c.d_ff)
+  check_heads(c.num_heads, c.num_kv_heads)
+  if c.activation not in _ACTIVATIONS:
+    raise ValueError(f"config.activation should be one of {sorted(_ACTIVATIONS)}: but got "
+                     f"{c.activation!r}")
+  if c.norm not in NORMS:
+    raise ValueError(f"config.norm should be one of {NORMS}: but got {c.norm!r}")
+  if c.rope_base is not None:
+    kvattn.rope.check_base(c.rope_base, "config.rope_base")
+    if c.head_dim % 2:
+      raise ValueError(f"config.head_dim should be even with RoPE: but got {c.head_dim}")
+  kvattn.rope.check_scaling(c.rope_scaling, "config.rope_scaling")
+  if c.rope_scaling is not None and c.rope_base is None:
+    raise ValueError("config.rope_scaling needs config.rope_base: but got rope_base=None")
+
+
+def _qkv_bias(config: Config) -> bool:
+  return config.use_bias if config.qkv_bias is None else config.qkv_bias
 
 
 # Jitted: run eagerly, the many small init ops would each compile on their own.
@@ -81,15 +130,14 @@ def init_params(key: jax.Array, config: Config, dtype=jnp.float32) -> Params:
 
   Layout (leading L on every layer leaf):
     embed [V, DM]; pos_embed [W, DM] if W; unembed [DM, V] if untied;
-    ln_f {scale, bias} [DM];
+    ln_f {scale [DM], bias [DM] (layer_norm only)};
     layers: ln1, ln2 {scale, bias} [L, DM]; attn (kvattn params) wq [L, DM, N, H],
-      wk/wv [L, DM, K, H], wo [L, N, H, DM], biases bq [L, N, H], bk/bv [L, K, H],
-      bo [L, DM]; mlp w_in [L, DM, F], b_in [L, F], w_out [L, F, DM], b_out [L, DM].
+      wk/wv [L, DM, K, H], wo [L, N, H, DM], biases bq [L, N, H], bk/bv [L, K, H]
+      (if qkv biases), bo [L, DM] (if use_bias); mlp w_in [L, DM, F],
+      w_gate [L, DM, F] (if gated), w_out [L, F, DM], biases b_in, b_gate [L, F],
+      b_out [L, DM] (if use_bias).
   """
-  if config.activation not in _ACTIVATIONS:
-    raise ValueError(
-        f"config.activation should be one of {sorted(_ACTIVATIONS)}: but got "
-        f"{config.activation!r}")
+  check_config(config)
   c = config
   k_embed, k_pos, k_out, k_layers = jax.random.split(key, 4)
 
@@ -97,20 +145,28 @@ def init_params(key: jax.Array, config: Config, dtype=jnp.float32) -> Params:
     return (jax.random.normal(rng, shape, jnp.float32) * std).astype(dtype)
 
   def layer(rng):
-    k_attn, k_in, k_mlp_out = jax.random.split(rng, 3)
+    k_attn, k_in, k_mlp_out, k_gate = jax.random.split(rng, 4)
     attn = kvattn.init_params(k_attn, c.d_model, c.num_heads, num_kv_heads=c.num_kv_heads,
-                              head_dim=c.head_dim, use_bias=c.use_bias, dtype=dtype)
+                              head_dim=c.head_dim, use_bias=c.use_bias or _qkv_bias(c),
+                              dtype=dtype)
+    if not _qkv_bias(c):
+      attn = {name: a for name, a in attn.items() if name not in ("bq", "bk", "bv")}
+    if not c.use_bias:
+      attn.pop("bo", None)
     mlp = {"w_in": normal(k_in, (c.d_model, c.d_ff), c.d_model ** -0.5),
            "w_out": normal(k_mlp_out, (c.d_ff, c.d_model), c.d_ff ** -0.5)}
+    if c.gated_mlp:
+      mlp["w_gate"] = normal(k_gate, (c.d_model, c.d_ff), c.d_model ** -0.5)
     if c.use_bias:
       mlp.update(b_in=jnp.zeros((c.d_ff,), dtype), b_out=jnp.zeros((c.d_model,), dtype))
-    return {"ln1": _init_layer_norm(c.d_model, dtype), "attn": attn,
-            "ln2": _init_layer_norm(c.d_model, dtype), "mlp": mlp}
+      if c.gated_mlp:
+        mlp["b_gate"] = jnp.zeros((c.d_ff,), dtype)
+    return {"ln1": _init_norm(c, dtype), "attn": attn, "ln2": _init_norm(c, dtype), "mlp": mlp}
 
   params = {
       "embed": normal(k_embed, (c.vocab_size, c.d_model), 0.02),
       "layers": jax.vmap(layer)(jax.random.split(k_layers, c.num_layers)),
-      "ln_f": _init_layer_norm(c.d_model, dtype),
+      "ln_f": _init_norm(c, dtype),
   }
   if c.max_positions:
     params["pos_embed"] = normal(k_pos, (c.max_positions, c.d_model), 0.02)
@@ -152,10 +208,10 @@ def step(params: Params, caches: kvattn.KVCache, tokens: jax.Array,
 
   def body(h, layer):
     p, cache = layer
-    a, cache = kvattn.prefill(p["attn"], cache, _layer_norm(p["ln1"], h, config.norm_eps), mask,
-                              rope_base=config.rope_base)
+    a, cache = kvattn.prefill(p["attn"], cache, _norm(p["ln1"], h, config), mask,
+                              rope_base=config.rope_base, rope_scaling=config.rope_scaling)
     h = h + a
-    return h + _mlp(p["mlp"], _layer_norm(p["ln2"], h, config.norm_eps), config), cache
+    return h + _mlp(p["mlp"], _norm(p["ln2"], h, config), config), cache
 
   h, caches = lax.scan(body, h, (params["layers"], caches))
   logits = _unembed(params, h, config)
@@ -165,57 +221,43 @@ def step(params: Params, caches: kvattn.KVCache, tokens: jax.Array,
 
 
 @functools.lru_cache(maxsize=None)
-@functools.lru_cache(maxsize=None)
 def step_fn(config: Config):
   """Returns `step` with its config bound; the same object per config, so jit caches hit."""
+  check_config(config)
   return functools.partial(step, config=config)
 
 
 def forward(params: Params, tokens: jax.Array, mask: jax.Array | None = None, *,
-            config: Config) -> jax.Array:
+            config: Config, block_size: int | None = None) -> jax.Array:
   """The model over whole sequences, without a cache: logits `[B, T, V]` float32.
 
-  Causal attention written directly (it does not use kvattn), skipping padding;
-  positions count real tokens only, as `kvattn.token_positions` does. Logits
-  are zeros at padding.
+  For training and as the oracle of cached decoding: each layer's attention is
+  `kvattn.self_attention` (the projections and attention numerics of
+  `kvattn.prefill`, reverse-differentiable, memory O(T * block)). Positions
+  count real tokens only, as `kvattn.token_positions` does. Logits are zeros
+  at padding.
+
+  Args:
+    params: see `init_params`.
+    tokens: int `[B, T]` token ids (any id at padding).
+    mask: bool `[B, T]`, True for real tokens (padding anywhere); None: all real.
+    config: the static `Config`.
+    block_size: queries (and keys) per attention block; None for the default.
   """
-  b, t = _check_tokens(tokens, mask)
-  real = jnp.ones((b, t), jnp.bool_) if mask is None else mask
+  _check_tokens(tokens, mask)
+  real = jnp.ones(tokens.shape, jnp.bool_) if mask is None else mask
   m = real.astype(jnp.int32)
-  positions = jnp.cumsum(m, axis=1) - m
-  allowed = (kvattn.masks.causal_mask(t, t)[None]
-             & real[:, :, None] & real[:, None, :])  # [B, T, T]
-  h = _embed(params, tokens, positions, config)
+  h = _embed(params, tokens, jnp.cumsum(m, axis=1) - m, config)
 
   def body(h, p):
-    a = _full_attention(p["attn"], _layer_norm(p["ln1"], h, config.norm_eps), positions, allowed,
-                        config)
+    a = kvattn.self_attention(
+        p["attn"], _norm(p["ln1"], h, config), mask, rope_base=config.rope_base,
+        rope_scaling=config.rope_scaling, block_size=block_size)
     h = h + a
-    return h + _mlp(p["mlp"], _layer_norm(p["ln2"], h, config.norm_eps), config), None
+    return h + _mlp(p["mlp"], _norm(p["ln2"], h, config), config), None
 
   h, _ = lax.scan(body, h, params["layers"])
   return jnp.where(real[:, :, None], _unembed(params, h, config), 0.0)
-
-
-def _full_attention(p, x, positions, allowed, config):
-  """Plain causal attention over x [B, T, DM]: the uncached route."""
-  q = jnp.einsum("BTD,DNH->BTNH", x, p["wq"])
-  k = jnp.einsum("BTD,DKH->BTKH", x, p["wk"])
-  v = jnp.einsum("BTD,DKH->BTKH", x, p["wv"])
-  if "bq" in p:
-    q, k, v = q + p["bq"][None, None], k + p["bk"][None, None], v + p["bv"][None, None]
-  if config.rope_base is not None:
-    q = kvattn.rope.apply_rope(q, positions, config.rope_base)
-    k = kvattn.rope.apply_rope(k, positions, config.rope_base)
-  g = config.num_heads // config.num_kv_heads
-  k, v = jnp.repeat(k, g, axis=2), jnp.repeat(v, g, axis=2)
-  logits = jnp.einsum("BTNH,BSNH->BNTS", q.astype(jnp.float32), k.astype(jnp.float32))
-  logits = logits * config.head_dim ** -0.5
-  logits = jnp.where(allowed[:, None], logits, -1e30)
-  probs = jax.nn.softmax(logits, axis=-1)
-  o = jnp.einsum("BNTS,BSNH->BTNH", probs, v.astype(jnp.float32)).astype(x.dtype)
-  out = jnp.einsum("BTNH,NHD->BTD", o, p["wo"])
-  return out + p["bo"][None, None] if "bo" in p else out
 
 
 def _check_tokens(tokens, mask) -> tuple[int, int]:
@@ -229,24 +271,36 @@ def _check_tokens(tokens, mask) -> tuple[int, int]:
   return shape
 
 
-def _init_layer_norm(d_model, dtype):
-  return {"scale": jnp.ones((d_model,), dtype), "bias": jnp.zeros((d_model,), dtype)}
+def _init_norm(config, dtype):
+  scale = {"scale": jnp.ones((config.d_model,), dtype)}
+  if config.norm == "rms_norm":
+    return scale
+  return {**scale, "bias": jnp.zeros((config.d_model,), dtype)}
 
 
-def _layer_norm(p, x, eps):
-  """LayerNorm over DM, computed in float32."""
+def _norm(p, x, config):
+  """LayerNorm or RMSNorm over DM, computed in float32, returned in x's dtype."""
   x32 = x.astype(jnp.float32)
+  if config.norm == "rms_norm":
+    y = x32 * lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + config.norm_eps)
+    return (y * p["scale"][None, None]).astype(x.dtype)
   mean = jnp.mean(x32, axis=-1, keepdims=True)
   var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
-  y = (x32 - mean) * lax.rsqrt(var + eps)
+  y = (x32 - mean) * lax.rsqrt(var + config.norm_eps)
   return (y * p["scale"][None, None] + p["bias"][None, None]).astype(x.dtype)
 
 
+def _dense(x, w, b):
+  y = jnp.einsum("BTD,DF->BTF", x, w)
+  return y if b is None else y + b[None, None]
+
+
 def _mlp(p, x, config):
-  h = jnp.einsum("BTD,DF->BTF", x, p["w_in"])
-  if "b_in" in p:
-    h = h + p["b_in"][None, None]
-  h = _ACTIVATIONS[config.activation](h)
+  h = _ACTIVATIONS[config.activation](
+      _dense(x, p["w_gate"], p.get("b_gate")) if config.gated_mlp
+      else _dense(x, p["w_in"], p.get("b_in")))
+  if config.gated_mlp:
+    h = h * _dense(x, p["w_in"], p.get("b_in"))
   out = jnp.einsum("BTF,FD->BTD", h, p["w_out"])
   return out + p["b_out"][None, None] if "b_out" in p else out
 
@@ -261,7 +315,7 @@ def _embed(params, tokens, positions, config):
 
 
 def _unembed(params, h, config):
-  h = _layer_norm(params["ln_f"], h, config.norm_eps).astype(jnp.float32)
+  h = _norm(params["ln_f"], h, config).astype(jnp.float32)
   if config.tie_embeddings:
     return jnp.einsum("BTD,VD->BTV", h, params["embed"].astype(jnp.float32))
   return jnp.einsum("BTD,DV->BTV", h, params["unembed"].astype(jnp.float32))

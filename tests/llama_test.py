@@ -1,0 +1,346 @@
+"""Tests of kvattn/models/llama.py and examples/llama.py on small random checkpoints
+in the Hugging Face layouts of Llama (GQA, RoPE with llama3 scaling, untied,
+sharded into two files with an index) and Qwen2 (q/k/v biases, tied
+embeddings, one file).
+
+The oracle is a float64 numpy forward written here from the Hugging Face
+definitions (names, `[out, in]` weights, RMSNorm, SwiGLU, half-split RoPE,
+Llama 3.1's frequency rule written out per frequency in tests/reference.py);
+it shares no code with the package.
+
+Shape legend: T tokens, DM model width, N query heads, K kv heads, H head dim,
+F MLP width, V vocabulary.
+"""
+
+import json
+import pathlib
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import ml_dtypes
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+from examples import runner
+from kvattn import rope
+from kvattn import sampling
+from kvattn.models import llama
+from kvattn.models import transformer
+from tests import reference
+
+REPO = pathlib.Path(__file__).absolute().parents[1]
+
+LLAMA = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 64,
+    "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0, "hidden_act": "silu", "tie_word_embeddings": False,
+    "max_position_embeddings": 64, "eos_token_id": [62, 63], "bos_token_id": 1,
+    # A small original length, so that all three bands of the rule occur at H = 8.
+    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                     "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+}
+QWEN2 = {
+    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 64,
+    "hidden_size": 32, "intermediate_size": 40, "num_hidden_layers": 2,
+    "num_attention_heads": 4, "num_key_value_heads": 1, "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0, "hidden_act": "silu", "tie_word_embeddings": True,
+    "use_sliding_window": False, "sliding_window": 32, "max_position_embeddings": 64,
+    "eos_token_id": 63, "rope_scaling": None,
+}
+CONFIGS = {"llama": LLAMA, "qwen2": QWEN2}
+
+
+def _random_weights(hf, seed=0):
+  """Tensors with the Hugging Face names and shapes, float32."""
+  rng = np.random.default_rng(seed)
+  dm, v, f = hf["hidden_size"], hf["vocab_size"], hf["intermediate_size"]
+  n, kh = hf["num_attention_heads"], hf["num_key_value_heads"]
+  h = hf.get("head_dim") or dm // n
+  qwen2 = hf["model_type"] == "qwen2"
+
+  def normal(*shape, std=0.2):
+    return (rng.standard_normal(shape) * std).astype(np.float32)
+
+  w = {"model.embed_tokens.weight": normal(v, dm, std=1.0), "model.norm.weight": 1 + normal(dm)}
+  if not hf["tie_word_embeddings"]:
+    w["lm_head.weight"] = normal(v, dm)
+  for i in range(hf["num_hidden_layers"]):
+    pre = f"model.layers.{i}."
+    w.update({
+        pre + "input_layernorm.weight": 1 + normal(dm),
+        pre + "self_attn.q_proj.weight": normal(n * h, dm, std=0.4),
+        pre + "self_attn.k_proj.weight": normal(kh * h, dm, std=0.4),
+        pre + "self_attn.v_proj.weight": normal(kh * h, dm),
+        pre + "self_attn.o_proj.weight": normal(dm, n * h),
+        pre + "post_attention_layernorm.weight": 1 + normal(dm),
+        pre + "mlp.gate_proj.weight": normal(f, dm),
+        pre + "mlp.up_proj.weight": normal(f, dm),
+        pre + "mlp.down_proj.weight": normal(dm, f),
+    })
+    if qwen2:
+      w.update({pre + "self_attn.q_proj.bias": normal(n * h),
+                pre + "self_attn.k_proj.bias": normal(kh * h),
+                pre + "self_attn.v_proj.bias": normal(kh * h)})
+  return w
+
+
+def _write_checkpoint(directory, hf, weights, shards=1, dtype=np.float32):
+  """One model.safetensors, or `shards` files and model.safetensors.index.json."""
+  directory = pathlib.Path(directory)
+  directory.mkdir(parents=True, exist_ok=True)
+  weights = {name: a.astype(dtype) for name, a in weights.items()}
+  if shards == 1:
+    save_file(weights, str(directory / "model.safetensors"))
+  else:
+    names = sorted(weights)
+    weight_map = {}
+    for s in range(shards):
+      file = f"model-{s + 1:05d}-of-{shards:05d}.safetensors"
+      part = {name: weights[name] for name in names[s::shards]}
+      save_file(part, str(directory / file))
+      weight_map.update({name: file for name in part})
+    (directory / "model.safetensors.index.json").write_text(
+        json.dumps({"metadata": {}, "weight_map": weight_map}))
+  (directory / "config.json").write_text(json.dumps(hf))
+  return directory
+
+
+def numpy_llama(hf, w, ids):
+  """Float64 logits [T, V] of one sequence of token ids [T] (Llama or Qwen2)."""
+  w = {k: np.asarray(a, np.float64) for k, a in w.items()}
+  dm, n, kh = hf["hidden_size"], hf["num_attention_heads"], hf["num_key_value_heads"]
+  h = hf.get("head_dim") or dm // n
+  eps, t = hf["rms_norm_eps"], len(ids)
+  inv_freq = reference.rope_frequencies(h, hf["rope_theta"], hf.get("rope_scaling"))
+  angle = np.arange(t)[:, None] * inv_freq[None]  # [T, H/2]
+  cos, sin = np.cos(angle)[:, None], np.sin(angle)[:, None]
+
+  def rms_norm(x, g):
+    return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps) * g
+
+  def linear(x, name):
+    y = x @ w[name + ".weight"].T
+    return y + w[name + ".bias"] if name + ".bias" in w else y
+
+  def rotate(x):  # [T, heads, H], rotate_half as in transformers.
+    x1, x2 = x[..., :h // 2], x[..., h // 2:]
+    return x * np.concatenate([cos, cos], -1) + np.concatenate([-x2, x1], -1) * np.concatenate(
+        [sin, sin], -1)
+
+  x = w["model.embed_tokens.weight"][ids]
+  for i in range(hf["num_hidden_layers"]):
+    pre = f"model.layers.{i}."
+    a = rms_norm(x, w[pre + "input_layernorm.weight"])
+    q = rotate(linear(a, pre + "self_attn.q_proj").reshape(t, n, h))
+    k = rotate(linear(a, pre + "self_attn.k_proj").reshape(t, kh, h))
+    v = linear(a, pre + "self_attn.v_proj").reshape(t, kh, h)
+    k, v = np.repeat(k, n // kh, axis=1), np.repeat(v, n // kh, axis=1)
+    scores = np.einsum("inh,jnh->nij", q, k) / np.sqrt(h)
+    scores = np.where(np.tril(np.ones((t, t), bool)), scores, -np.inf)
+    probs = np.exp(scores - scores.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    o = np.einsum("nij,jnh->inh", probs, v).reshape(t, n * h)
+    x = x + linear(o, pre + "self_attn.o_proj")
+    m = rms_norm(x, w[pre + "post_attention_layernorm.weight"])
+    gate = linear(m, pre + "mlp.gate_proj")
+    x = x + linear(gate / (1 + np.exp(-gate)) * linear(m, pre + "mlp.up_proj"),
+                   pre + "mlp.down_proj")
+  x = rms_norm(x, w["model.norm.weight"])
+  unembed = w.get("lm_head.weight", w["model.embed_tokens.weight"])
+  return x @ unembed.T
+
+
+def _assert_close(got, want, rel=1e-4):
+  """Within rel of the largest logit, elementwise: relative error at the logits' scale."""
+  got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+  np.testing.assert_allclose(got, want, rtol=rel, atol=rel * np.max(np.abs(want)))
+
+
+@pytest.mark.parametrize("name, shards", [("llama", 2), ("qwen2", 1)])
+def test_logits_match_float64_numpy(tmp_path, name, shards):
+  hf = CONFIGS[name]
+  weights = _random_weights(hf)
+  params, config, _ = llama.load(_write_checkpoint(tmp_path, hf, weights, shards=shards))
+  ids = np.random.default_rng(1).integers(0, hf["vocab_size"], 24)  # Past the original 16.
+  want = numpy_llama(hf, weights, ids)
+  assert np.std(want) > 1.0  # Not a degenerate model: the comparison means something.
+
+  logits = jax.jit(transformer.forward, static_argnames="config")(
+      params, jnp.asarray(ids[None], jnp.int32), config=config)
+  _assert_close(logits[0], want)
+
+  # Cached: a prefill of 13 tokens, then single-token steps.
+  step = jax.jit(transformer.step, static_argnames="config")
+  caches = transformer.init_caches(config, 1, 32)
+  got, caches = step(params, caches, jnp.asarray(ids[None, :13], jnp.int32), None, config=config)
+  outs = [got[0]]
+  for i in range(13, 24):
+    got, caches = step(params, caches, jnp.asarray(ids[None, i:i + 1], jnp.int32), None,
+                       config=config)
+    outs.append(got[0])
+  _assert_close(jnp.concatenate(outs), want)
+
+
+def test_the_scaling_matters():
+  """Without llama3 scaling the reference logits differ: the test above can fail."""
+  weights = _random_weights(LLAMA)
+  ids = np.arange(24) % LLAMA["vocab_size"]
+  plain = numpy_llama({**LLAMA, "rope_scaling": None}, weights, ids)
+  with pytest.raises(AssertionError):
+    _assert_close(plain, numpy_llama(LLAMA, weights, ids))
+
+
+def test_bfloat16_checkpoint_loads_as_float32_or_bfloat16(tmp_path):
+  weights = _random_weights(QWEN2, seed=4)
+  directory = _write_checkpoint(tmp_path, QWEN2, weights, dtype=ml_dtypes.bfloat16)
+  params32, config, _ = llama.load(directory)
+  params16, _, _ = llama.load(directory, dtype=ml_dtypes.bfloat16)
+  assert params32["embed"].dtype == np.float32
+  assert params16["embed"].dtype == ml_dtypes.bfloat16
+  rounded = {k: a.astype(ml_dtypes.bfloat16).astype(np.float32) for k, a in weights.items()}
+  ids = np.arange(10) % QWEN2["vocab_size"]
+  logits = transformer.forward(params32, jnp.asarray(ids[None], jnp.int32), config=config)
+  _assert_close(logits[0], numpy_llama(QWEN2, rounded, ids))
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_cached_greedy_equals_uncached(tmp_path, name):
+  hf = CONFIGS[name]
+  weights = _random_weights(hf, seed=2)
+  params, config, _ = llama.load(_write_checkpoint(tmp_path, hf, weights))
+  prompt = [3, 14, 15, 9, 26]
+  ids, _ = runner.generate_ids(params, config, prompt, max_new_tokens=8,
+                               sampler=sampling.Sampler(), eos_id=hf["eos_token_id"])
+  np.testing.assert_array_equal(ids, _greedy_numpy(hf, weights, prompt, 8))
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_gradient_through_forward_matches_float64_finite_differences(name):
+  """jax.grad of a loss through `transformer.forward`, under jit, against the numpy model.
+
+  The weights map linearly onto params, so the derivative along a random
+  direction of the Hugging Face tensors is the gradient dotted with that
+  direction mapped onto params; the reference is a float64 central difference.
+  """
+  hf = CONFIGS[name]
+  config = llama.config_from_hf(hf)
+  weights = _random_weights(hf, seed=6)
+  direction = _random_weights(hf, seed=7)
+  ids = np.random.default_rng(8).integers(0, hf["vocab_size"], 20)
+  cotangent = np.random.default_rng(9).standard_normal((20, hf["vocab_size"]))
+
+  def loss(params):
+    logits = transformer.forward(params, jnp.asarray(ids[None], jnp.int32), config=config,
+                                 block_size=8)  # Three blocks: the blockwise backward.
+    return jnp.sum(logits[0] * jnp.asarray(cotangent, jnp.float32))
+
+  grads = jax.jit(jax.grad(loss))(llama.params_from_hf(weights, config))
+  along = llama.params_from_hf(direction, config)
+  got = sum(float(jnp.vdot(g, jnp.asarray(d))) for g, d in
+            zip(jax.tree.leaves(grads), jax.tree.leaves(along)))
+
+  def numpy_loss(eps):
+    moved = {k: np.float64(a) + eps * np.float64(direction[k]) for k, a in weights.items()}
+    return np.sum(numpy_llama(hf, moved, ids) * cotangent)
+
+  eps = 1e-4
+  want = (numpy_loss(eps) - numpy_loss(-eps)) / (2 * eps)
+  assert abs(want) > 1.0
+  np.testing.assert_allclose(got, want, rtol=2e-4)
+
+
+def _greedy_numpy(hf, weights, prompt, max_new_tokens):
+  """Greedy continuation by the float64 numpy forward, recomputing everything each step."""
+  seq = list(prompt)
+  for _ in range(max_new_tokens):
+    seq.append(int(np.argmax(numpy_llama(hf, weights, np.array(seq))[-1])))
+    if seq[-1] in np.atleast_1d(hf["eos_token_id"]):
+      break
+  return seq[len(prompt):]
+
+
+def test_config_mapping():
+  config = llama.config_from_hf(LLAMA)
+  assert config == transformer.Config(
+      vocab_size=64, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8,
+      d_ff=48, max_positions=0, rope_base=500000.0, tie_embeddings=False, activation="silu",
+      use_bias=False, norm_eps=1e-5, norm="rms_norm", gated_mlp=True, qkv_bias=False,
+      rope_scaling=rope.Scaling("llama3", 8.0, 1.0, 4.0, 16))
+  qwen = llama.config_from_hf(QWEN2)
+  assert (qwen.qkv_bias, qwen.use_bias, qwen.tie_embeddings, qwen.head_dim,
+          qwen.rope_scaling) == (True, False, True, 8, None)
+  linear = llama.config_from_hf({**LLAMA, "rope_scaling": {"type": "linear", "factor": 2.0}})
+  assert linear.rope_scaling == rope.Scaling("linear", 2.0)
+  # transformers >= 5 writes theta and scaling into rope_parameters.
+  v5 = {k: val for k, val in LLAMA.items() if k not in ("rope_theta", "rope_scaling")}
+  v5["rope_parameters"] = {**LLAMA["rope_scaling"], "rope_theta": 500000.0}
+  assert llama.config_from_hf(v5) == config
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"architectures": ["GPT2LMHeadModel"]}, r"architectures should name one of"),
+    ({"hidden_act": "gelu"}, r"hidden_act should be 'silu': but got 'gelu'"),
+    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, r"'yarn'"),
+    ({"use_sliding_window": True}, r"sliding-window attention is not supported"),
+])
+def test_unsupported_configs_are_refused(change, match):
+  base = QWEN2 if "use_sliding_window" in change else LLAMA
+  with pytest.raises(ValueError, match=match):
+    llama.config_from_hf({**base, **change})
+
+
+def test_missing_or_misshapen_tensors_are_named(tmp_path):
+  config = llama.config_from_hf(QWEN2)
+  weights = _random_weights(QWEN2)
+  del weights["model.layers.1.self_attn.k_proj.bias"]
+  with pytest.raises(ValueError, match=r"no tensor 'model.layers.1.self_attn.k_proj.bias'"):
+    llama.params_from_hf(weights, config)
+  weights = _random_weights(QWEN2)
+  weights["model.norm.weight"] = weights["model.norm.weight"][:5]
+  with pytest.raises(ValueError, match=r"model.norm.weight shape should be \(32,\): but got \(5,\)"):
+    llama.params_from_hf(weights, config)
+  with pytest.raises(FileNotFoundError, match="model.safetensors"):
+    llama.load(_write_config_only(tmp_path))
+
+
+def _write_config_only(directory):
+  (directory / "config.json").write_text(json.dumps(LLAMA))
+  return directory
+
+
+def test_main_runs_both_layouts_with_and_without_a_tokenizer(tmp_path):
+  from tokenizers import Tokenizer, models, pre_tokenizers
+  weights = _random_weights(LLAMA, seed=3)
+  sharded = _write_checkpoint(tmp_path / "llama", LLAMA, weights, shards=2)
+  words = [f"w{i}" for i in range(LLAMA["vocab_size"])]
+  tokenizer = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="w0"))
+  tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
+  tokenizer.save(str(sharded / "tokenizer.json"))
+  qwen_weights = _random_weights(QWEN2, seed=5)
+  single = _write_checkpoint(tmp_path / "qwen2", QWEN2, qwen_weights)
+
+  def main(*flags):
+    run = subprocess.run([sys.executable, "examples/llama.py", *flags], cwd=REPO,
+                         capture_output=True, text=True, timeout=180, check=False)
+    assert run.returncode == 0, run.stderr
+    return run.stdout.strip().splitlines()
+
+  lines = main(f"--checkpoint={sharded}", "--prompt=w3 w14 w15", "--max_new_tokens=6",
+               "--print_ids")
+  assert lines[0].startswith("w3 w14 w15")
+  assert "tokens/s" in lines[-2] and "compile" in lines[-2]
+  assert [int(i) for i in lines[-1].split()] == _greedy_numpy(LLAMA, weights, [3, 14, 15], 6)
+
+  lines = main(f"--checkpoint={single}", "--prompt_ids=3,14,15", "--max_new_tokens=5",
+               "--print_ids", "--dtype=bfloat16", "--temperature=0.8", "--top_k=5",
+               "--top_p=0.9", "--seed=1")
+  printed = [int(i) for i in lines[-1].split()]
+  assert 1 <= len(printed) <= 5 and all(0 <= i < QWEN2["vocab_size"] for i in printed)
+
+
+if __name__ == "__main__":
+  sys.exit(pytest.main([__file__]))
