@@ -18,7 +18,7 @@ prefill table prints the minimum too). Caches are donated, as in real use.
   3. Decode step at fill 64 in a small and a large cache, per dtype: the time
      and the compiled step's temporary memory must not grow with capacity.
   4. Compile time of `prefill` at a short and a long prompt.
-  5. The whole bundled char-LM (examples/charlm.py): greedy generation for a
+  5. The whole bundled char-LM (kvattn.models.charlm): greedy generation for a
      batch of prompts, prefill ms and decode tokens/s.
   6. On an accelerator (or with --suite=accelerator or both), the tables of
      examples/benchmark_accelerator.py: every implementation against a
@@ -53,7 +53,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from examples import benchmark_accelerator
-from examples import charlm
+from kvattn.models import charlm
 from examples import timing
 import kvattn
 from kvattn import quant

@@ -26,7 +26,7 @@ if __package__ in (None, ""):  # Run as a script: make the repository root impor
 from absl import app
 from absl import flags
 import jax
-from examples import charlm
+from kvattn.models import charlm
 from kvattn import generation
 from kvattn import sampling
 

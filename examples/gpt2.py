@@ -22,7 +22,7 @@ if __package__ in (None, ""):  # Run as a script: make the repository root impor
 from absl import app
 from absl import flags
 
-from examples import runner
+from kvattn.models import runner
 from kvattn.models import gpt2
 from kvattn import sampling
 

@@ -27,7 +27,7 @@ from absl import flags
 import ml_dtypes
 import numpy as np
 
-from examples import runner
+from kvattn.models import runner
 from kvattn import sampling
 from kvattn.models import llama
 

@@ -17,6 +17,8 @@ from kvattn.cache import KVCache
 from kvattn.cache import init_cache
 from kvattn.cache import overflowed
 from kvattn.cache import token_positions
+from kvattn.cache_ops import reorder
+from kvattn.cache_ops import rewind
 from kvattn.dot_product import dot_product_attention
 from kvattn.generation import Generation
 from kvattn.generation import generate
@@ -43,6 +45,8 @@ __all__ = [
     "overflowed",
     "prefill",
     "quant",
+    "reorder",
+    "rewind",
     "rope",
     "sampling",
     "self_attention",

@@ -1,4 +1,4 @@
-"""Tests of examples/charlm.py: vocabulary and checkpoint (generation: generate_example_test)."""
+"""Tests of kvattn/models/charlm.py: vocabulary and checkpoint (generation: generate_example_test)."""
 
 import sys
 
@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from examples import charlm
+from kvattn.models import charlm
 from kvattn.models import transformer
 
 TINY = transformer.Config(vocab_size=0, num_layers=1, d_model=16, num_heads=2, num_kv_heads=2,

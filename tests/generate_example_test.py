@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from examples import charlm
+from kvattn.models import charlm
 from kvattn.models import transformer
 from kvattn import generation
 from kvattn import sampling

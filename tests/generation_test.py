@@ -10,7 +10,6 @@ checks that the three prefill modes give the same greedy tokens with the
 bundled model.)
 """
 
-import contextlib
 import functools
 import sys
 
@@ -23,6 +22,7 @@ from kvattn.models import transformer
 import kvattn
 from kvattn import generation
 from kvattn import sampling
+from tests import compiles
 
 CONFIG = transformer.Config(vocab_size=32, num_layers=2, d_model=32, num_heads=4,
                             num_kv_heads=2, head_dim=8, d_ff=64, rope_base=10_000.0)
@@ -264,28 +264,6 @@ def test_bad_arguments_raise(call, match):
     call()
 
 
-@contextlib.contextmanager
-def _compilations(name):
-  """Yields a list that gets one entry per XLA compilation of the jitted `name` in the block.
-
-  (`_cache_size()` counts dispatch-cache entries instead: numpy and jax arguments
-  of one shape make two entries but one compilation.)
-  """
-  compiled = []
-
-  def listen(event, duration, **kw):
-    del duration
-    if (event == "/jax/core/compile/backend_compile_duration"
-        and kw.get("fun_name") == f"jit({name})"):
-      compiled.append(name)
-
-  jax.monitoring.register_event_duration_secs_listener(listen)
-  try:
-    yield compiled
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listen)
-
-
 # Prompts of these lengths fall in the default buckets 16 and 32.
 BUCKET_LENGTHS = (3, 9, 17, 20)
 BUCKET_N = 4  # max_new_tokens
@@ -303,7 +281,7 @@ def test_a_stream_of_prompt_lengths_compiles_once_per_bucket_with_the_same_token
   params = _params(CONFIG, seed=6)
   kw = dict(prefill_mode=prefill_mode, chunk_size=chunk_size, max_new_tokens=BUCKET_N,
             max_len=BUCKET_MAX_LEN)
-  with _compilations("start") as compiled:
+  with compiles.compilations("start") as compiled:
     bucketed = [_generate(CONFIG, params, *_bucket_prompt(n), **kw) for n in BUCKET_LENGTHS]
   assert len(compiled) == 2  # Buckets 16 and 32.
   for n, out in zip(BUCKET_LENGTHS, bucketed):
@@ -322,12 +300,12 @@ def test_the_stream_pads_to_the_same_bucket():
   params = _params(CONFIG, seed=6)
   tokens, mask = _bucket_prompt(9)
   n = BUCKET_N + 1  # Not the test above's compilation, whichever runs first.
-  with _compilations("start") as compiled:
+  with compiles.compilations("start") as compiled:
     out = _generate(CONFIG, params, tokens, mask, max_new_tokens=n, max_len=BUCKET_MAX_LEN)
   assert len(compiled) == 1
   np.testing.assert_array_equal(out.caches.index, [16 + n - 1] * CONFIG.num_layers)
   caches = transformer.init_caches(CONFIG, 2, BUCKET_MAX_LEN)
-  with _compilations("start") as compiled:
+  with compiles.compilations("start") as compiled:
     # jax arrays are padded with jax (numpy ones stay numpy); the same compilation.
     stream = generation.generate_stream(
         transformer.step_fn(CONFIG), params, caches, jnp.asarray(tokens), jnp.asarray(mask),

@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from examples import runner
+from kvattn.models import runner
 from kvattn.models import gpt2
 from kvattn.models import transformer
 from kvattn import sampling

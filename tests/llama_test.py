@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from examples import runner
+from kvattn.models import runner
 from kvattn import rope
 from kvattn import sampling
 from kvattn.models import llama

@@ -1,7 +1,8 @@
 """Runs `kvattn.generation` on a model and times its stages apart.
 
-The examples' shared driver: compile time, prefill time and decode speed are
-measured separately, and a streaming mode hands each new column to a callback.
+The examples' driver (generate.py, gpt2.py, llama.py): compile time, prefill
+time and decode speed are measured separately, and a streaming mode hands
+each new column to a callback.
 
 Shape legend:
   B: batch size

@@ -18,7 +18,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from examples import runner
+from kvattn.models import runner
 from kvattn.models import transformer
 from kvattn import sampling
 

@@ -1,0 +1,179 @@
+"""Edits of a whole cache: `rewind` drops the newest tokens, `reorder` gathers rows.
+
+Speculative decoding rewinds the draft tokens a verifier rejected; beam search
+reorders rows to follow the surviving beams. Both return a new cache that
+behaves exactly like one built from the kept (or gathered) inputs.
+
+Shape legend:
+  B: batch size
+  S: cache capacity (max_len)
+  K: number of key/value heads
+  H: head dimension
+  L: number of layers, for stacked caches (`kvattn.models.transformer.init_caches`)
+
+Each function edits one cache. For stacked caches, whose leaves have a
+leading L axis, map it over the layers:
+
+  caches = jax.vmap(kvattn.rewind, in_axes=(0, None))(caches, n)
+  caches = jax.vmap(kvattn.reorder, in_axes=(0, None))(caches, indices)
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from kvattn import layout
+from kvattn._checks import check_cache, check_shape
+from kvattn.cache import KVCache
+
+# The leaves with one entry per slot of a row: zeroed where rewind drops a token.
+_SLOT_FIELDS = tuple(name for name, field in layout.CACHE.items()
+                     if field.dims[:2] == ("B", "S") and name != "valid")
+# The leaves with one entry per row: gathered by reorder.
+_ROW_FIELDS = tuple(name for name, field in layout.CACHE.items() if field.dims[:1] == ("B",))
+
+
+def rewind(cache: KVCache, n: Any) -> KVCache:
+  """Drops the last `n` real tokens of each row, as if they had never been seen.
+
+  A row's real tokens are its valid slots; its last n are the n valid slots
+  with the highest slot numbers (padding slots in between are skipped). The
+  dropped slots become invalid and their k, v (and int8 scales) zeros;
+  `lengths` goes down by the tokens dropped, so the next tokens get the right
+  positions (RoPE, learned embeddings); `index` moves back to just after the
+  last slot still valid in any row (0 if none), so the next write reuses the
+  freed slots. Slots at the end that hold no real token of any row are freed
+  too, even with n = 0. `overflow` is sticky and stays as it is.
+
+  For example, with index 5 and n = [1, 2] (1 = valid):
+
+    valid before     valid after
+    1 1 0 1 1        1 1 0 1 0
+    0 1 1 1 1        0 1 1 0 0     index 5 -> 4, lengths [4, 4] -> [3, 2]
+
+  Rows may keep different numbers of tokens. Under `jit`, n may be traced and
+  one compilation serves every value.
+
+  Args:
+    cache: the `KVCache` to rewind.
+    n: the tokens to drop: a Python int or an integer scalar for every row,
+      or an integer `[B]` array, one count per row.
+
+  Returns:
+    The rewound `KVCache`, with the same shapes and dtypes.
+
+  Raises:
+    TypeError: n is not of an integer dtype.
+    ValueError: n's shape is neither () nor (B,). When n's values are known
+      (a Python int, a numpy or a concrete jax array): n is negative, more
+      than S, or (when `cache.lengths` is concrete too, i.e. outside `jit` and
+      `vmap`) more than a row holds.
+
+  Where n is traced its values are unknown when this runs, so nothing can
+  raise: each row's count is clamped to [0, lengths[b]] instead. A negative
+  count drops nothing, and a count past what the row holds empties the row.
+  The tokens actually dropped are `cache.lengths - rewind(cache, n).lengths`;
+  compare them with n to detect a clamp.
+  """
+  check_cache(cache)
+  b, s = cache.valid.shape
+  n = _check_counts(n, cache)
+  count = jnp.clip(n, 0, cache.lengths)
+  real = cache.valid.astype(jnp.int32)
+  # from_end[b, j]: real tokens of row b in slots j..S-1, so 1 at its last real token.
+  from_end = jnp.sum(real, axis=1, keepdims=True) - jnp.cumsum(real, axis=1) + real
+  drop = cache.valid & (from_end <= count[:, None])
+  keep = cache.valid & ~drop
+  slot = lax.broadcasted_iota(jnp.int32, (b, s), 1)
+  index = jnp.max(jnp.where(keep, slot + 1, 0))
+
+  def zero_dropped(x):
+    where = drop.reshape(drop.shape + (1,) * (x.ndim - 2))
+    return jnp.where(where, jnp.zeros_like(x), x)
+
+  return cache._replace(
+      **{name: zero_dropped(getattr(cache, name)) for name in _SLOT_FIELDS
+         if getattr(cache, name) is not None},
+      valid=keep,
+      lengths=cache.lengths - count,
+      index=index.astype(jnp.int32),
+  )
+
+
+def reorder(cache: KVCache, indices: Any) -> KVCache:
+  """Gathers rows: row b of the result is row `indices[b]` of `cache`.
+
+  For beam search, where the surviving beams replace the others: rows may be
+  repeated or left out. Every per-row leaf (k, v, valid, lengths and the int8
+  scales) is gathered; `index` and `overflow` are shared by the batch and
+  stay as they are. Under `jit`, indices may be traced and one compilation
+  serves every value.
+
+  Args:
+    cache: the `KVCache` to reorder.
+    indices: integer `[B]`, the old row of each new row, in [0, B).
+
+  Returns:
+    The reordered `KVCache`, with the same shapes and dtypes.
+
+  Raises:
+    TypeError: indices are not of an integer dtype.
+    ValueError: indices' shape is not (B,), or (when their values are known:
+      a numpy or a concrete jax array) an index is outside [0, B).
+
+  Where indices are traced, each is clamped to [0, B - 1] instead: a
+  negative index takes row 0 and one past the end takes row B - 1 (no
+  Python-style counting from the end).
+  """
+  check_cache(cache)
+  b = cache.batch_size
+  indices = _as_int_array("indices", indices)
+  check_shape("indices", indices, "(B,)", (b,))
+  if _is_concrete(indices):
+    values = np.asarray(indices)
+    if np.any((values < 0) | (values >= b)):
+      raise ValueError(f"indices should be in [0, B)=[0, {b}): but got {values.tolist()}")
+  indices = jnp.clip(jnp.asarray(indices, jnp.int32), 0, b - 1)
+  return cache._replace(**{
+      name: jnp.take(getattr(cache, name), indices, axis=0, mode="clip")
+      for name in _ROW_FIELDS if getattr(cache, name) is not None})
+
+
+def _check_counts(n: Any, cache: KVCache) -> jax.Array:
+  """n checked as `rewind` documents, as int32 `[B]`."""
+  b, s = cache.valid.shape
+  n = _as_int_array("n", n)
+  if n.shape not in ((), (b,)):
+    raise ValueError(f"n shape should be () or (B,)=({b},): but got {n.shape}")
+  if _is_concrete(n):
+    values = np.asarray(n)
+    if np.any(values < 0):
+      raise ValueError(f"n should be non-negative: but got {values.tolist()}")
+    if _is_concrete(cache.lengths):
+      lengths = np.asarray(cache.lengths)
+      if np.any(values > lengths):
+        raise ValueError(f"n should be at most the real tokens of each row, "
+                         f"cache.lengths={lengths.tolist()}: but got {values.tolist()}")
+    if np.any(values > s):
+      raise ValueError(f"n should be at most the cache's max_len S={s}: but got "
+                       f"{values.tolist()}")
+  return jnp.broadcast_to(jnp.asarray(n, jnp.int32), (b,))
+
+
+def _as_int_array(name: str, x: Any):
+  """x as an array (a Python int or list through numpy); TypeError unless of an integer dtype."""
+  if not hasattr(x, "dtype"):
+    x = np.asarray(x)
+  if x.dtype == jnp.bool_ or not jnp.issubdtype(x.dtype, jnp.integer):
+    raise TypeError(f"{name} dtype should be an integer dtype such as int32: but got {x.dtype}")
+  return x
+
+
+def _is_concrete(x: Any) -> bool:
+  """True when x's values are known now: not a tracer of `jit`, `vmap` or `grad`."""
+  return not isinstance(x, jax.core.Tracer)
