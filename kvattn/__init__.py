@@ -6,12 +6,14 @@ training. The cache is a pytree of arrays and its index a traced
 int32, so each function compiles once and serves every position.
 """
 
+from kvattn import beam_search
 from kvattn import generation
 from kvattn import masks
 from kvattn import quant
 from kvattn import rope
 from kvattn import sampling
 from kvattn import sharding
+from kvattn import speculative
 from kvattn.attention import cached_attention
 from kvattn.cache import KVCache
 from kvattn.cache import init_cache
@@ -33,6 +35,7 @@ __version__ = "0.2.0"
 __all__ = [
     "Generation",
     "KVCache",
+    "beam_search",
     "cached_attention",
     "decode_step",
     "dot_product_attention",
@@ -51,5 +54,6 @@ __all__ = [
     "sampling",
     "self_attention",
     "sharding",
+    "speculative",
     "token_positions",
 ]

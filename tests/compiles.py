@@ -13,14 +13,21 @@ import jax
 
 
 @contextlib.contextmanager
-def compilations(name: str) -> Iterator[list[str]]:
-  """Yields a list that gets one entry per XLA compilation of `jit(name)` in the block."""
+def compilations(name: str | None = None) -> Iterator[list[str]]:
+  """Yields a list that gets one entry per XLA compilation in the block.
+
+  With `name`, only compilations of `jit(name)` count (entries: `name`);
+  without, every compilation does (entries: "jit(f)" for each function f).
+  """
   compiled = []
 
   def listen(event, duration, **kw):
     del duration
-    if (event == "/jax/core/compile/backend_compile_duration"
-        and kw.get("fun_name") == f"jit({name})"):
+    if event != "/jax/core/compile/backend_compile_duration":
+      return
+    if name is None:
+      compiled.append(kw.get("fun_name"))
+    elif kw.get("fun_name") == f"jit({name})":
       compiled.append(name)
 
   jax.monitoring.register_event_duration_secs_listener(listen)

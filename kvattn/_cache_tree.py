@@ -1,0 +1,73 @@
+"""A model's caches as a pytree of `KVCache`s: edit each one, check them at the boundary.
+
+Decoding loops (`kvattn.speculative`, `kvattn.beam_search`) take any pytree
+of caches, as `kvattn.generate` does: one stacked `KVCache` (leaves with a
+leading L axis, `kvattn.models.transformer.init_caches`), a list of them, a
+dict. The edits of `kvattn.cache_ops` act on one unstacked cache; `map_caches`
+applies one to every cache in the tree, mapped over its leading axes.
+
+Shape legend:
+  B: batch size
+  S: cache capacity (max_len)
+  K: number of key/value heads
+  H: head dimension
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import jax
+
+from kvattn.cache import KVCache
+
+# k is [..., B, S, K, H]: the axes before these four are stacking axes (layers).
+_CACHE_RANK = 4
+
+
+def _is_cache(x: Any) -> bool:
+  return isinstance(x, KVCache)
+
+
+def caches_in(caches: Any) -> list[KVCache]:
+  """The `KVCache`s in a pytree, in leaf order."""
+  return [c for c in jax.tree.leaves(caches, is_leaf=_is_cache) if _is_cache(c)]
+
+
+def map_caches(edit: Callable[[KVCache, Any], KVCache], caches: Any, arg: Any) -> Any:
+  """Applies `edit(cache, arg)` to every `KVCache` in caches, vmapped over leading axes.
+
+  `arg` is shared by every cache and every stacked layer (`in_axes=None`);
+  e.g. `map_caches(kvattn.rewind, caches, n)` rewinds every layer by n.
+  """
+  def one(cache):
+    fn = edit
+    for _ in range(cache.k.ndim - _CACHE_RANK):
+      fn = jax.vmap(fn, in_axes=(0, None))
+    return fn(cache, arg)
+
+  return jax.tree.map(one, caches, is_leaf=_is_cache)
+
+
+def check_caches(name: str, caches: Any, batch: int, needed: int, why: str) -> None:
+  """Raises unless caches is a pytree of `KVCache`s with B rows and room for `needed` slots.
+
+  Every leaf must belong to a `KVCache`: a cache edit (rewind, reorder) would
+  not know what to do with other state. `why` says where `needed` comes
+  from, e.g. "P + M - 1 = 5 + 8 - 1".
+  """
+  found = caches_in(caches)
+  stray = [x for x in jax.tree.leaves(caches, is_leaf=_is_cache) if not _is_cache(x)]
+  if not found or stray:
+    kind = type(stray[0]).__name__ if stray else "no KVCache"
+    raise TypeError(f"{name} should be a pytree whose leaves are all in kvattn.KVCaches: "
+                    f"but got {kind}")
+  for cache in found:
+    shape = getattr(cache.k, "shape", None)
+    if shape is None or len(shape) < _CACHE_RANK:
+      raise ValueError(f"{name} k shape should be (..., B, S, K, H): but got {shape}")
+    b, s = shape[-4], shape[-3]
+    if b != batch:
+      raise ValueError(f"{name} batch size should be B={batch}: but got {b} (k shape {shape})")
+    if s < needed:
+      raise ValueError(f"{name} max_len should be at least {why} = {needed}: but got S={s}")
