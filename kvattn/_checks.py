@@ -71,17 +71,23 @@ def check_cache(cache: Any) -> None:
   if getattr(cache.v, "dtype", None) != cache.k.dtype:
     raise ValueError(f"cache.v dtype should be cache.k's, {cache.k.dtype}: but got "
                      f"{getattr(cache.v, 'dtype', None)}")
+  ring = [name for name, field in layout.CACHE.items()
+          if field.feature == "window" and getattr(cache, name) is not None]
   for name, field in layout.CACHE.items():
     x = getattr(cache, name)
-    if field.optional:  # The scales of an int8 cache: present exactly when k is int8.
+    if field.feature == "int8":  # The scales: present exactly when k is int8.
       if not int8 and x is not None:
         raise ValueError(f"cache.{name} should be None for a {cache.k.dtype} cache: "
                          f"but got shape {shape_of(x)}")
       if int8 and x is None:
         raise ValueError(f"cache.{name} should be a {field.dtype} {field.legend()}="
                          f"{field.shape(sizes)} array for an int8 cache: but got None")
-      if x is None:
-        continue
+    elif field.feature == "window":  # A ring cache's leaves: all of them or none.
+      if ring and x is None:
+        raise ValueError(f"cache.{name} should be a {field.dtype} {field.legend()} array in a "
+                         f"ring cache (one with {ring}): but got None")
+    if x is None:
+      continue
     check_shape(f"cache.{name}", x, field.legend(), field.shape(sizes))
     if field.dtype is not None and x.dtype != jnp.dtype(field.dtype):
       raise ValueError(f"cache.{name} dtype should be {field.dtype}: but got {x.dtype}")

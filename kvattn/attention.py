@@ -102,6 +102,7 @@ def cached_attention(
   check_cache(cache)
   mask = check_qkv(q, k, v, cache, mask)
   check_options(prefix_lm, implementation, block_q=block_q, block_kv=block_kv)
+  check_ring_options(cache, prefix_lm, implementation)
   return attend(q, k, v, cache, mask, prefix_lm=prefix_lm, implementation=implementation,
                 block_q=block_q, block_kv=block_kv)
 
@@ -119,7 +120,7 @@ def check_qkv(q, k, v, cache: KVCache, mask) -> jax.Array:
   if t < 1:
     raise ValueError(f"q shape should be (B, T, N, H) with T >= 1: but got {q.shape}")
   check_heads(n, kh)
-  if t > s:
+  if t > s and not cache.ring:
     raise ValueError(f"q has T={t} new tokens, more than the cache's max_len S={s}")
   if mask is None:
     return jnp.ones((b, t), jnp.bool_)
@@ -140,9 +141,26 @@ def check_options(prefix_lm, implementation, **blocks) -> None:
   check_positive_ints(**{name: size for name, size in blocks.items() if size is not None})
 
 
+def check_ring_options(cache: KVCache, prefix_lm, implementation) -> None:
+  """A ring cache is causal and read by the "xla" implementation only (for now)."""
+  if not cache.ring:
+    return
+  if prefix_lm is not False:
+    raise ValueError(f"prefix_lm should be False with a ring (sliding-window) cache: but got "
+                     f"{prefix_lm!r}")
+  if implementation not in (None, "xla"):
+    raise ValueError(f"implementation should be None or 'xla' with a ring (sliding-window) "
+                     f"cache: but got {implementation!r}")
+
+
 def attend(q, k, v, cache: KVCache, mask, *, prefix_lm, implementation=None, block_q=None,
            block_kv=None) -> tuple[jax.Array, KVCache]:
   """`cached_attention` without the checks, for callers that made them (`kvattn.prefill`)."""
+  if cache.ring:  # Read the ring before the write: a long chunk overwrites what it needs.
+    positions = cache_lib.token_positions(cache, mask)
+    new_cache, k_new, v_new = cache_lib.append(cache, k, v, mask)
+    return xla.attend_ring(q, k_new, v_new, cache, positions, mask, block_q=block_q,
+                           block_kv=block_kv), new_cache
   start = cache.index
   cache, k_new, v_new = cache_lib.append(cache, k, v, mask)
   call = functools.partial(_implementation, implementation, q, k_new, v_new, cache, start, mask,

@@ -43,6 +43,14 @@ class KVCache(NamedTuple):
     k_scale: [B, S, K] float32 scale of each int8 key vector, or None when k
       is stored unquantised (see `kvattn.quant`).
     v_scale: [B, S, K] float32 scale of each int8 value vector, or None.
+    positions: [B, S] int32, a ring cache's position of the token in each
+      slot; None for a linear cache. In a ring (`init_cache(..., window=W)`)
+      S is the number of ring slots, a real token at position p lives in slot
+      p % S of its row, and padding takes no slot.
+    window: [] int32, a ring cache's W: a token at position p sees the real
+      tokens of its row at positions p - W + 1 .. p. None for a linear cache.
+    max_positions: [] int32, a ring cache's bound on positions (its max_len):
+      a write past it sets `overflow`. None for a linear cache.
   """
 
   k: jax.Array
@@ -54,6 +62,9 @@ class KVCache(NamedTuple):
   # Last and optional, so code that builds a KVCache from six fields still works.
   k_scale: jax.Array | None = None
   v_scale: jax.Array | None = None
+  positions: jax.Array | None = None
+  window: jax.Array | None = None
+  max_positions: jax.Array | None = None
 
   @property
   def batch_size(self) -> int:
@@ -61,7 +72,13 @@ class KVCache(NamedTuple):
 
   @property
   def max_len(self) -> int:
+    """S, the slots per row (a ring cache's positions are bounded by `max_positions`)."""
     return self.k.shape[1]
+
+  @property
+  def ring(self) -> bool:
+    """True for a sliding-window ring cache (`init_cache(..., window=W)`)."""
+    return self.positions is not None
 
   @property
   def num_kv_heads(self) -> int:
@@ -85,6 +102,8 @@ def init_cache(
     dtype: jnp.dtype = jnp.float32,
     *,
     quantized: bool = False,
+    window: int | None = None,
+    rewind_room: int = 0,
 ) -> KVCache:
   """Returns an empty cache with room for `max_len` tokens per row.
 
@@ -101,6 +120,15 @@ def init_cache(
       254 of its vector (`kvattn.quant`); the layer's output stays within 1e-2
       of float32's (relative norm). `dtype` must then stay float32, the dtype
       the int8 entries are dequantised to.
+    window: None for a linear cache of S = max_len slots. W for a
+      sliding-window ring: each token sees the real tokens of its own row at
+      positions p - W + 1 .. p, and k and v hold only W + rewind_room slots
+      per row, written round-robin (a real token at position p in slot
+      p % (W + rewind_room)), so memory does not grow with the sequence;
+      max_len still bounds the positions (past it, `overflow`).
+    rewind_room: ring caches only: extra slots, so that `kvattn.rewind` can
+      drop up to rewind_room + 1 tokens and still hold every token the next
+      one must see (speculative decoding with k drafts needs k - 1).
 
   Returns:
     A `KVCache` with k, v `[B, S, K, H]` of zeros, nothing valid, index 0.
@@ -116,13 +144,26 @@ def init_cache(
     raise ValueError(
         f"dtype should be float32 when quantized=True (k and v are stored as int8 "
         f"and dequantised to float32): but got {dtype}")
-  sizes = dict(B=batch, S=max_len, K=num_kv_heads, H=head_dim)
+  if window is not None:
+    check_positive_ints(window=window)
+  if not (isinstance(rewind_room, int) and not isinstance(rewind_room, bool)
+          and rewind_room >= 0):
+    raise ValueError(f"rewind_room should be a non-negative int: but got {rewind_room!r}")
+  if rewind_room and window is None:
+    raise ValueError(f"rewind_room should be 0 without a window: but got {rewind_room}")
+  slots = max_len if window is None else window + rewind_room
+  sizes = dict(B=batch, S=slots, K=num_kv_heads, H=head_dim)
   storage = jnp.dtype(jnp.int8) if quantized else dtype
+  features = {"int8": quantized, "window": window is not None}
   # One array per leaf, never one twice: each must be donatable on its own.
-  return KVCache(**{
-      name: None if field.optional and not quantized
+  cache = KVCache(**{
+      name: None if field.optional and not features[field.feature]
       else jnp.zeros(field.shape(sizes), field.dtype or storage)
       for name, field in layout.CACHE.items()})
+  if window is None:
+    return cache
+  return cache._replace(window=jnp.array(window, jnp.int32),
+                        max_positions=jnp.array(max_len, jnp.int32))
 
 
 def overflowed(cache: KVCache) -> jax.Array:
@@ -188,17 +229,9 @@ def append(cache: KVCache, k: jax.Array, v: jax.Array,
     `(new_cache, k_new, v_new)`: k_new and v_new `[B, T, K, H]` in the
     cache's dtype, or float32 (dequantised) for an int8 cache.
   """
-  # Padding is stored as zeros, so that whatever it held (NaN, inf) stays out
-  # of every later read.
-  real = mask[:, :, None, None]
-  k, v = jnp.where(real, k, jnp.zeros_like(k)), jnp.where(real, v, jnp.zeros_like(v))
-  if cache.quantized:
-    (kq, k_scale), (vq, v_scale) = quant.quantize(k), quant.quantize(v)
-    stored = dict(k=kq, v=vq, k_scale=k_scale, v_scale=v_scale)
-    k, v = quant.dequantize(kq, k_scale), quant.dequantize(vq, v_scale)
-  else:
-    k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
-    stored = dict(k=k, v=v)
+  if cache.ring:
+    return _append_ring(cache, k, v, mask)
+  stored, k, v = _storage(cache, k, v, mask)
   t = mask.shape[1]
   s = cache.max_len
   fits = (cache.index <= s - t) & ~cache.overflow
@@ -212,6 +245,52 @@ def append(cache: KVCache, k: jax.Array, v: jax.Array,
       overflow=cache.overflow | ~fits,
   )
   return new_cache, k, v
+
+
+def _storage(cache: KVCache, k, v, mask):
+  """The leaves to store for k, v `[B, T, K, H]`, and k, v as attention must read them.
+
+  Padding is stored as zeros, so that whatever it held (NaN, inf) stays out
+  of every later read.
+  """
+  real = mask[:, :, None, None]
+  k, v = jnp.where(real, k, jnp.zeros_like(k)), jnp.where(real, v, jnp.zeros_like(v))
+  if cache.quantized:
+    (kq, k_scale), (vq, v_scale) = quant.quantize(k), quant.quantize(v)
+    stored = dict(k=kq, v=vq, k_scale=k_scale, v_scale=v_scale)
+    return stored, quant.dequantize(kq, k_scale), quant.dequantize(vq, v_scale)
+  k, v = k.astype(cache.k.dtype), v.astype(cache.v.dtype)
+  return dict(k=k, v=v), k, v
+
+
+def _append_ring(cache: KVCache, k, v, mask):
+  """`append` for a ring cache: each real token goes to slot `position % S` of its row.
+
+  Only the newest S real tokens of a row can be held, so earlier ones of a
+  long chunk are not written (no two writes of one call hit the same slot).
+  Padding takes no slot. `index` counts the tokens of every call, as in a
+  linear cache; the write fails (nothing written, `overflow` set) when a
+  row's positions would pass `max_positions`.
+  """
+  stored, k, v = _storage(cache, k, v, mask)
+  b, t = mask.shape
+  s = cache.max_len
+  m = mask.astype(jnp.int32)
+  position = cache.lengths[:, None] + jnp.cumsum(m, axis=1) - m  # [B, T]
+  lengths = cache.lengths + jnp.sum(m, axis=1)
+  fits = jnp.all(lengths <= cache.max_positions) & ~cache.overflow
+  keep = mask & (position >= lengths[:, None] - s) & fits
+  slot = jnp.where(keep, position % s, s)  # Slot S is out of range: dropped.
+  row = lax.broadcasted_iota(jnp.int32, (b, t), 0)
+  put = lambda buf, x: buf.at[row, slot].set(x.astype(buf.dtype), mode="drop")
+  return cache._replace(
+      **{name: put(getattr(cache, name), x) for name, x in stored.items()},
+      valid=put(cache.valid, mask),
+      positions=put(cache.positions, position),
+      lengths=jnp.where(fits, lengths, cache.lengths),
+      index=jnp.where(fits, cache.index + t, cache.index),
+      overflow=cache.overflow | ~fits,
+  ), k, v
 
 
 def _put(buf: jax.Array, x: jax.Array, start: jax.Array, fits: jax.Array) -> jax.Array:

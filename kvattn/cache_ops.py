@@ -79,11 +79,20 @@ def rewind(cache: KVCache, n: Any) -> KVCache:
   count drops nothing, and a count past what the row holds empties the row.
   The tokens actually dropped are `cache.lengths - rewind(cache, n).lengths`;
   compare them with n to detect a clamp.
+
+  A ring cache (`init_cache(..., window=W, rewind_room=R)`) drops the tokens
+  by position and keeps its `index` (its slots are reused). It holds S = W + R
+  slots, so from a row that filled them it can drop up to R + 1 tokens and
+  still hold every token the next one must see. More raises when n and the
+  lengths are concrete; traced, it sets the sticky `overflow` flag: the
+  cache can no longer give exact results.
   """
   check_cache(cache)
   b, s = cache.valid.shape
   n = _check_counts(n, cache)
   count = jnp.clip(n, 0, cache.lengths)
+  if cache.ring:
+    return _rewind_ring(cache, count)
   real = cache.valid.astype(jnp.int32)
   # from_end[b, j]: real tokens of row b in slots j..S-1, so 1 at its last real token.
   from_end = jnp.sum(real, axis=1, keepdims=True) - jnp.cumsum(real, axis=1) + real
@@ -103,6 +112,39 @@ def rewind(cache: KVCache, n: Any) -> KVCache:
       lengths=cache.lengths - count,
       index=index.astype(jnp.int32),
   )
+
+
+def _rewind_ring(cache: KVCache, count: jax.Array) -> KVCache:
+  """`rewind` of a ring cache: the tokens at positions >= lengths - count go.
+
+  The ring's slots are reused, so `index` stays. The next token, at position
+  p = lengths - count, must see positions p - W + 1 .. p - 1; the ring still
+  holds those unless more than `rewind_room + 1` tokens are dropped from a row
+  that had already filled its S slots. Then the cache cannot be exact any
+  more: `overflow` is set (concrete counts raise in `_check_ring_counts`).
+  """
+  lengths = cache.lengths - count
+  drop = cache.valid & (cache.positions >= lengths[:, None])
+  lost = _ring_history_lost(cache, lengths)
+
+  def zero_dropped(x):
+    where = drop.reshape(drop.shape + (1,) * (x.ndim - 2))
+    return jnp.where(where, jnp.zeros_like(x), x)
+
+  return cache._replace(
+      **{name: zero_dropped(getattr(cache, name)) for name in _SLOT_FIELDS
+         if getattr(cache, name) is not None},
+      valid=cache.valid & ~drop,
+      lengths=lengths,
+      overflow=cache.overflow | jnp.any(lost),
+  )
+
+
+def _ring_history_lost(cache: KVCache, lengths) -> jax.Array:
+  """bool `[B]`: rows whose next token's window reaches below what the ring still holds."""
+  needed = jnp.maximum(lengths - cache.window + 1, 0)  # The oldest position it must see.
+  held = jnp.maximum(cache.lengths - cache.max_len, 0)  # The oldest position the ring has.
+  return needed < held
 
 
 def reorder(cache: KVCache, indices: Any) -> KVCache:
@@ -162,6 +204,13 @@ def _check_counts(n: Any, cache: KVCache) -> jax.Array:
     if np.any(values > s):
       raise ValueError(f"n should be at most the cache's max_len S={s}: but got "
                        f"{values.tolist()}")
+    if cache.ring and _is_concrete(cache.lengths):
+      lengths = np.asarray(cache.lengths) - np.broadcast_to(values, (b,))
+      if np.any(np.asarray(_ring_history_lost(cache, jnp.asarray(lengths, jnp.int32)))):
+        raise ValueError(
+            f"n should be at most rewind_room + 1 = {s - int(cache.window) + 1} for the rows "
+            f"of this ring cache that fill its {s} slots (cache.lengths="
+            f"{np.asarray(cache.lengths).tolist()}): but got {values.tolist()}")
   return jnp.broadcast_to(jnp.asarray(n, jnp.int32), (b,))
 
 

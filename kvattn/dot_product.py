@@ -41,6 +41,7 @@ def dot_product_attention(
     mask: jax.Array | None = None,
     *,
     causal: bool = True,
+    window: int | None = None,
     block_size: int | None = None,
 ) -> jax.Array:
   """Self-attention of T tokens, with the cached path's numbers and a gradient.
@@ -53,10 +54,11 @@ def dot_product_attention(
   The output equals `kvattn.cached_attention` (implementation "xla") on an
   empty cache to float32 rounding; `causal=False` is its `prefix_lm=True`.
 
-  Differentiable in first-order reverse mode only (`jax.grad`, `jax.vjp`):
-  the gradient is a `jax.custom_vjp`, so forward mode (`jax.jvp`,
-  `jax.jacfwd`) raises, and so does `jax.grad` of the gradient (its loops
-  have traced trip counts).
+  Differentiable in first-order reverse mode (`jax.grad`, `jax.vjp`): the
+  gradient is a `jax.custom_vjp`, so forward mode (`jax.jvp`, `jax.jacfwd`)
+  raises. Second order is not supported: with `causal=True`, `jax.grad` of
+  the gradient raises (its loops have traced trip counts); with
+  `causal=False` it happens to run, untested.
   Gradients are computed in float32 and returned in each input's dtype; at
   padded positions they are exactly zero, and whatever padded q, k or v hold
   (NaN, inf) reaches neither the output nor any gradient.
@@ -70,6 +72,9 @@ def dot_product_attention(
     mask: bool `[B, T]`, True for real tokens, False for padding (left,
       right, or anywhere); None means all real.
     causal: a Python bool; False lets every token see every real token.
+    window: None, or W (causal only): a token at position p sees the real
+      tokens at positions p - W + 1 .. p only, positions counting real tokens
+      (a ring cache's sliding window, `kvattn.init_cache(..., window=W)`).
     block_size: C, queries (and keys) per block; None for
       `kvattn.kernels.xla.BLOCK_Q`. Capped at T. Tuning only: it changes
       the result by float32 rounding at most.
@@ -78,12 +83,16 @@ def dot_product_attention(
     o `[B, T, N, H]` in q's dtype.
   """
   mask = _check(q, k, v, mask, causal, block_size)
+  if window is not None:
+    check_positive_ints(window=window)
+    if not causal:
+      raise ValueError(f"window should be None with causal=False: but got {window!r}")
   block = min(block_size or xla.BLOCK_Q, q.shape[1])
   # Zeroed out here, outside the custom_vjp: padding cannot reach any
   # arithmetic, and jnp.where gives it an exactly zero gradient.
   real = mask[:, :, None, None]
   q, k, v = (jnp.where(real, x, jnp.zeros_like(x)) for x in (q, k, v))
-  return _attention(q, k, v, mask, causal, block)
+  return _attention(q, k, v, mask, causal, block, window)
 
 
 def _check(q, k, v, mask, causal, block_size) -> jax.Array:
@@ -111,13 +120,19 @@ def _check(q, k, v, mask, causal, block_size) -> jax.Array:
   return mask
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _attention(q, k, v, mask, causal: bool, block: int) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
+def _attention(q, k, v, mask, causal: bool, block: int, window: int | None) -> jax.Array:
   """`dot_product_attention` on checked inputs, padding zeroed; block is C <= T."""
-  return _forward(q, k, v, mask, causal, block)[0]
+  return _forward(q, k, v, mask, causal, block, window)[0]
 
 
-def _forward(q, k, v, mask, causal: bool, block: int):
+def _positions(mask):
+  """int32 `[B, T]`: real tokens before each token (a padding token: the next one's)."""
+  m = mask.astype(jnp.int32)
+  return jnp.cumsum(m, axis=1) - m
+
+
+def _forward(q, k, v, mask, causal: bool, block: int, window: int | None):
   """The output, and what the backward pass needs.
 
   Returns:
@@ -128,7 +143,9 @@ def _forward(q, k, v, mask, causal: bool, block: int):
   """
   b, t, n, h = q.shape
   kh = k.shape[2]
-  part = xla.attend_chunk(xla.group_queries(q, kh), k, v, mask, not causal, block)
+  positions = None if window is None else _positions(mask)
+  part = xla.attend_chunk(xla.group_queries(q, kh), k, v, mask, not causal, block, positions,
+                          window)
   o_rows = normalize(part)
   seen = part.l > 0.0
   lse = jnp.where(seen, part.m + jnp.log(jnp.where(seen, part.l, 1.0)), 0.0)
@@ -136,7 +153,7 @@ def _forward(q, k, v, mask, causal: bool, block: int):
   return o.astype(q.dtype), (q, k, v, mask, o_rows, lse)
 
 
-def _backward(causal: bool, block: int, residuals, do):
+def _backward(causal: bool, block: int, window: int | None, residuals, do):
   """The flash-attention backward, in two blockwise passes.
 
   With P the probabilities, D = rowsum(dO * O) and dS = P * (dO V^T - D):
@@ -162,16 +179,19 @@ def _backward(causal: bool, block: int, residuals, do):
   delta, lse = pad(delta, 3), pad(lse.reshape(b, kh, g, t), 3)
   kt, vt = (pad(x.astype(f32).transpose(0, 2, 1, 3), 2) for x in (k, v))  # [B, K, T, H]
   mask = pad(mask, 1)
+  positions = _positions(mask)
   take = lambda x, i, axis: lax.dynamic_slice_in_dim(x, i * block, block, axis=axis)
   # Inside shard_map, the loops' carries must vary over the mesh axes that
   # what they read varies over.
-  reads = (qh, doh, delta, lse, kt, vt, mask)
+  reads = (qh, doh, delta, lse, kt, vt, mask, positions)
 
   def block_grads(i, j):
     """P and dS `[B, K, G, C, C]` of query block i over key block j."""
     allowed = masks.padding_mask(take(mask, i, 1), take(mask, j, 1))
     if causal:
       allowed = masks.combine_masks(allowed, masks.causal_mask(block, block, (i - j) * block))
+    if window is not None:
+      allowed = allowed & masks.window_mask(take(positions, i, 1), take(positions, j, 1), window)
     logits = jnp.einsum("BKGTH,BKCH->BKGTC", take(qh, i, 3), take(kt, j, 2))
     shifted = logits - take(lse, i, 3)[..., None]
     p = jnp.exp(jnp.where(allowed[:, None, None], shifted, MASKED))  # exp(MASKED) == 0.

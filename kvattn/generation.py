@@ -266,7 +266,8 @@ def _record(state: DecodeState, logits, sampler, eos_id, pad_id) -> DecodeState:
   tokens = lax.dynamic_update_index_in_dim(state.tokens, token, state.step, axis=1)
   lengths = jnp.where(state.done, state.lengths, state.step + 1)
   if eos_id is not None:  # One id, or several (a list of ints is a pytree of scalars).
-    eos = jnp.stack([jnp.asarray(i, jnp.int32) for i in jax.tree.leaves(eos_id)])  # [E]
+    eos = jnp.concatenate([jnp.asarray(i, jnp.int32).reshape(-1)
+                           for i in jax.tree.leaves(eos_id)])  # [E]
     done = state.done | jnp.any(token[:, None] == eos[None], axis=1)
   else:
     done = state.done
@@ -323,10 +324,15 @@ def _pad_to_bucket(caches, tokens, mask, *, max_new_tokens, pad_id, prefill_mode
   """
   _check_buckets(prompt_buckets)
   _, p = _check_args(caches, tokens, mask, max_new_tokens, prefill_mode, chunk_size)
-  s = _max_len(caches)
-  if s is None:  # No KVCache: the room for padding is unknown.
+  free = _free_slots(caches)
+  if free is None:  # No linear KVCache, or a traced index: the room for padding is unknown.
     return tokens, mask
-  extra = bucket_length(p, prompt_buckets, s - max_new_tokens + 1) - p
+  needed = p + max_new_tokens - 1
+  if free < needed:
+    raise ValueError(
+        f"caches have {free} free slots (max_len minus the slots already written), too few "
+        f"for P + max_new_tokens - 1 = {p} + {max_new_tokens} - 1 = {needed} tokens")
+  extra = bucket_length(p, prompt_buckets, free - max_new_tokens + 1) - p
   if not extra:
     return tokens, mask
   return _pad_right(tokens, extra, pad_id), _pad_right(mask, extra, False)
@@ -354,22 +360,40 @@ def _check_buckets(buckets):
                      f"positive ints: but got {buckets!r}")
 
 
+def _free_slots(caches) -> int | None:
+  """The fewest slots not yet written among the linear `KVCache`s of caches.
+
+  None when there is none, or when an index is traced (under an outer jit):
+  then the room is unknown. Ring caches are left out: their slots are reused
+  and only `max_positions` bounds them (a write past it sets `overflow`).
+  """
+  free = []
+  for cache in jax.tree.leaves(caches, is_leaf=lambda x: isinstance(x, KVCache)):
+    if not isinstance(cache, KVCache) or cache.ring:
+      continue
+    if isinstance(cache.index, jax.core.Tracer):
+      return None
+    free.append(cache.k.shape[-3] - int(np.max(np.asarray(cache.index))))
+  return min(free, default=None)
+
+
 def _max_len(caches) -> int | None:
-  """The smallest max_len S of the `KVCache`s among caches; None if there are none."""
+  """The smallest max_len S of the linear `KVCache`s among caches; None if there are none."""
   sizes = [cache.k.shape[-3]  # k is [..., B, S, K, H] (stacked caches have leading axes).
            for cache in jax.tree.leaves(caches, is_leaf=lambda x: isinstance(x, KVCache))
-           if isinstance(cache, KVCache)]
+           if isinstance(cache, KVCache) and not cache.ring]
   return min(sizes, default=None)
 
 
 def _check_eos(eos_id) -> None:
-  """eos_id: None, an integer scalar, or a non-empty list of them (traced or not)."""
+  """eos_id: None, an int, or a non-empty list or 1-D array of ints (traced or not)."""
   if eos_id is None:
     return
   leaves = jax.tree.leaves(eos_id)
   ok = bool(leaves) and all(
       (isinstance(i, numbers.Integral) and not isinstance(i, (bool, np.bool_)))
-      or (getattr(i, "shape", None) == () and jnp.issubdtype(i.dtype, jnp.integer))
+      or (len(getattr(i, "shape", (0, 0))) <= 1 and jnp.issubdtype(i.dtype, jnp.integer)
+          and np.prod(i.shape) > 0)
       for i in leaves)
   if not ok:
     raise ValueError(f"eos_id should be None, an int or a non-empty list of ints: but got "

@@ -82,6 +82,7 @@ def self_attention(
     mask: jax.Array | None = None,
     *,
     causal: bool = True,
+    window: int | None = None,
     rope_base: float | None = None,
     rope_scaling: rope.Scaling | None = None,
     block_size: int | None = None,
@@ -98,6 +99,8 @@ def self_attention(
     mask: bool `[B, T]`, True for real tokens (padding anywhere); None: all
       real. Positions count real tokens only, as in `prefill`.
     causal: False for bidirectional attention (prefix-LM over the whole input).
+    window: None, or W: the sliding window of a ring cache
+      (`kvattn.init_cache(..., window=W)`), so that training matches it.
     rope_base: as in `prefill`.
     rope_scaling: as in `prefill`.
     block_size: as in `kvattn.dot_product_attention`.
@@ -119,19 +122,21 @@ def self_attention(
   if mask is not None:
     check_mask(mask, b, t)
   _check_rope(rope_base, rope_scaling)
-  return _self_attention(params, x, mask, causal=causal, rope_base=rope_base,
+  return _self_attention(params, x, mask, causal=causal, window=window, rope_base=rope_base,
                          rope_scaling=rope_scaling, block_size=block_size)
 
 
-def _self_attention(params, x, mask, *, causal, rope_base, rope_scaling, block_size):
+def _self_attention(params, x, mask, *, causal, window, rope_base, rope_scaling, block_size):
   """`self_attention` without the checks of params, x and the RoPE settings."""
   if mask is None:
     positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
   else:
     m = mask.astype(jnp.int32)
     positions = jnp.cumsum(m, axis=1) - m  # As token_positions on an empty cache.
+    x = jnp.where(mask[:, :, None], x, jnp.zeros_like(x))  # No NaN at padding in the grads.
   q, k, v = project_qkv(params, x, positions, rope_base, rope_scaling)
-  o = dot_product.dot_product_attention(q, k, v, mask, causal=causal, block_size=block_size)
+  o = dot_product.dot_product_attention(q, k, v, mask, causal=causal, window=window,
+                                        block_size=block_size)
   return project_out(params, o, mask, x.dtype)
 
 
@@ -197,11 +202,12 @@ def _check(params, cache, x, mask, prefix_lm, rope_base, rope_scaling, implement
   t = x.shape[1]
   if t < 1:
     raise ValueError(f"x shape should be (B, T, DM) with T >= 1: but got {x.shape}")
-  if t > cache.max_len:
+  if t > cache.max_len and not cache.ring:
     raise ValueError(f"x has T={t} new tokens, more than the cache's max_len S={cache.max_len}")
   if mask is not None:
     check_mask(mask, b, t)
   attention.check_options(prefix_lm, implementation)
+  attention.check_ring_options(cache, prefix_lm, implementation)
   _check_rope(rope_base, rope_scaling)
 
 

@@ -31,14 +31,17 @@ class Field(NamedTuple):
     dtype: a fixed dtype name, or None for the pytree's own (the cache's
       storage dtype, the params' dtype).
     optional: the leaf may be absent (None in a cache, a missing key in
-      params): int8 scales, biases.
+      params): int8 scales, a ring cache's bookkeeping, biases.
     fan_in: the dims an input is contracted over (params' initialiser).
+    feature: for an optional cache leaf, the kind of cache that has it:
+      "int8" (quantised) or "window" (a sliding-window ring).
   """
 
   dims: tuple[str, ...]
   dtype: str | None = None
   optional: bool = False
   fan_in: tuple[str, ...] = ()
+  feature: str | None = None
 
   def legend(self) -> str:
     """The symbolic shape, e.g. "(B, S, K, H)"."""
@@ -60,8 +63,12 @@ CACHE: dict[str, Field] = {
     "lengths": Field(("B",), "int32"),
     "index": Field((), "int32"),
     "overflow": Field((), "bool"),
-    "k_scale": Field(("B", "S", "K"), "float32", optional=True),  # int8 caches only.
-    "v_scale": Field(("B", "S", "K"), "float32", optional=True),
+    "k_scale": Field(("B", "S", "K"), "float32", optional=True, feature="int8"),
+    "v_scale": Field(("B", "S", "K"), "float32", optional=True, feature="int8"),
+    # Ring caches only (init_cache(..., window=W)): S is then the ring's slots.
+    "positions": Field(("B", "S"), "int32", optional=True, feature="window"),
+    "window": Field((), "int32", optional=True, feature="window"),
+    "max_positions": Field((), "int32", optional=True, feature="window"),
 }
 
 # The attention params (see kvattn.params): Flax DenseGeneral kernels and biases.

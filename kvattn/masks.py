@@ -70,6 +70,17 @@ def sliding_window_mask(num_queries: int, num_keys: int, window: int, offset=0) 
   return (k <= q) & (k > q - window)
 
 
+def window_mask(query_positions: jax.Array, key_positions: jax.Array, window) -> jax.Array:
+  """Returns bool `[B, T, S]`: keys within the window of each query, by token position.
+
+  True where `key_position > query_position - window`: the sliding window
+  of a ring cache, on positions that count real tokens only (so padding
+  between two tokens does not push one out of the other's window). Combine
+  with a causal or padding mask; `window` may be traced.
+  """
+  return key_positions[:, None, :] > query_positions[:, :, None] - window
+
+
 def padding_mask(query_valid: jax.Array, key_valid: jax.Array) -> jax.Array:
   """Returns bool `[B, T, S]`: True where both the query and the key are real tokens.
 

@@ -35,3 +35,19 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 # NVIDIA GPUs (about 1e-3 relative) and bfloat16 passes on TPU; on CPU this
 # changes nothing.
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _free_compiled_programs():
+  """Drops jax's compiled programs after each test file.
+
+  Each XLA:CPU executable keeps about 20 memory mappings, and the suite
+  compiles thousands of programs in one process: past the kernel's
+  vm.max_map_count (65530 by default) the compiler segfaults. Clearing the
+  caches between files keeps the count to one file's programs.
+  """
+  yield
+  jax.clear_caches()

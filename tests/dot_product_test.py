@@ -250,5 +250,43 @@ def test_bad_inputs_raise(change, error, match):
     kvattn.dot_product_attention(**args)
 
 
+
+@pytest.mark.parametrize("block_size", [4, None])
+def test_sliding_window_forward_and_gradients_match_reference(block_size):
+  """window=W: positions count real tokens, so a hole does not push a key out."""
+  w = 3
+  q, k, v, ct = random_qkv(40, 2, t=17)
+  mask = padded_mask(17)
+  m = mask.astype(np.int64)
+  pos = np.cumsum(m, 1) - m
+  allowed = (mask[:, :, None] & mask[:, None, :] & (pos[:, None, :] <= pos[:, :, None])
+             & (pos[:, None, :] > pos[:, :, None] - w))
+
+  def reference_windowed(q, k, v):
+    n, h = q.shape[2:]
+    k, v = (jnp.repeat(x, n // x.shape[2], axis=2) for x in (k, v))
+    ok = jnp.asarray(allowed)[:, None]
+    logits = jnp.einsum("BTNH,BSNH->BNTS", q, k) / np.sqrt(h)
+    p = jnp.where(ok, jax.nn.softmax(jnp.where(ok, logits, -1e30), axis=-1), 0.0)
+    return jnp.einsum("BNTS,BSNH->BTNH", p, v)
+
+  def loss(q, k, v):
+    o = kvattn.dot_product_attention(q, k, v, mask, window=w, block_size=block_size)
+    return jnp.sum(o * ct), o
+
+  (_, got), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
+  with jax.enable_x64(True):
+    q64, k64, v64, ct64 = (jnp.asarray(as_f64(x)) for x in (q, k, v, ct))
+    want = reference_windowed(q64, k64, v64)
+    want_grads = jax.grad(lambda *a: jnp.sum(reference_windowed(*a) * ct64),
+                          argnums=(0, 1, 2))(q64, k64, v64)
+    want, want_grads = np.asarray(want), [np.asarray(g) for g in want_grads]
+  np.testing.assert_allclose(got, want, **TOL)
+  for g, w64 in zip(grads, want_grads):
+    np.testing.assert_allclose(g, w64, **GRAD_TOL)
+  with pytest.raises(ValueError, match="window should be None with causal=False"):
+    kvattn.dot_product_attention(q, k, v, mask, causal=False, window=w)
+
+
 if __name__ == "__main__":
   sys.exit(pytest.main([__file__]))

@@ -345,5 +345,36 @@ def test_bad_prompt_buckets_raise(buckets):
     _bad(prompt_buckets=buckets)()
 
 
+
+def test_buckets_count_the_slots_a_cache_already_holds():
+  """A conversation going on: the bucket must fit the free slots, not max_len."""
+  params = _params(CONFIG)
+  history, history_mask = _prompts([20, 20], 20, left_pad=False, seed=7)
+  caches = transformer.init_caches(CONFIG, 2, 35)
+  _, caches = transformer.step_fn(CONFIG)(params, caches, jnp.asarray(history),
+                                          jnp.asarray(history_mask))
+  tokens, mask = _prompts([5, 3], 5, left_pad=False, seed=8)
+  kw = dict(max_new_tokens=8, sampler=GREEDY, key=jax.random.key(0))
+  want = generation.generate(transformer.step_fn(CONFIG), params, caches, tokens, mask,
+                             prompt_buckets=None, **kw)
+  got = generation.generate(transformer.step_fn(CONFIG), params, caches, tokens, mask, **kw)
+  np.testing.assert_array_equal(got.tokens, want.tokens)
+  assert not np.any(np.asarray(got.caches.overflow))
+  with pytest.raises(ValueError, match=r"caches have 15 free slots .* too few for P \+ "
+                     r"max_new_tokens - 1 = 5 \+ 12 - 1 = 16"):
+    generation.generate(transformer.step_fn(CONFIG), params, caches, tokens, mask,
+                        **(kw | dict(max_new_tokens=12)))
+
+
+def test_eos_ids_as_an_array():
+  tokens = np.array([[1], [7]], np.int32)
+  caches = (jnp.zeros((), jnp.int32), jnp.zeros((2,), jnp.int32))
+  for eos in (np.array([4, 9]), jnp.array([4, 9], jnp.int32)):
+    out = generation.generate(_counting_model, None, caches, tokens, np.ones((2, 1), bool),
+                              max_new_tokens=5, sampler=GREEDY, key=jax.random.key(0),
+                              eos_id=eos, pad_id=-1)
+    np.testing.assert_array_equal(out.tokens, [[2, 3, 4, -1, -1], [8, 9, -1, -1, -1]])
+
+
 if __name__ == "__main__":
   sys.exit(pytest.main([__file__]))

@@ -51,7 +51,10 @@ QWEN2 = {
     "use_sliding_window": False, "sliding_window": 32, "max_position_embeddings": 64,
     "eos_token_id": 63, "rope_scaling": None,
 }
-CONFIGS = {"llama": LLAMA, "qwen2": QWEN2}
+# Mistral: Llama's layout with a sliding window, much shorter than the tests' sequences.
+MISTRAL = {**LLAMA, "architectures": ["MistralForCausalLM"], "model_type": "mistral",
+           "sliding_window": 5, "rope_scaling": None, "rope_theta": 10000.0}
+CONFIGS = {"llama": LLAMA, "qwen2": QWEN2, "mistral": MISTRAL}
 
 
 def _random_weights(hf, seed=0):
@@ -140,7 +143,10 @@ def numpy_llama(hf, w, ids):
     v = linear(a, pre + "self_attn.v_proj").reshape(t, kh, h)
     k, v = np.repeat(k, n // kh, axis=1), np.repeat(v, n // kh, axis=1)
     scores = np.einsum("inh,jnh->nij", q, k) / np.sqrt(h)
-    scores = np.where(np.tril(np.ones((t, t), bool)), scores, -np.inf)
+    allowed = np.tril(np.ones((t, t), bool))
+    if hf["model_type"] == "mistral" and hf.get("sliding_window"):
+      allowed &= ~np.tril(np.ones((t, t), bool), -hf["sliding_window"])
+    scores = np.where(allowed, scores, -np.inf)
     probs = np.exp(scores - scores.max(-1, keepdims=True))
     probs /= probs.sum(-1, keepdims=True)
     o = np.einsum("nij,jnh->inh", probs, v).reshape(t, n * h)
@@ -160,7 +166,7 @@ def _assert_close(got, want, rel=1e-4):
   np.testing.assert_allclose(got, want, rtol=rel, atol=rel * np.max(np.abs(want)))
 
 
-@pytest.mark.parametrize("name, shards", [("llama", 2), ("qwen2", 1)])
+@pytest.mark.parametrize("name, shards", [("llama", 2), ("qwen2", 1), ("mistral", 1)])
 def test_logits_match_float64_numpy(tmp_path, name, shards):
   hf = CONFIGS[name]
   weights = _random_weights(hf)
@@ -207,7 +213,7 @@ def test_bfloat16_checkpoint_loads_as_float32_or_bfloat16(tmp_path):
   _assert_close(logits[0], numpy_llama(QWEN2, rounded, ids))
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "mistral"])
 def test_cached_greedy_equals_uncached(tmp_path, name):
   hf = CONFIGS[name]
   weights = _random_weights(hf, seed=2)
@@ -218,7 +224,7 @@ def test_cached_greedy_equals_uncached(tmp_path, name):
   np.testing.assert_array_equal(ids, _greedy_numpy(hf, weights, prompt, 8))
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "mistral"])
 def test_gradient_through_forward_matches_float64_finite_differences(name):
   """jax.grad of a loss through `transformer.forward`, under jit, against the numpy model.
 
@@ -285,7 +291,7 @@ def test_config_mapping():
     ({"architectures": ["GPT2LMHeadModel"]}, r"architectures should name one of"),
     ({"hidden_act": "gelu"}, r"hidden_act should be 'silu': but got 'gelu'"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, r"'yarn'"),
-    ({"use_sliding_window": True}, r"sliding-window attention is not supported"),
+    ({"use_sliding_window": True}, r"Qwen2's sliding window \(on some layers\) is not supported"),
 ])
 def test_unsupported_configs_are_refused(change, match):
   base = QWEN2 if "use_sliding_window" in change else LLAMA

@@ -39,6 +39,16 @@ def test_prefix_lm_mask():
           "1 1 1 1"]))
 
 
+def test_window_mask_compares_token_positions():
+  # Row 0: positions 0..3. Row 1: a padding column between positions 0 and 1
+  # takes position 1 too; the window counts positions, not columns.
+  pos = jnp.array([[0, 1, 2, 3], [0, 1, 1, 2]])
+  got = masks.window_mask(pos, pos, 2) & (pos[:, None, :] <= pos[:, :, None])
+  np.testing.assert_array_equal(got[0], masks.sliding_window_mask(4, 4, window=2))
+  np.testing.assert_array_equal(got[1], [[1, 0, 0, 0], [1, 1, 1, 0], [1, 1, 1, 0],
+                                         [0, 1, 1, 1]])
+
+
 def test_sliding_window_mask():
   np.testing.assert_array_equal(
       masks.sliding_window_mask(4, 4, window=2),

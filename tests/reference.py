@@ -166,7 +166,7 @@ def allowed_mask(chunk_ids: np.ndarray, prefix_lm: bool) -> np.ndarray:
   return allowed
 
 
-def layer(params, x, mask, chunk_ids, *, prefix_lm=False, rope_base=None):
+def layer(params, x, mask, chunk_ids, *, prefix_lm=False, rope_base=None, window=None):
   """The attention layer over whole sequences, without a cache.
 
   Args:
@@ -175,6 +175,8 @@ def layer(params, x, mask, chunk_ids, *, prefix_lm=False, rope_base=None):
       call (prefill chunk or decode step) each time step was fed in.
     prefix_lm: tokens fed in the same call see each other.
     rope_base: None or the RoPE base.
+    window: None, or W: a token at position p sees positions p - W + 1 .. p
+      only (positions count the row's real tokens).
 
   Returns:
     [B, T, DM] float64, zeros at padding.
@@ -193,6 +195,10 @@ def layer(params, x, mask, chunk_ids, *, prefix_lm=False, rope_base=None):
     if rope_base is not None:
       pos = np.arange(idx.size)
       q, k = rope(q, pos, rope_base), rope(k, pos, rope_base)
-    o = attention(q, k, v, allowed_mask(np.asarray(chunk_ids)[idx], prefix_lm))
+    allowed = allowed_mask(np.asarray(chunk_ids)[idx], prefix_lm)
+    if window is not None:
+      pos = np.arange(idx.size)
+      allowed = allowed & (pos[None, :] > pos[:, None] - window)
+    o = attention(q, k, v, allowed)
     out[b, idx] = np.einsum("lnh,nhd->ld", o, p["wo"]) + p.get("bo", 0.0)
   return out

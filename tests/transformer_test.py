@@ -147,5 +147,25 @@ def test_out_of_range_pad_ids_change_no_real_logit(pad_id):
   np.testing.assert_allclose(outs[1][real], outs[0][real], rtol=1e-6, atol=1e-6)
 
 
+
+@pytest.mark.parametrize("pad_id", [-100, 40], ids=["negative", "vocab_size"])
+def test_out_of_range_pad_ids_leave_the_gradient_finite_and_unchanged(pad_id):
+  """An out-of-range id embeds to NaN; at padding it must not reach a weight's gradient."""
+  config = LLAMA_LIKE
+  params = transformer.init_params(jax.random.key(0), config)
+  tokens = np.asarray(jax.random.randint(jax.random.key(1), (2, 8), 1, config.vocab_size))
+  mask = np.array([[False, False] + [True] * 6, [True] * 5 + [False] * 3])
+
+  def loss(p, pad):
+    padded = jnp.asarray(np.where(mask, tokens, pad), jnp.int32)
+    return jnp.sum(transformer.forward(p, padded, jnp.asarray(mask), config=config) ** 2)
+
+  want = jax.grad(loss)(params, 0)
+  got = jax.grad(loss)(params, pad_id)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    assert np.all(np.isfinite(g))
+    np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
+
+
 if __name__ == "__main__":
   sys.exit(pytest.main([__file__]))

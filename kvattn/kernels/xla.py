@@ -85,6 +85,58 @@ def group_queries(q: jax.Array, num_kv_heads: int) -> jax.Array:
   return qh.reshape(b, t, num_kv_heads, n // num_kv_heads, h).transpose(0, 2, 3, 1, 4)
 
 
+def attend_ring(q: jax.Array, k_new: jax.Array, v_new: jax.Array, cache: KVCache,
+                positions: jax.Array, mask: jax.Array, *, block_q: int | None = None,
+                block_kv: int | None = None) -> jax.Array:
+  """Attention of the new tokens over a ring cache (read before the write) and themselves.
+
+  Args:
+    q: `[B, T, N, H]` queries; k_new, v_new `[B, T, K, H]` as stored.
+    cache: the ring cache as it was before this call's write.
+    positions: int32 `[B, T]` the new tokens' positions.
+    mask: bool `[B, T]`.
+    block_q, block_kv: as in `attend`.
+
+  Returns:
+    o `[B, T, N, H]` in q's dtype. Each real query sees the real tokens of its
+    row at positions p - W + 1 .. p: those the ring holds and the new ones.
+  """
+  b, t, n, h = q.shape
+  kh = k_new.shape[2]
+  qh = group_queries(q, kh)
+  cached = _attend_ring_slots(qh, mask, positions, cache,
+                              min(block_kv or BLOCK_KV, cache.max_len))
+  new = attend_chunk(qh, k_new, v_new, mask, False, min(block_q or BLOCK_Q, t), positions,
+                     cache.window)
+  o = normalize(accumulate(cached, new)).reshape(b, kh, n // kh, t, h)
+  return o.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q.dtype)
+
+
+def _attend_ring_slots(qh, q_mask, q_positions, cache: KVCache, block) -> Partial:
+  """Partial softmax of the queries over every slot of a ring, block by block.
+
+  A slot is seen when it holds a real token of the row (`valid`) within the
+  query's window; every token it can hold is older than the new queries.
+  The loop's trip count is static: ceil(S / C) blocks of C slots.
+  """
+  s = cache.max_len
+
+  def body(j, acc):
+    first = j * block
+    start = jnp.minimum(first, s - block)  # The last block may overlap the one before.
+    take = lambda x: lax.dynamic_slice_in_dim(x, start, block, axis=1)
+    slot = start + lax.broadcasted_iota(jnp.int32, (1, block), 1)
+    valid = take(cache.valid) & (slot >= first)
+    allowed = (masks.padding_mask(q_mask, valid)
+               & masks.window_mask(q_positions, take(cache.positions), cache.window))
+    scales = (take(cache.k_scale), take(cache.v_scale)) if cache.quantized else None
+    return accumulate(acc, _partial(qh, take(cache.k), take(cache.v), allowed, scales))
+
+  b, kh, g, t, h = qh.shape
+  init = varying_like(empty((b, kh * g * t), h), (qh, q_mask, q_positions, cache))
+  return lax.fori_loop(0, -(-s // block), body, init)
+
+
 def _attend_cache(qh, q_mask, cache: KVCache, end, block) -> tuple[Partial, KVCache]:
   """Partial softmax of the queries over the cached slots [0, end), block by block.
 
@@ -131,7 +183,8 @@ def _attend_cache(qh, q_mask, cache: KVCache, end, block) -> tuple[Partial, KVCa
   return acc, cache._replace(**bufs)
 
 
-def attend_chunk(qh, k, v, mask, prefix_lm: bool, block: int) -> Partial:
+def attend_chunk(qh, k, v, mask, prefix_lm: bool, block: int, positions=None,
+                 window=None) -> Partial:
   """Partial softmax of the queries over the new keys, query block by query block.
 
   A loop with a static trip count runs over the blocks of `block` queries; a
@@ -145,6 +198,11 @@ def attend_chunk(qh, k, v, mask, prefix_lm: bool, block: int) -> Partial:
     mask: bool `[B, T]`.
     prefix_lm: a Python bool.
     block: C, queries (and keys) per block, at most T.
+    positions: with `window`, int32 `[B, T]` token positions (real tokens
+      counted only, nondecreasing along T).
+    window: None, or W (may be traced): a query at position p also sees only
+      keys at positions above p - W (a ring cache's sliding window). Query
+      block i then starts at the first key block any of its rows can see.
 
   Returns:
     The partial of all T queries: o `[B, K*G*T, H]`, m, l `[B, K*G*T]`.
@@ -153,10 +211,13 @@ def attend_chunk(qh, k, v, mask, prefix_lm: bool, block: int) -> Partial:
   num_blocks = -(-t // block)
   causal = None if prefix_lm else masks.causal_mask(t, t)
   if num_blocks == 1:  # A decode step, or a short chunk: no loop.
-    return _partial(qh, k, v, masks.combine_masks(masks.padding_mask(mask, mask), causal))
+    local = None if window is None else masks.window_mask(positions, positions, window)
+    return _partial(qh, k, v, masks.combine_masks(masks.padding_mask(mask, mask), causal, local))
   padded = num_blocks * block
   pad = lambda x, axis: jnp.pad(x, [(0, padded - t if a == axis else 0) for a in range(x.ndim)])
   qh, k, v, mask = pad(qh, 3), pad(k, 1), pad(v, 1), pad(mask, 1)
+  if window is not None:  # Padded columns: past every real position, masked anyway.
+    positions = jnp.pad(positions, [(0, 0), (0, padded - t)], mode="edge")
   vector = g * block <= _VECTOR_ROWS
   if not vector:  # Head-major float32 keys and values, transposed once for all blocks.
     k, v = (x.astype(jnp.float32).transpose(0, 2, 1, 3) for x in (k, v))
@@ -165,12 +226,15 @@ def attend_chunk(qh, k, v, mask, prefix_lm: bool, block: int) -> Partial:
   def query_block(i):
     qb = lax.dynamic_slice_in_dim(qh, i * block, block, axis=3)
     qm = lax.dynamic_slice_in_dim(mask, i * block, block, axis=1)
+    qpos = None if window is None else lax.dynamic_slice_in_dim(positions, i * block, block, 1)
 
     def key_block(j, acc):
       take = lambda x, axis: lax.dynamic_slice_in_dim(x, j * block, block, axis=axis)
       allowed = masks.padding_mask(qm, take(mask, 1))
       if not prefix_lm:
         allowed = masks.combine_masks(allowed, masks.causal_mask(block, block, (i - j) * block))
+      if window is not None:
+        allowed = allowed & masks.window_mask(qpos, take(positions, 1), window)
       if vector:
         part = _partial_vector(qb, take(k, key_axis), take(v, key_axis), allowed, None)
       else:
@@ -178,7 +242,8 @@ def attend_chunk(qh, k, v, mask, prefix_lm: bool, block: int) -> Partial:
       return accumulate(acc, part)
 
     init = varying_like(empty((b, kh * g * block), h), (qh, mask, k, v, i))
-    return lax.fori_loop(0, num_blocks if prefix_lm else i + 1, key_block, init)
+    first = 0 if window is None else _first_key_block(positions, qpos, qm, window, block)
+    return lax.fori_loop(first, num_blocks if prefix_lm else i + 1, key_block, init)
 
   parts = lax.map(query_block, jnp.arange(num_blocks, dtype=jnp.int32))
 
@@ -189,6 +254,19 @@ def attend_chunk(qh, k, v, mask, prefix_lm: bool, block: int) -> Partial:
     return x.reshape(b, kh * g * t, *tail)
 
   return Partial(*(unblock(x) for x in parts))
+
+
+def _first_key_block(positions, qpos, q_mask, window, block):
+  """The first key block that a real query of this block may see under the window.
+
+  Keys at positions <= min(query position) - W are out of every query's
+  window; positions never decrease along T, so they fill whole leading
+  columns of each row. Blocks made only of them, in every row, are skipped.
+  """
+  big = jnp.iinfo(jnp.int32).max // 2
+  lowest = jnp.min(jnp.where(q_mask, qpos, big), axis=1)  # [B]; rows without a query: big.
+  unseen = jnp.sum(positions <= (lowest - window)[:, None], axis=1)  # [B] leading columns.
+  return (jnp.min(unseen) // block).astype(jnp.int32)
 
 
 def _partial(qh, k, v, mask, scales=None) -> Partial:

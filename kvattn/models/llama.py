@@ -3,16 +3,21 @@
 Reads `config.json` and the safetensors weights (one file or shards, see
 `kvattn.models.checkpoint`) with numpy, no torch, for:
 
-  * `LlamaForCausalLM` (and `MistralForCausalLM` without a sliding window):
-    RMSNorm, SwiGLU MLP, RoPE with `rope_theta` and `rope_scaling` "llama3"
-    or "linear", grouped-query attention, optional `attention_bias` and
-    `mlp_bias`, tied or untied unembedding;
+  * `LlamaForCausalLM` and `MistralForCausalLM`: RMSNorm, SwiGLU MLP, RoPE
+    with `rope_theta` and `rope_scaling` "llama3" or "linear", grouped-query
+    attention, optional `attention_bias` and `mlp_bias`, tied or untied
+    unembedding, Mistral's `sliding_window` (ring caches of that many slots);
   * `Qwen2ForCausalLM`: the same with q, k, v biases (and no output bias),
-    often tied embeddings; a sliding window (`use_sliding_window`) is refused.
+    often tied embeddings; its sliding window on some layers
+    (`use_sliding_window`) is refused.
 
 Hugging Face's `nn.Linear` weights are `[out, in]`; they are transposed into
 the Flax DenseGeneral layout of `kvattn.params` (`wq [DM, N, H]`, ...). Both
 use the half-split RoPE layout, so no row of q or k is permuted.
+
+In bfloat16, the last bits of the logits differ from transformers': RMSNorm
+and RoPE are computed in float32 here and rounded once, where transformers
+rounds the normalised activations and cos/sin to bfloat16 first.
 
 Shape legend:
   L: number of layers
@@ -42,14 +47,13 @@ def config_from_hf(hf: dict[str, Any]) -> transformer.Config:
   """Maps a Llama, Mistral or Qwen2 `config.json` onto the transformer's `Config`."""
   architecture = _architecture(hf)
   qwen2 = architecture == "Qwen2ForCausalLM"
-  if hf.get("sliding_window") is not None and (hf.get("use_sliding_window", not qwen2)):
-    raise ValueError(f"config.json: sliding-window attention is not supported: but got "
-                     f"sliding_window={hf['sliding_window']}")
+  window = hf.get("sliding_window") if hf.get("use_sliding_window", not qwen2) else None
+  if window is not None and qwen2:  # Qwen2 windows only the layers from max_window_layers on.
+    raise ValueError(f"config.json: Qwen2's sliding window (on some layers) is not supported: "
+                     f"but got use_sliding_window=True, sliding_window={window}")
   if hf.get("hidden_act", "silu") != "silu":
     raise ValueError(f"config.json: hidden_act should be 'silu': but got {hf['hidden_act']!r}")
-  if hf.get("pretraining_tp", 1) != 1:
-    raise ValueError("config.json: pretraining_tp should be 1 (weights split for tensor "
-                     f"parallelism are not supported): but got {hf['pretraining_tp']}")
+  # pretraining_tp > 1 only sliced the same full weights at compute time: ignored.
   dm, n = hf["hidden_size"], hf["num_attention_heads"]
   head_dim = hf.get("head_dim") or dm // n
   parameters = hf.get("rope_parameters") or {}  # transformers >= 5 keeps theta and scaling here.
@@ -64,7 +68,8 @@ def config_from_hf(hf: dict[str, Any]) -> transformer.Config:
       # A bias that the checkpoint lacks while the Config wants it is loaded as zeros.
       use_bias=attention_bias or mlp_bias, norm_eps=hf.get("rms_norm_eps", 1e-6),
       norm="rms_norm", gated_mlp=True, qkv_bias=qwen2 or attention_bias,
-      rope_scaling=rope_scaling_from_hf(hf.get("rope_scaling") or parameters))
+      rope_scaling=rope_scaling_from_hf(hf.get("rope_scaling") or parameters),
+      sliding_window=window)
 
 
 def rope_scaling_from_hf(scaling: dict[str, Any] | None) -> rope.Scaling | None:

@@ -140,6 +140,7 @@ def main_for_checkpoint(load: Callable[[str], tuple[Any, transformer.Config, dic
   if (prompt is None) == (prompt_ids is None):
     raise app.UsageError("give exactly one of --prompt and --prompt_ids")
   params, config, hf = load(checkpoint)
+  params = jax.device_put(params)  # Once, not as part of the timed prefill.
   tokenizer = model_checkpoint.read_tokenizer(checkpoint)
   if prompt is not None:
     if tokenizer is None:

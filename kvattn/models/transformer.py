@@ -75,6 +75,9 @@ class Config(NamedTuple):
       "silu"); else `w_out(act(x w_in))`.
     qkv_bias: biases in q, k, v; None: as `use_bias`.
     rope_scaling: None, or a `kvattn.rope.Scaling` (needs rope_base).
+    sliding_window: None, or W: every layer attends to the last W positions
+      only (Mistral), through ring caches of W slots (`init_caches`) and the
+      same window in `forward`.
   """
 
   vocab_size: int
@@ -94,6 +97,7 @@ class Config(NamedTuple):
   gated_mlp: bool = False
   qkv_bias: bool | None = None
   rope_scaling: kvattn.rope.Scaling | None = None
+  sliding_window: int | None = None
 
 
 def check_config(config: Config) -> None:
@@ -117,6 +121,8 @@ def check_config(config: Config) -> None:
   kvattn.rope.check_scaling(c.rope_scaling, "config.rope_scaling")
   if c.rope_scaling is not None and c.rope_base is None:
     raise ValueError("config.rope_scaling needs config.rope_base: but got rope_base=None")
+  if c.sliding_window is not None:
+    check_positive_ints(**{"config.sliding_window": c.sliding_window})
 
 
 def _qkv_bias(config: Config) -> bool:
@@ -175,15 +181,19 @@ def init_params(key: jax.Array, config: Config, dtype=jnp.float32) -> Params:
   return params
 
 
-@functools.partial(jax.jit, static_argnames=("config", "batch", "max_len", "dtype"))
-def init_caches(config: Config, batch: int, max_len: int,
-                dtype=jnp.float32) -> kvattn.KVCache:
+@functools.partial(jax.jit, static_argnames=("config", "batch", "max_len", "dtype",
+                                             "rewind_room"))
+def init_caches(config: Config, batch: int, max_len: int, dtype=jnp.float32,
+                rewind_room: int = 0) -> kvattn.KVCache:
   """Returns one `KVCache` for all layers: every leaf has a leading L axis.
 
   k, v are `[L, B, S, K, H]`, valid `[L, B, S]`, lengths `[L, B]`, index and
-  overflow `[L]`.
+  overflow `[L]`. With `config.sliding_window` = W they are ring caches of
+  S = W + rewind_room slots, max_len bounding the positions.
   """
-  one = kvattn.init_cache(batch, max_len, config.num_kv_heads, config.head_dim, dtype)
+  one = kvattn.init_cache(batch, max_len, config.num_kv_heads, config.head_dim, dtype,
+                          window=config.sliding_window,
+                          rewind_room=rewind_room if config.sliding_window else 0)
   return jax.tree.map(lambda a: jnp.stack([a] * config.num_layers), one)
 
 
@@ -204,7 +214,7 @@ def step(params: Params, caches: kvattn.KVCache, tokens: jax.Array,
   b, t = _check_tokens(tokens, mask)
   layer0 = jax.tree.map(lambda a: a[0], caches)
   positions = kvattn.token_positions(layer0, mask, num_tokens=t)  # [B, T]
-  h = _embed(params, tokens, positions, config)
+  h = _embed(params, tokens, positions, config, mask)
 
   def body(h, layer):
     p, cache = layer
@@ -247,12 +257,12 @@ def forward(params: Params, tokens: jax.Array, mask: jax.Array | None = None, *,
   _check_tokens(tokens, mask)
   real = jnp.ones(tokens.shape, jnp.bool_) if mask is None else mask
   m = real.astype(jnp.int32)
-  h = _embed(params, tokens, jnp.cumsum(m, axis=1) - m, config)
+  h = _embed(params, tokens, jnp.cumsum(m, axis=1) - m, config, mask)
 
   def body(h, p):
     a = kvattn.self_attention(
-        p["attn"], _norm(p["ln1"], h, config), mask, rope_base=config.rope_base,
-        rope_scaling=config.rope_scaling, block_size=block_size)
+        p["attn"], _norm(p["ln1"], h, config), mask, window=config.sliding_window,
+        rope_base=config.rope_base, rope_scaling=config.rope_scaling, block_size=block_size)
     h = h + a
     return h + _mlp(p["mlp"], _norm(p["ln2"], h, config), config), None
 
@@ -305,7 +315,14 @@ def _mlp(p, x, config):
   return out + p["b_out"][None, None] if "b_out" in p else out
 
 
-def _embed(params, tokens, positions, config):
+def _embed(params, tokens, positions, config, mask):
+  """Token (and learned position) embeddings; padding takes token 0's, whatever its id.
+
+  jnp.take gives NaN for an id out of range (-100, V): inert in the forward
+  pass, but 0 * NaN in the weights' gradients.
+  """
+  if mask is not None:
+    tokens = jnp.where(mask, tokens, 0)
   h = jnp.take(params["embed"], tokens, axis=0)
   if config.max_positions:
     # Past the last learned position the last one is reused (jnp.take would clamp too).
@@ -315,7 +332,11 @@ def _embed(params, tokens, positions, config):
 
 
 def _unembed(params, h, config):
-  h = _norm(params["ln_f"], h, config).astype(jnp.float32)
+  # In the params' dtype with float32 accumulation: no float32 copy of a
+  # bfloat16 [V, DM] matrix per step.
+  h = _norm(params["ln_f"], h, config)
   if config.tie_embeddings:
-    return jnp.einsum("BTD,VD->BTV", h, params["embed"].astype(jnp.float32))
-  return jnp.einsum("BTD,DV->BTV", h, params["unembed"].astype(jnp.float32))
+    w, spec = params["embed"], "BTD,VD->BTV"
+  else:
+    w, spec = params["unembed"], "BTD,DV->BTV"
+  return jnp.einsum(spec, h.astype(w.dtype), w, preferred_element_type=jnp.float32)
