@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
+import numpy as np
 
 from kvattn.cache import KVCache
 
@@ -49,12 +50,15 @@ def map_caches(edit: Callable[[KVCache, Any], KVCache], caches: Any, arg: Any) -
   return jax.tree.map(one, caches, is_leaf=_is_cache)
 
 
-def check_caches(name: str, caches: Any, batch: int, needed: int, why: str) -> None:
+def check_caches(name: str, caches: Any, batch: int, needed: int, why: str,
+                 rewind: int = 0) -> None:
   """Raises unless caches is a pytree of `KVCache`s with B rows and room for `needed` slots.
 
   Every leaf must belong to a `KVCache`: a cache edit (rewind, reorder) would
   not know what to do with other state. `why` says where `needed` comes
-  from, e.g. "P + M - 1 = 5 + 8 - 1".
+  from, e.g. "P + M - 1 = 5 + 8 - 1". A ring cache needs `needed` positions
+  (`max_positions`, when concrete) rather than slots, and room to rewind
+  `rewind` tokens exactly (`rewind_room >= rewind - 1`).
   """
   found = caches_in(caches)
   stray = [x for x in jax.tree.leaves(caches, is_leaf=_is_cache) if not _is_cache(x)]
@@ -69,5 +73,24 @@ def check_caches(name: str, caches: Any, batch: int, needed: int, why: str) -> N
     b, s = shape[-4], shape[-3]
     if b != batch:
       raise ValueError(f"{name} batch size should be B={batch}: but got {b} (k shape {shape})")
-    if s < needed:
+    if cache.ring:
+      _check_ring(name, cache, needed, why, rewind)
+    elif s < needed:
       raise ValueError(f"{name} max_len should be at least {why} = {needed}: but got S={s}")
+
+
+def _check_ring(name: str, cache: KVCache, needed: int, why: str, rewind: int) -> None:
+  """The room of a ring cache: its max_positions and, to rewind, its rewind_room."""
+  if isinstance(cache.max_positions, jax.core.Tracer) or isinstance(cache.window,
+                                                                    jax.core.Tracer):
+    return  # Under an outer jit: the sticky overflow flag will tell.
+  max_positions = int(np.min(np.asarray(cache.max_positions)))
+  if max_positions < needed:
+    raise ValueError(f"{name} max_len (a ring's max_positions) should be at least {why} = "
+                     f"{needed}: but got {max_positions}")
+  slots = cache.k.shape[-3]
+  room = slots - int(np.max(np.asarray(cache.window)))
+  # A ring that never wraps (slots >= max_positions) rewinds any count exactly.
+  if rewind and slots < max_positions and room < rewind - 1:
+    raise ValueError(f"{name} is a ring cache: its rewind_room should be at least {rewind - 1} "
+                     f"to rewind {rewind} tokens exactly: but got {room}")

@@ -145,7 +145,8 @@ def check_ring_options(cache: KVCache, prefix_lm, implementation) -> None:
   """A ring cache is causal and read by the "xla" implementation only (for now)."""
   if not cache.ring:
     return
-  if prefix_lm is not False:
+  static = isinstance(prefix_lm, (bool, np.bool_)) or not isinstance(prefix_lm, jax.core.Tracer)
+  if not static or bool(prefix_lm):
     raise ValueError(f"prefix_lm should be False with a ring (sliding-window) cache: but got "
                      f"{prefix_lm!r}")
   if implementation not in (None, "xla"):

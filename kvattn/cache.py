@@ -151,7 +151,8 @@ def init_cache(
     raise ValueError(f"rewind_room should be a non-negative int: but got {rewind_room!r}")
   if rewind_room and window is None:
     raise ValueError(f"rewind_room should be 0 without a window: but got {rewind_room}")
-  slots = max_len if window is None else window + rewind_room
+  # A ring of max_len slots never wraps: more would be memory never used.
+  slots = max_len if window is None else min(window + rewind_room, max_len)
   sizes = dict(B=batch, S=slots, K=num_kv_heads, H=head_dim)
   storage = jnp.dtype(jnp.int8) if quantized else dtype
   features = {"int8": quantized, "window": window is not None}

@@ -143,8 +143,11 @@ def _rewind_ring(cache: KVCache, count: jax.Array) -> KVCache:
 def _ring_history_lost(cache: KVCache, lengths) -> jax.Array:
   """bool `[B]`: rows whose next token's window reaches below what the ring still holds."""
   needed = jnp.maximum(lengths - cache.window + 1, 0)  # The oldest position it must see.
-  held = jnp.maximum(cache.lengths - cache.max_len, 0)  # The oldest position the ring has.
-  return needed < held
+  # The oldest position the ring holds: its tokens are contiguous and up to
+  # lengths - 1 (no padding takes a ring slot), so lengths minus their count
+  # (fewer than S after an earlier rewind).
+  held = cache.lengths - jnp.sum(cache.valid, axis=-1, dtype=jnp.int32)
+  return (needed < held) & (lengths > 0)
 
 
 def reorder(cache: KVCache, indices: Any) -> KVCache:

@@ -75,6 +75,7 @@ def dot_product_attention(
     window: None, or W (causal only): a token at position p sees the real
       tokens at positions p - W + 1 .. p only, positions counting real tokens
       (a ring cache's sliding window, `kvattn.init_cache(..., window=W)`).
+      A positive int, or an integer jax scalar (which may be traced).
     block_size: C, queries (and keys) per block; None for
       `kvattn.kernels.xla.BLOCK_Q`. Capped at T. Tuning only: it changes
       the result by float32 rounding at most.
@@ -84,7 +85,14 @@ def dot_product_attention(
   """
   mask = _check(q, k, v, mask, causal, block_size)
   if window is not None:
-    check_positive_ints(window=window)
+    if getattr(window, "shape", None) == () and hasattr(window, "dtype") and jnp.issubdtype(
+        window.dtype, jnp.integer):
+      if not isinstance(window, jax.core.Tracer) and not int(window) > 0:
+        raise ValueError(f"window should be a positive int: but got {window!r}")
+      window = jnp.asarray(window, jnp.int32)  # A jax scalar (per layer under scan, say).
+    else:
+      check_positive_ints(window=window)
+      window = jnp.int32(window)
     if not causal:
       raise ValueError(f"window should be None with causal=False: but got {window!r}")
   block = min(block_size or xla.BLOCK_Q, q.shape[1])
@@ -92,7 +100,7 @@ def dot_product_attention(
   # arithmetic, and jnp.where gives it an exactly zero gradient.
   real = mask[:, :, None, None]
   q, k, v = (jnp.where(real, x, jnp.zeros_like(x)) for x in (q, k, v))
-  return _attention(q, k, v, mask, causal, block, window)
+  return _attention(q, k, v, mask, window, causal, block)
 
 
 def _check(q, k, v, mask, causal, block_size) -> jax.Array:
@@ -120,10 +128,14 @@ def _check(q, k, v, mask, causal, block_size) -> jax.Array:
   return mask
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _attention(q, k, v, mask, causal: bool, block: int, window: int | None) -> jax.Array:
-  """`dot_product_attention` on checked inputs, padding zeroed; block is C <= T."""
-  return _forward(q, k, v, mask, causal, block, window)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
+def _attention(q, k, v, mask, window, causal: bool, block: int) -> jax.Array:
+  """`dot_product_attention` on checked inputs, padding zeroed; block is C <= T.
+
+  window: None, or an int32 scalar array (an argument, not static: it may be
+  traced).
+  """
+  return _forward(q, k, v, mask, window, causal, block)[0]
 
 
 def _positions(mask):
@@ -132,7 +144,7 @@ def _positions(mask):
   return jnp.cumsum(m, axis=1) - m
 
 
-def _forward(q, k, v, mask, causal: bool, block: int, window: int | None):
+def _forward(q, k, v, mask, window, causal: bool, block: int):
   """The output, and what the backward pass needs.
 
   Returns:
@@ -150,10 +162,10 @@ def _forward(q, k, v, mask, causal: bool, block: int, window: int | None):
   seen = part.l > 0.0
   lse = jnp.where(seen, part.m + jnp.log(jnp.where(seen, part.l, 1.0)), 0.0)
   o = o_rows.reshape(b, kh, n // kh, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
-  return o.astype(q.dtype), (q, k, v, mask, o_rows, lse)
+  return o.astype(q.dtype), (q, k, v, mask, window, o_rows, lse)
 
 
-def _backward(causal: bool, block: int, window: int | None, residuals, do):
+def _backward(causal: bool, block: int, residuals, do):
   """The flash-attention backward, in two blockwise passes.
 
   With P the probabilities, D = rowsum(dO * O) and dS = P * (dO V^T - D):
@@ -162,7 +174,7 @@ def _backward(causal: bool, block: int, window: int | None, residuals, do):
   query heads of each kv head). Causal passes skip the blocks above the
   diagonal. Only the current block's `[B, K, G, C, C]` probabilities exist.
   """
-  q, k, v, mask, o_rows, lse = residuals
+  q, k, v, mask, window, o_rows, lse = residuals
   b, t, n, h = q.shape
   kh = k.shape[2]
   g = n // kh
@@ -220,7 +232,8 @@ def _backward(causal: bool, block: int, window: int | None, residuals, do):
   dq = dq.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
   unblock = lambda x: jnp.moveaxis(x, 0, 2).reshape(b, kh, padded, h)[:, :, :t].transpose(
       0, 2, 1, 3)
-  return dq.astype(q.dtype), unblock(dk).astype(k.dtype), unblock(dv).astype(v.dtype), None
+  return (dq.astype(q.dtype), unblock(dk).astype(k.dtype), unblock(dv).astype(v.dtype), None,
+          None)
 
 
 _attention.defvjp(_forward, _backward)

@@ -324,15 +324,22 @@ def _pad_to_bucket(caches, tokens, mask, *, max_new_tokens, pad_id, prefill_mode
   """
   _check_buckets(prompt_buckets)
   _, p = _check_args(caches, tokens, mask, max_new_tokens, prefill_mode, chunk_size)
-  free = _free_slots(caches)
-  if free is None:  # No linear KVCache, or a traced index: the room for padding is unknown.
+  free, positions, known = _room(caches)
+  if not known:  # No KVCache, or a traced leaf: the room for padding is unknown.
     return tokens, mask
   needed = p + max_new_tokens - 1
-  if free < needed:
+  if free is not None and free < needed:
     raise ValueError(
         f"caches have {free} free slots (max_len minus the slots already written), too few "
         f"for P + max_new_tokens - 1 = {p} + {max_new_tokens} - 1 = {needed} tokens")
-  extra = bucket_length(p, prompt_buckets, free - max_new_tokens + 1) - p
+  real = (p if isinstance(mask, jax.core.Tracer)
+          else int(np.max(np.sum(np.asarray(mask), axis=1)))) + max_new_tokens - 1
+  if positions is not None and positions < real:
+    raise ValueError(
+        f"ring caches have {positions} positions left (max_len minus the longest row), too "
+        f"few for the longest prompt + max_new_tokens - 1 = {real} tokens")
+  room = free if free is not None else needed + max(prompt_buckets or (0,))
+  extra = bucket_length(p, prompt_buckets, room - max_new_tokens + 1) - p
   if not extra:
     return tokens, mask
   return _pad_right(tokens, extra, pad_id), _pad_right(mask, extra, False)
@@ -360,21 +367,30 @@ def _check_buckets(buckets):
                      f"positive ints: but got {buckets!r}")
 
 
-def _free_slots(caches) -> int | None:
-  """The fewest slots not yet written among the linear `KVCache`s of caches.
+def _room(caches) -> tuple[int | None, int | None, bool]:
+  """What the caches have room for: (free slots, free positions, known).
 
-  None when there is none, or when an index is traced (under an outer jit):
-  then the room is unknown. Ring caches are left out: their slots are reused
-  and only `max_positions` bounds them (a write past it sets `overflow`).
+  Free slots: the fewest slots not yet written among the linear `KVCache`s
+  (None without any). Free positions: the fewest positions left before a
+  ring cache's `max_positions` (None without rings); padding takes no ring
+  slot, so rings never limit the bucket. known is False when there is no
+  KVCache at all, or when a leaf it needs is traced (under an outer jit).
   """
-  free = []
+  slots, positions, found = [], [], False
   for cache in jax.tree.leaves(caches, is_leaf=lambda x: isinstance(x, KVCache)):
-    if not isinstance(cache, KVCache) or cache.ring:
+    if not isinstance(cache, KVCache):
       continue
-    if isinstance(cache.index, jax.core.Tracer):
-      return None
-    free.append(cache.k.shape[-3] - int(np.max(np.asarray(cache.index))))
-  return min(free, default=None)
+    found = True
+    if cache.ring:
+      if any(isinstance(x, jax.core.Tracer) for x in (cache.max_positions, cache.lengths)):
+        return None, None, False
+      positions.append(int(np.min(np.asarray(cache.max_positions))
+                           - np.max(np.asarray(cache.lengths))))
+    else:
+      if isinstance(cache.index, jax.core.Tracer):
+        return None, None, False
+      slots.append(cache.k.shape[-3] - int(np.max(np.asarray(cache.index))))
+  return min(slots, default=None), min(positions, default=None), found
 
 
 def _max_len(caches) -> int | None:

@@ -6,6 +6,7 @@ import jax
 import numpy as np
 import pytest
 
+import kvattn
 from kvattn.models import charlm
 from kvattn.models import transformer
 
@@ -31,7 +32,8 @@ def test_encode_batch_is_right_padded():
 
 def test_checkpoint_round_trip(tmp_path):
   vocab = charlm.Vocab.from_text("hello world")
-  config = TINY._replace(vocab_size=len(vocab))
+  config = TINY._replace(vocab_size=len(vocab), window_pattern=(4, None),
+                         rope_scaling=kvattn.rope.Scaling("linear", 2.0))
   params = transformer.init_params(jax.random.key(0), config)
   path = tmp_path / "lm.npz"
   charlm.save(path, params, config, vocab, dtype=np.float32)

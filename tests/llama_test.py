@@ -54,7 +54,10 @@ QWEN2 = {
 # Mistral: Llama's layout with a sliding window, much shorter than the tests' sequences.
 MISTRAL = {**LLAMA, "architectures": ["MistralForCausalLM"], "model_type": "mistral",
            "sliding_window": 5, "rope_scaling": None, "rope_theta": 10000.0}
-CONFIGS = {"llama": LLAMA, "qwen2": QWEN2, "mistral": MISTRAL}
+# Qwen2 with its window on the layers from max_window_layers on: layer 0 global, layer 1 local.
+QWEN2_WINDOWED = {**QWEN2, "use_sliding_window": True, "sliding_window": 5,
+                  "max_window_layers": 1}
+CONFIGS = {"llama": LLAMA, "qwen2": QWEN2, "mistral": MISTRAL, "qwen2_windowed": QWEN2_WINDOWED}
 
 
 def _random_weights(hf, seed=0):
@@ -144,7 +147,9 @@ def numpy_llama(hf, w, ids):
     k, v = np.repeat(k, n // kh, axis=1), np.repeat(v, n // kh, axis=1)
     scores = np.einsum("inh,jnh->nij", q, k) / np.sqrt(h)
     allowed = np.tril(np.ones((t, t), bool))
-    if hf["model_type"] == "mistral" and hf.get("sliding_window"):
+    windowed = (hf["model_type"] == "mistral" or (
+        hf.get("use_sliding_window") and i >= hf.get("max_window_layers", 0)))
+    if windowed and hf.get("sliding_window"):
       allowed &= ~np.tril(np.ones((t, t), bool), -hf["sliding_window"])
     scores = np.where(allowed, scores, -np.inf)
     probs = np.exp(scores - scores.max(-1, keepdims=True))
@@ -166,7 +171,8 @@ def _assert_close(got, want, rel=1e-4):
   np.testing.assert_allclose(got, want, rtol=rel, atol=rel * np.max(np.abs(want)))
 
 
-@pytest.mark.parametrize("name, shards", [("llama", 2), ("qwen2", 1), ("mistral", 1)])
+@pytest.mark.parametrize("name, shards", [("llama", 2), ("qwen2", 1), ("mistral", 1),
+                                         ("qwen2_windowed", 1)])
 def test_logits_match_float64_numpy(tmp_path, name, shards):
   hf = CONFIGS[name]
   weights = _random_weights(hf)
@@ -213,7 +219,7 @@ def test_bfloat16_checkpoint_loads_as_float32_or_bfloat16(tmp_path):
   _assert_close(logits[0], numpy_llama(QWEN2, rounded, ids))
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "mistral", "qwen2_windowed"])
 def test_cached_greedy_equals_uncached(tmp_path, name):
   hf = CONFIGS[name]
   weights = _random_weights(hf, seed=2)
@@ -224,7 +230,7 @@ def test_cached_greedy_equals_uncached(tmp_path, name):
   np.testing.assert_array_equal(ids, _greedy_numpy(hf, weights, prompt, 8))
 
 
-@pytest.mark.parametrize("name", ["llama", "qwen2", "mistral"])
+@pytest.mark.parametrize("name", ["llama", "qwen2", "mistral", "qwen2_windowed"])
 def test_gradient_through_forward_matches_float64_finite_differences(name):
   """jax.grad of a loss through `transformer.forward`, under jit, against the numpy model.
 
@@ -279,6 +285,14 @@ def test_config_mapping():
   qwen = llama.config_from_hf(QWEN2)
   assert (qwen.qkv_bias, qwen.use_bias, qwen.tie_embeddings, qwen.head_dim,
           qwen.rope_scaling) == (True, False, True, 8, None)
+  assert llama.config_from_hf(QWEN2_WINDOWED).window_pattern == (None, 5)
+  # As transformers: layer_types first, then max_window_layers (default 28).
+  typed = {**QWEN2_WINDOWED, "layer_types": ["sliding_attention", "full_attention"]}
+  assert llama.config_from_hf(typed).window_pattern == (5, None)
+  no_first = {k: val for k, val in QWEN2_WINDOWED.items() if k != "max_window_layers"}
+  assert llama.config_from_hf(no_first).window_pattern == ()  # Layers 0, 1 < 28: global.
+  assert llama.config_from_hf({**LLAMA, "sliding_window": 5}).sliding_window is None
+  assert llama.config_from_hf(MISTRAL).sliding_window == 5
   linear = llama.config_from_hf({**LLAMA, "rope_scaling": {"type": "linear", "factor": 2.0}})
   assert linear.rope_scaling == rope.Scaling("linear", 2.0)
   # transformers >= 5 writes theta and scaling into rope_parameters.
@@ -291,10 +305,9 @@ def test_config_mapping():
     ({"architectures": ["GPT2LMHeadModel"]}, r"architectures should name one of"),
     ({"hidden_act": "gelu"}, r"hidden_act should be 'silu': but got 'gelu'"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, r"'yarn'"),
-    ({"use_sliding_window": True}, r"Qwen2's sliding window \(on some layers\) is not supported"),
 ])
 def test_unsupported_configs_are_refused(change, match):
-  base = QWEN2 if "use_sliding_window" in change else LLAMA
+  base = LLAMA
   with pytest.raises(ValueError, match=match):
     llama.config_from_hf({**base, **change})
 

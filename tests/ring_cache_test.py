@@ -199,6 +199,89 @@ def test_reorder_equals_the_reordered_inputs():
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
+def test_a_second_rewind_counts_what_the_first_dropped():
+  """After a rewind the ring holds fewer than S tokens: the next rewind must know."""
+  params = _params()
+  x, mask = _inputs(2, 10)
+  mask[:] = True
+  cache = kvattn.init_cache(2, 40, K, H, window=4)
+  _, cache = _run(params, cache, x, mask, [10])
+  once = kvattn.rewind(cache, 1)
+  with pytest.raises(ValueError, match=r"n should be at most rewind_room \+ 1"):
+    kvattn.rewind(once, 1)
+  assert bool(jax.jit(kvattn.rewind)(once, jnp.int32(1)).overflow)
+  # Refilled, the ring may be rewound again, exactly.
+  _, refilled = _run(params, once, x[:, :2], mask[:, :2], [2])
+  again = kvattn.rewind(refilled, 1)
+  assert not bool(again.overflow)
+  emptied = jax.jit(kvattn.rewind)(cache, jnp.int32(10))  # Nothing left to need.
+  assert not bool(emptied.overflow)
+
+
+@pytest.mark.parametrize("block", [4, None])
+def test_blocks_of_the_ring_and_the_chunk(block):
+  """Kernel level, small blocks: the ring's blocks (the last overlapping), block skipping
+  by positions in a chunk, chunks of 8 times the ring, holes and left padding."""
+  rng = np.random.default_rng(9)
+  b, t, n, kh, h, w = 3, 64, 4, 2, 8, 6
+  q = rng.standard_normal((b, t, n, h)).astype(np.float32)
+  k = rng.standard_normal((b, t, kh, h)).astype(np.float32)
+  v = rng.standard_normal((b, t, kh, h)).astype(np.float32)
+  mask = rng.random((b, t)) > 0.3
+  mask[0], mask[2, :20] = True, False
+  want = np.zeros(q.shape)
+  for row in range(b):
+    idx = np.nonzero(mask[row])[0]
+    pos = np.arange(idx.size)
+    allowed = (pos[None] <= pos[:, None]) & (pos[None] > pos[:, None] - w)
+    want[row, idx] = reference.attention(q[row, idx], k[row, idx], v[row, idx], allowed)
+  attend = jax.jit(kvattn.cached_attention, static_argnames=("block_q", "block_kv"))
+  for sizes in ([64], [3, 45, 1, 15]):
+    cache = kvattn.init_cache(b, 100, kh, h, window=w, rewind_room=1)
+    outs, lo = [], 0
+    for size in sizes:
+      sl = slice(lo, lo + size)
+      o, cache = attend(q[:, sl], k[:, sl], v[:, sl], cache, mask[:, sl], block_q=block,
+                        block_kv=block)
+      outs.append(np.asarray(o))
+      lo += size
+    np.testing.assert_allclose(np.concatenate(outs, 1), want, rtol=1e-5, atol=1e-5)
+
+
+def test_a_window_wider_than_max_len_takes_max_len_slots():
+  assert kvattn.init_cache(1, 16, K, H, window=64, rewind_room=4).k.shape == (1, 16, K, H)
+
+
+def test_generate_and_speculative_decoding_on_rings():
+  """Buckets apply (padding takes no ring slot); speculative decoding rewinds exactly
+  with rewind_room = k - 1, and is refused with less."""
+  from kvattn.models import transformer
+  config = transformer.Config(vocab_size=32, num_layers=2, d_model=DM, num_heads=N,
+                              num_kv_heads=K, head_dim=H, d_ff=32, rope_base=ROPE,
+                              norm="rms_norm", sliding_window=4)
+  params = transformer.init_params(jax.random.key(0), config)
+  step = transformer.step_fn(config)
+  tokens = np.array([[3, 5, 7, 9, 11]], np.int32)
+  mask = np.ones(tokens.shape, bool)
+  kw = dict(max_new_tokens=12, sampler=kvattn.sampling.Sampler(), key=jax.random.key(1))
+  plain = kvattn.generate(step, params, transformer.init_caches(config, 1, 64), tokens, mask,
+                          prompt_buckets=None, **kw)
+  with compiles.compilations("start") as compiled:
+    bucketed = kvattn.generate(step, params, transformer.init_caches(config, 1, 64), tokens,
+                               mask, **kw)
+  np.testing.assert_array_equal(bucketed.tokens, plain.tokens)
+  assert len(compiled) == 1 and not bool(np.any(bucketed.caches.overflow))
+  k = 3
+  caches = lambda room: transformer.init_caches(config, 1, 64, rewind_room=room)
+  got, _ = kvattn.speculative.speculative_generate(
+      step, params, caches(k - 1), step, params, caches(k - 1), tokens, mask,
+      max_new_tokens=12, num_draft=k)
+  np.testing.assert_array_equal(got, plain.tokens)
+  with pytest.raises(ValueError, match=r"rewind_room should be at least 2 to rewind 3"):
+    kvattn.speculative.speculative_generate(step, params, caches(0), step, params, caches(0),
+                                            tokens, mask, max_new_tokens=12, num_draft=k)
+
+
 @pytest.mark.parametrize("call, match", [
     (lambda: kvattn.init_cache(1, 8, K, H, window=0), r"window should be a positive int"),
     (lambda: kvattn.init_cache(1, 8, K, H, rewind_room=2), r"rewind_room should be 0 without"),

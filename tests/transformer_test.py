@@ -31,8 +31,12 @@ forward = jax.jit(transformer.forward, static_argnames="config")
 step = jax.jit(transformer.step, static_argnames="config")
 
 
-@pytest.mark.parametrize("config", [ROPE_GQA, LEARNED, LLAMA_LIKE],
-                         ids=["rope_gqa", "learned", "llama_like"])
+# Local and global layers: the caches are rings with a window per layer.
+MIXED_WINDOWS = LLAMA_LIKE._replace(window_pattern=(3, None, 2))
+
+
+@pytest.mark.parametrize("config", [ROPE_GQA, LEARNED, LLAMA_LIKE, MIXED_WINDOWS],
+                         ids=["rope_gqa", "learned", "llama_like", "mixed_windows"])
 @pytest.mark.parametrize("left_pad", [False, True], ids=["right_pad", "left_pad"])
 def test_step_in_chunks_equals_forward(config, left_pad):
   params = transformer.init_params(jax.random.key(0), config)
@@ -98,6 +102,9 @@ def test_llama_like_params_layout():
     (dict(rope_base=None, max_positions=8, rope_scaling=kvattn.rope.Scaling("linear", 2.0)),
      r"config.rope_scaling needs config.rope_base"),
     (dict(rope_scaling=kvattn.rope.Scaling("ntk", 2.0)), r"config.rope_scaling.kind"),
+    (dict(window_pattern=(4, 0)), r"config.window_pattern should be a positive int: but got 0"),
+    (dict(window_pattern=(4,), sliding_window=4),
+     r"config should set one of sliding_window and window_pattern"),
 ])
 def test_bad_configs_raise(change, match):
   with pytest.raises(ValueError, match=match):

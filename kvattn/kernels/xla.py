@@ -117,7 +117,6 @@ def _attend_ring_slots(qh, q_mask, q_positions, cache: KVCache, block) -> Partia
 
   A slot is seen when it holds a real token of the row (`valid`) within the
   query's window; every token it can hold is older than the new queries.
-  The loop's trip count is static: ceil(S / C) blocks of C slots.
   """
   s = cache.max_len
 
@@ -134,7 +133,10 @@ def _attend_ring_slots(qh, q_mask, q_positions, cache: KVCache, block) -> Partia
 
   b, kh, g, t, h = qh.shape
   init = varying_like(empty((b, kh * g * t), h), (qh, q_mask, q_positions, cache))
-  return lax.fori_loop(0, -(-s // block), body, init)
+  # Until the ring wraps, slots from the longest row's length on are empty:
+  # read ceil(min(max(lengths), S) / C) blocks, a traced trip count.
+  filled = jnp.minimum(jnp.max(cache.lengths), s)
+  return lax.fori_loop(0, (filled + block - 1) // block, body, init)
 
 
 def _attend_cache(qh, q_mask, cache: KVCache, end, block) -> tuple[Partial, KVCache]:

@@ -18,9 +18,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
+from kvattn import rope
+from kvattn import sampling
 from kvattn.models import runner
 from kvattn.models import transformer
-from kvattn import sampling
 
 DEFAULT_CHECKPOINT = pathlib.Path(__file__).absolute().parent / "data" / "charlm.npz"
 
@@ -83,11 +84,20 @@ def load(path: str | pathlib.Path = DEFAULT_CHECKPOINT
          ) -> tuple[transformer.Params, transformer.Config, Vocab]:
   """Reads a checkpoint written by `save`; params come back as float32 numpy arrays."""
   with np.load(path, allow_pickle=False) as f:
-    config = transformer.Config(**json.loads(str(f["config"])))
+    config = _config_from_json(json.loads(str(f["config"])))
     vocab = Vocab(json.loads(str(f["vocab"])))
     flat = {name: f[name].astype(np.float32) for name in f.files
             if name not in ("config", "vocab")}
   return _unflatten(flat), config, vocab
+
+
+def _config_from_json(fields: dict[str, Any]) -> transformer.Config:
+  """The Config that `save` wrote: JSON turned its tuples (and NamedTuples) into lists."""
+  if fields.get("rope_scaling") is not None:
+    fields["rope_scaling"] = rope.Scaling(*fields["rope_scaling"])
+  if "window_pattern" in fields:
+    fields["window_pattern"] = tuple(fields["window_pattern"])
+  return transformer.Config(**fields)
 
 
 def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:

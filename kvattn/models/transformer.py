@@ -78,6 +78,11 @@ class Config(NamedTuple):
     sliding_window: None, or W: every layer attends to the last W positions
       only (Mistral), through ring caches of W slots (`init_caches`) and the
       same window in `forward`.
+    window_pattern: local and global layers mixed (Gemma 2 and 3, some
+      Qwen2): layer i's window is `window_pattern[i % len(window_pattern)]`,
+      an int W or None (global). Empty: `sliding_window` for every layer.
+      The caches of all layers are then rings of one size: max_len slots if
+      any layer is global (no memory saved), else the widest window.
   """
 
   vocab_size: int
@@ -98,6 +103,7 @@ class Config(NamedTuple):
   qkv_bias: bool | None = None
   rope_scaling: kvattn.rope.Scaling | None = None
   sliding_window: int | None = None
+  window_pattern: tuple[int | None, ...] = ()
 
 
 def check_config(config: Config) -> None:
@@ -123,6 +129,27 @@ def check_config(config: Config) -> None:
     raise ValueError("config.rope_scaling needs config.rope_base: but got rope_base=None")
   if c.sliding_window is not None:
     check_positive_ints(**{"config.sliding_window": c.sliding_window})
+  if not isinstance(c.window_pattern, tuple):
+    raise TypeError(f"config.window_pattern should be a tuple of ints and Nones: but got "
+                    f"{c.window_pattern!r}")
+  for w in c.window_pattern:
+    if w is not None:
+      check_positive_ints(**{"config.window_pattern": w})
+  if c.window_pattern and c.sliding_window is not None:
+    raise ValueError(f"config should set one of sliding_window and window_pattern: but got "
+                     f"{c.sliding_window} and {c.window_pattern}")
+
+
+def layer_windows(config: Config) -> tuple[int | None, ...]:
+  """Each layer's sliding window (None: global attention), from the config."""
+  if config.window_pattern:
+    pattern = config.window_pattern
+    return tuple(pattern[i % len(pattern)] for i in range(config.num_layers))
+  return (config.sliding_window,) * config.num_layers
+
+
+# The window of a global layer among local ones: wider than any sequence.
+_GLOBAL = 2 ** 30
 
 
 def _qkv_bias(config: Config) -> bool:
@@ -191,10 +218,19 @@ def init_caches(config: Config, batch: int, max_len: int, dtype=jnp.float32,
   overflow `[L]`. With `config.sliding_window` = W they are ring caches of
   S = W + rewind_room slots, max_len bounding the positions.
   """
-  one = kvattn.init_cache(batch, max_len, config.num_kv_heads, config.head_dim, dtype,
-                          window=config.sliding_window,
-                          rewind_room=rewind_room if config.sliding_window else 0)
-  return jax.tree.map(lambda a: jnp.stack([a] * config.num_layers), one)
+  windows = layer_windows(config)
+  if len(set(windows)) == 1:  # One kind for all: linear, or rings of W + rewind_room.
+    w = windows[0]
+    one = kvattn.init_cache(batch, max_len, config.num_kv_heads, config.head_dim, dtype,
+                            window=w, rewind_room=rewind_room if w else 0)
+    return jax.tree.map(lambda a: jnp.stack([a] * config.num_layers), one)
+  # Mixed: rings of one size, each with its own window (a global layer's is max_len).
+  widths = [max_len if w is None else min(w, max_len) for w in windows]
+  slots = min(max(widths) + rewind_room, max_len)
+  layers = [kvattn.init_cache(batch, max_len, config.num_kv_heads, config.head_dim, dtype,
+                              window=w, rewind_room=slots - w)
+            for w in widths]
+  return jax.tree.map(lambda *a: jnp.stack(a), *layers)
 
 
 def step(params: Params, caches: kvattn.KVCache, tokens: jax.Array,
@@ -259,14 +295,22 @@ def forward(params: Params, tokens: jax.Array, mask: jax.Array | None = None, *,
   m = real.astype(jnp.int32)
   h = _embed(params, tokens, jnp.cumsum(m, axis=1) - m, config, mask)
 
-  def body(h, p):
+  windows = layer_windows(config)
+  if len(set(windows)) == 1:  # One window (or none) for all layers: static.
+    per_layer = None
+  else:  # Mixed: each layer's window, traced through the scan.
+    per_layer = jnp.array([_GLOBAL if w is None else w for w in windows], jnp.int32)
+
+  def body(h, layer):
+    p, window = layer
     a = kvattn.self_attention(
-        p["attn"], _norm(p["ln1"], h, config), mask, window=config.sliding_window,
-        rope_base=config.rope_base, rope_scaling=config.rope_scaling, block_size=block_size)
+        p["attn"], _norm(p["ln1"], h, config), mask,
+        window=windows[0] if window is None else window, rope_base=config.rope_base,
+        rope_scaling=config.rope_scaling, block_size=block_size)
     h = h + a
     return h + _mlp(p["mlp"], _norm(p["ln2"], h, config), config), None
 
-  h, _ = lax.scan(body, h, params["layers"])
+  h, _ = lax.scan(body, h, (params["layers"], per_layer))
   return jnp.where(real[:, :, None], _unembed(params, h, config), 0.0)
 
 
