@@ -13,6 +13,10 @@ implementations in `kvattn.kernels`, which share one signature:
     compiled on CUDA and interpreted elsewhere (slowly: for tests). Not yet
     the default on GPU: it has only run in interpret mode so far.
 
+A ring (sliding-window) cache is read before the write by the
+implementation's `attend_ring` (`RING_IMPLEMENTATIONS`), since a long chunk
+overwrites slots its own first tokens must still see.
+
 The implementation is picked for the platform the computation is compiled
 for (`lax.platform_dependent`), or named with `implementation=`, as in
 `jax.nn.dot_product_attention`.
@@ -44,6 +48,9 @@ from kvattn.kernels import pallas_gpu
 from kvattn.kernels import xla
 
 IMPLEMENTATIONS = {"xla": xla.attend, "pallas_gpu": pallas_gpu.attend}
+# The same implementations for ring (sliding-window) caches: the new tokens
+# over the ring as it was before the write, and themselves.
+RING_IMPLEMENTATIONS = {"xla": xla.attend_ring, "pallas_gpu": pallas_gpu.attend_ring}
 
 # The implementation a platform ("cpu", "cuda", "rocm", "tpu") gets when none is
 # named; every other platform gets "xla". Empty for now: "pallas_gpu" becomes
@@ -102,7 +109,7 @@ def cached_attention(
   check_cache(cache)
   mask = check_qkv(q, k, v, cache, mask)
   check_options(prefix_lm, implementation, block_q=block_q, block_kv=block_kv)
-  check_ring_options(cache, prefix_lm, implementation)
+  check_ring_options(cache, prefix_lm)
   return attend(q, k, v, cache, mask, prefix_lm=prefix_lm, implementation=implementation,
                 block_q=block_q, block_kv=block_kv)
 
@@ -141,17 +148,14 @@ def check_options(prefix_lm, implementation, **blocks) -> None:
   check_positive_ints(**{name: size for name, size in blocks.items() if size is not None})
 
 
-def check_ring_options(cache: KVCache, prefix_lm, implementation) -> None:
-  """A ring cache is causal and read by the "xla" implementation only (for now)."""
+def check_ring_options(cache: KVCache, prefix_lm) -> None:
+  """A ring cache is causal: prefix_lm must be False."""
   if not cache.ring:
     return
   static = isinstance(prefix_lm, (bool, np.bool_)) or not isinstance(prefix_lm, jax.core.Tracer)
   if not static or bool(prefix_lm):
     raise ValueError(f"prefix_lm should be False with a ring (sliding-window) cache: but got "
                      f"{prefix_lm!r}")
-  if implementation not in (None, "xla"):
-    raise ValueError(f"implementation should be None or 'xla' with a ring (sliding-window) "
-                     f"cache: but got {implementation!r}")
 
 
 def attend(q, k, v, cache: KVCache, mask, *, prefix_lm, implementation=None, block_q=None,
@@ -160,8 +164,9 @@ def attend(q, k, v, cache: KVCache, mask, *, prefix_lm, implementation=None, blo
   if cache.ring:  # Read the ring before the write: a long chunk overwrites what it needs.
     positions = cache_lib.token_positions(cache, mask)
     new_cache, k_new, v_new = cache_lib.append(cache, k, v, mask)
-    return xla.attend_ring(q, k_new, v_new, cache, positions, mask, block_q=block_q,
-                           block_kv=block_kv), new_cache
+    o = _implementation(implementation, q, k_new, v_new, cache, positions, mask,
+                        table=RING_IMPLEMENTATIONS, block_q=block_q, block_kv=block_kv)
+    return o, new_cache
   start = cache.index
   cache, k_new, v_new = cache_lib.append(cache, k, v, mask)
   call = functools.partial(_implementation, implementation, q, k_new, v_new, cache, start, mask,
@@ -171,13 +176,13 @@ def attend(q, k, v, cache: KVCache, mask, *, prefix_lm, implementation=None, blo
   return lax.cond(prefix_lm, lambda: call(prefix_lm=True), lambda: call(prefix_lm=False))
 
 
-def _implementation(name, *args, **kwargs):
+def _implementation(name, *args, table=IMPLEMENTATIONS, **kwargs):
   """Calls the named implementation, or the default of the platform it is compiled for."""
   if name is not None:
-    return IMPLEMENTATIONS[name](*args, **kwargs)
-  default = functools.partial(IMPLEMENTATIONS["xla"], **kwargs)
+    return table[name](*args, **kwargs)
+  default = functools.partial(table["xla"], **kwargs)
   if not DEFAULTS:
     return default(*args)
-  branches = {platform: functools.partial(IMPLEMENTATIONS[impl], **kwargs)
+  branches = {platform: functools.partial(table[impl], **kwargs)
               for platform, impl in DEFAULTS.items()}
   return lax.platform_dependent(*args, default=default, **branches)

@@ -207,7 +207,7 @@ def _check(params, cache, x, mask, prefix_lm, rope_base, rope_scaling, implement
   if mask is not None:
     check_mask(mask, b, t)
   attention.check_options(prefix_lm, implementation)
-  attention.check_ring_options(cache, prefix_lm, implementation)
+  attention.check_ring_options(cache, prefix_lm)
   _check_rope(rope_base, rope_scaling)
 
 

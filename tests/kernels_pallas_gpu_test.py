@@ -69,6 +69,37 @@ def test_lowers_to_triton_kernels_for_cuda(dtype, num_tokens, max_len, num_heads
   assert text.count(f"@{triton}(") == (1 if num_tokens < 16 else 2)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+@pytest.mark.parametrize("num_tokens", [1, 300])  # A decode step; a chunk longer than the ring.
+def test_ring_caches_lower_to_triton_kernels_for_cuda(dtype, num_tokens):
+  """A ring (sliding-window) cache takes the same kernels, with positions compared."""
+  cache = kvattn.init_cache(2, 4096, 2, 64, jnp.bfloat16 if dtype == "bfloat16" else jnp.float32,
+                            quantized=dtype == "int8", window=128, rewind_room=16)
+  q = jnp.ones((2, num_tokens, 8, 64))
+  call = jax.jit(functools.partial(kvattn.cached_attention, implementation="pallas_gpu"))
+  triton = "__gpu$xla.gpu.triton"
+  exported = export.export(call, platforms=["cuda"],
+                           disabled_checks=[export.DisabledSafetyCheck.custom_call(triton)])
+  text = exported(q, q[:, :, :2], q[:, :, :2], cache).mlir_module()
+  assert text.count(f"@{triton}(") == (1 if num_tokens < 16 else 2)
+
+
+def test_ring_int8_matches_the_xla_implementation():
+  rng = np.random.default_rng(3)
+  q = rng.standard_normal((2, 30, 4, 8)).astype(np.float32)
+  k, v = (rng.standard_normal((2, 30, 2, 8)).astype(np.float32) for _ in range(2))
+  mask = rng.random((2, 30)) > 0.2
+  outs = {}
+  for implementation in ("xla", "pallas_gpu"):
+    cache = kvattn.init_cache(2, 64, 2, 8, quantized=True, window=5, rewind_room=2)
+    call = jax.jit(functools.partial(kvattn.cached_attention, implementation=implementation,
+                                     block_kv=3))
+    o1, cache = call(q[:, :20], k[:, :20], v[:, :20], cache, mask[:, :20])
+    o2, cache = call(q[:, 20:], k[:, 20:], v[:, 20:], cache, mask[:, 20:])
+    outs[implementation] = np.concatenate([o1, o2], 1)
+  np.testing.assert_allclose(outs["pallas_gpu"], outs["xla"], rtol=1e-5, atol=1e-5)
+
+
 @pytest.mark.parametrize("head_dim, max_len, ok", [
     (64, 256, True), (128, 16, True), (48, 256, False), (8, 256, False), (64, 8, False)])
 def test_supported_shapes(head_dim, max_len, ok):

@@ -22,6 +22,15 @@ Every implementation is a function with the same signature:
   Returns `o [B, T, N, H]` in q's dtype, and the cache it was given (threaded
   through so that the compiler can keep it in place).
 
+and, for ring (sliding-window) caches, a second function:
+
+    attend_ring(q, k_new, v_new, cache, positions, mask, *, block_q, block_kv) -> o
+
+  cache: the ring as it was before the write (a chunk longer than the ring
+    overwrites slots its own first tokens must still see).
+  positions: int32 `[B, T]` the new tokens' positions; each query sees the
+    ring's valid slots and the new keys at positions p - W + 1 .. p.
+
 Implementations never validate: `cached_attention` checks everything once.
 Shape legend: B batch, T new tokens, S = max_len, N query heads, K kv heads,
 G = N // K, H head dim.

@@ -15,6 +15,10 @@ waiting, once per block. Here every loop runs inside a kernel, on the device:
   * the partial softmaxes of the splits and of the two parts are merged by
     log-sum-exp (`kvattn.online_softmax`) in XLA, then normalised once.
 
+A ring (sliding-window) cache takes the same kernels (`attend_ring`): each
+key's token position is compared with each query row's, the ring read up to
+its longest row, before this call's write.
+
 Why Pallas with its Triton lowering: it is the one GPU kernel language in JAX
 whose kernels also run on CPU (`interpret=True`), so CI checks this module
 against the float64 reference on every change. The kernel uses only
@@ -96,24 +100,64 @@ def attend(q: jax.Array, k_new: jax.Array, v_new: jax.Array, cache: KVCache, sta
       default=functools.partial(_attend, interpret=True, **kwargs))
 
 
+def attend_ring(q: jax.Array, k_new: jax.Array, v_new: jax.Array, cache: KVCache,
+                positions: jax.Array, mask: jax.Array, *, block_q: int | None = None,
+                block_kv: int | None = None) -> jax.Array:
+  """`kvattn.kernels.xla.attend_ring` as Pallas kernels: a ring cache, read before its write.
+
+  The same kernels, with each key's token position (the ring's `positions`,
+  the chunk's `positions`) compared to each query row's: keys at positions
+  <= p - W are masked. Compiled on CUDA, interpreted elsewhere.
+  """
+  args = (q, k_new, v_new, cache, positions, mask)
+  kwargs = dict(block_q=block_q, block_kv=block_kv)
+  return lax.platform_dependent(
+      *args, cuda=functools.partial(_attend_ring, interpret=False, **kwargs),
+      default=functools.partial(_attend_ring, interpret=True, **kwargs))
+
+
 def supported(head_dim: int, max_len: int) -> bool:
   """Whether the compiled kernel takes these shapes (interpret mode takes any)."""
   return head_dim >= _MIN_BLOCK and head_dim & (head_dim - 1) == 0 and max_len >= _MIN_BLOCK
 
 
 def _attend(q, k_new, v_new, cache, start, mask, *, prefix_lm, block_q, block_kv, interpret):
+  if not interpret and not supported(q.shape[-1], cache.max_len):
+    return xla.attend(q, k_new, v_new, cache, start, mask, prefix_lm=prefix_lm,
+                      block_q=block_q, block_kv=block_kv)
+  o = _attention(q, k_new, v_new, cache, start, mask, causal=not prefix_lm, window=None,
+                 positions=None, block_q=block_q, block_kv=block_kv, interpret=interpret)
+  return o, cache
+
+
+def _attend_ring(q, k_new, v_new, cache, positions, mask, *, block_q, block_kv, interpret):
+  if not interpret and not supported(q.shape[-1], cache.max_len):
+    return xla.attend_ring(q, k_new, v_new, cache, positions, mask, block_q=block_q,
+                           block_kv=block_kv)
+  # Until the ring wraps, slots from the longest row's length on are empty.
+  filled = jnp.minimum(jnp.max(cache.lengths), cache.max_len)
+  return _attention(q, k_new, v_new, cache, filled, mask, causal=True, window=cache.window,
+                    positions=positions, block_q=block_q, block_kv=block_kv,
+                    interpret=interpret)
+
+
+def _attention(q, k_new, v_new, cache, end, mask, *, causal, window, positions, block_q,
+               block_kv, interpret):
+  """o `[B, T, N, H]`: the new queries over cache slots [0, end) and the new keys.
+
+  With `window`, a ring cache: `positions` are the new tokens', the cache's
+  are `cache.positions`, and keys at positions <= p - W are masked.
+  """
   b, t, n, h = q.shape
   kh = k_new.shape[2]
   g = n // kh
-  if not interpret and not supported(h, cache.max_len):
-    return xla.attend(q, k_new, v_new, cache, start, mask, prefix_lm=prefix_lm,
-                      block_q=block_q, block_kv=block_kv)
   low = cache.k.dtype in (jnp.bfloat16, jnp.float16)
   dot_dtype = cache.k.dtype if low else jnp.float32
   # Rows grouped by kv head, token-major: [B, K, R, H], pre-scaled.
   rows = (q.astype(jnp.float32) * h ** -0.5).reshape(b, t, kh, g, h).transpose(0, 2, 1, 3, 4)
   rows = rows.reshape(b, kh, t * g, h).astype(dot_dtype)
   row_ok = jnp.repeat(mask, g, axis=1)  # [B, R]
+  row_pos = None if window is None else jnp.repeat(positions, g, axis=1)  # [B, R]
   block_q = block_q or BLOCK_Q
   block_kv = block_kv or BLOCK_KV
   min_block = 1 if interpret else _MIN_BLOCK
@@ -123,18 +167,20 @@ def _attend(q, k_new, v_new, cache, start, mask, *, prefix_lm, block_q, block_kv
   # (the tests use small odd ones, to reach every edge).
   key_block = (lambda size: size) if interpret else _power_of_two_at_most
   scales = (cache.k_scale, cache.v_scale) if cache.quantized else None
-  cached = _flash(rows, row_ok, cache.k, cache.v, cache.valid, scales, start, causal=False,
-                  group=g, row_block=row_block, key_block=key_block(min(block_kv, cache.max_len)),
-                  dot_dtype=dot_dtype, interpret=interpret)
+  flash = functools.partial(_flash, group=g, row_block=row_block, dot_dtype=dot_dtype,
+                            interpret=interpret, window=window, row_pos=row_pos)
+  cached = flash(rows, row_ok, cache.k, cache.v, cache.valid, scales, end, causal=False,
+                 key_block=key_block(min(block_kv, cache.max_len)),
+                 key_pos=None if window is None else cache.positions)
   if t >= min_block:
-    new = _flash(rows, row_ok, k_new, v_new, mask, None, jnp.int32(t), causal=not prefix_lm,
-                 group=g, row_block=row_block, key_block=key_block(min(block_kv, t)),
-                 dot_dtype=dot_dtype, interpret=interpret)
+    new = flash(rows, row_ok, k_new, v_new, mask, None, jnp.int32(t), causal=causal,
+                key_block=key_block(min(block_kv, t)), key_pos=positions)
   else:  # A decode step or a short chunk: one small block, no loop.
-    new = _chunk_without_loop(rows, row_ok, k_new, v_new, mask, causal=not prefix_lm, group=g)
+    new = _chunk_without_loop(rows, row_ok, k_new, v_new, mask, causal=causal, group=g,
+                              window=window, row_pos=row_pos, key_pos=positions)
   o = normalize(accumulate(cached, new))  # [B, K, R, H]
   o = o.reshape(b, kh, t, g, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h)
-  return o.astype(q.dtype), cache
+  return o.astype(q.dtype)
 
 
 def _power_of_two_at_most(size: int) -> int:
@@ -150,7 +196,7 @@ def _rows_per_program(rows: int, wanted: int, min_block: int) -> int:
 
 
 def _flash(rows, row_ok, k, v, key_ok, scales, end, *, causal, group, row_block, key_block,
-           dot_dtype, interpret) -> Partial:
+           dot_dtype, interpret, window=None, row_pos=None, key_pos=None) -> Partial:
   """The partial softmax of every query row over keys [0, end) of k and v.
 
   Args:
@@ -166,6 +212,9 @@ def _flash(rows, row_ok, k, v, key_ok, scales, end, *, causal, group, row_block,
     row_block, key_block: RB and C.
     dot_dtype: the dtype the matmuls take.
     interpret: run the kernel in interpret mode.
+    window: None, or W (int32 scalar, may be traced): row r sees key i only
+      if key_pos[i] > row_pos[r] - W (a ring cache's sliding window).
+    row_pos, key_pos: with window, int32 `[B, R]` and `[B, J]` token positions.
 
   Returns:
     The partial `[B, K, R, ...]`, merged over the splits.
@@ -175,6 +224,7 @@ def _flash(rows, row_ok, k, v, key_ok, scales, end, *, causal, group, row_block,
   padded = -(-r // row_block) * row_block
   rows = jnp.pad(rows, ((0, 0), (0, 0), (0, padded - r), (0, 0)))
   row_ok = jnp.pad(row_ok, ((0, 0), (0, padded - r))).astype(jnp.int32)
+  windowed = window is not None
   row_blocks = padded // row_block
   key_blocks = -(-length // key_block)
   # Causal chunks do not split: their programs already cover every row block.
@@ -182,26 +232,33 @@ def _flash(rows, row_ok, k, v, key_ok, scales, end, *, causal, group, row_block,
   per_split = -(-key_blocks // splits)
   kernel = functools.partial(
       _kernel, key_block=key_block, per_split=per_split, length=length, row_block=row_block,
-      group=group, causal=causal, quantized=scales is not None, dot_dtype=dot_dtype,
-      precision=_precision(dot_dtype))
+      group=group, causal=causal, quantized=scales is not None, windowed=windowed,
+      dot_dtype=dot_dtype, precision=_precision(dot_dtype))
 
   def keys(*block):  # A (b, kv head)'s whole key axis.
     return pl.BlockSpec(block, lambda i, j, m, s: (i, 0, j, 0)[:len(block)])
 
   in_specs = [
-      pl.BlockSpec((1,), lambda i, j, m, s: (0,)),
+      pl.BlockSpec((2,), lambda i, j, m, s: (0,)),
       pl.BlockSpec((None, None, row_block, h), lambda i, j, m, s: (i, j, m, 0)),
       pl.BlockSpec((None, row_block), lambda i, j, m, s: (i, m)),
       keys(None, length, None, h),
       keys(None, length, None, h),
       pl.BlockSpec((None, length), lambda i, j, m, s: (i, 0)),
   ]
-  operands = [jnp.reshape(end, (1,)).astype(jnp.int32), rows, row_ok, k, v,
-              key_ok.astype(jnp.int32)]
+  # The scalars: end, and the window (unused without one).
+  scalars = jnp.stack([jnp.asarray(end, jnp.int32),
+                       jnp.asarray(0 if window is None else window, jnp.int32)])
+  operands = [scalars, rows, row_ok, k, v, key_ok.astype(jnp.int32)]
   if scales is not None:
     scale_spec = pl.BlockSpec((None, length, None), lambda i, j, m, s: (i, 0, j))
     in_specs += [scale_spec, scale_spec]
     operands += list(scales)
+  if windowed:
+    in_specs += [pl.BlockSpec((None, row_block), lambda i, j, m, s: (i, m)),
+                 pl.BlockSpec((None, length), lambda i, j, m, s: (i, 0))]
+    operands += [jnp.pad(row_pos, ((0, 0), (0, padded - r))).astype(jnp.int32),
+                 key_pos.astype(jnp.int32)]
   out_shape = [jax.ShapeDtypeStruct((b, kh, splits, padded, h), jnp.float32),
                jax.ShapeDtypeStruct((b, kh, splits, padded), jnp.float32),
                jax.ShapeDtypeStruct((b, kh, splits, padded), jnp.float32)]
@@ -219,16 +276,16 @@ def _flash(rows, row_ok, k, v, key_ok, scales, end, *, causal, group, row_block,
   return Partial(part.o[:, :, :r], part.m[:, :, :r], part.l[:, :, :r])
 
 
-def _kernel(end_ref, q_ref, q_ok_ref, k_ref, v_ref, k_ok_ref, *refs, key_block, per_split,
-            length, row_block, group, causal, quantized, dot_dtype, precision):
+def _kernel(scalars_ref, q_ref, q_ok_ref, k_ref, v_ref, k_ok_ref, *refs, key_block, per_split,
+            length, row_block, group, causal, quantized, windowed, dot_dtype, precision):
   """One program: RB query rows of one (row of the batch, kv head), one split of the keys."""
-  if quantized:
-    k_scale_ref, v_scale_ref, o_ref, m_ref, l_ref = refs
-  else:
-    o_ref, m_ref, l_ref = refs
+  refs = list(refs)
+  k_scale_ref, v_scale_ref = (refs.pop(0), refs.pop(0)) if quantized else (None, None)
+  row_pos_ref, key_pos_ref = (refs.pop(0), refs.pop(0)) if windowed else (None, None)
+  o_ref, m_ref, l_ref = refs
   row_start = pl.program_id(2) * row_block
   split = pl.program_id(3)
-  end = end_ref[0]
+  end = scalars_ref[0]
   q = q_ref[...]
   q_ok = q_ok_ref[...] != 0
   token = (row_start + lax.broadcasted_iota(jnp.int32, (row_block, 1), 0)) // group
@@ -249,6 +306,8 @@ def _kernel(end_ref, q_ref, q_ok_ref, k_ref, v_ref, k_ok_ref, *refs, key_block, 
     allowed = q_ok[:, None] & ok
     if causal:
       allowed = allowed & (slot <= token)
+    if windowed:  # Keys at positions <= p - W are out of the row's window.
+      allowed = allowed & (key_pos_ref[keys][None, :] > row_pos_ref[...][:, None] - scalars_ref[1])
     k = k_ref[keys, :]
     v = v_ref[keys, :]
     if quantized:
@@ -287,7 +346,8 @@ def _precision(dot_dtype) -> lax.Precision | None:
   return None
 
 
-def _chunk_without_loop(rows, row_ok, k, v, key_ok, *, causal, group) -> Partial:
+def _chunk_without_loop(rows, row_ok, k, v, key_ok, *, causal, group, window=None, row_pos=None,
+                        key_pos=None) -> Partial:
   """The new chunk's partial in plain XLA, for a few tokens (one block, no loop)."""
   t = k.shape[1]
   logits = jnp.einsum("BKRH,BTKH->BKRT", rows.astype(jnp.float32), k.astype(jnp.float32))
@@ -295,6 +355,8 @@ def _chunk_without_loop(rows, row_ok, k, v, key_ok, *, causal, group) -> Partial
   if causal:
     token = lax.broadcasted_iota(jnp.int32, (t * group, t), 0) // group
     allowed = allowed & (lax.broadcasted_iota(jnp.int32, (t * group, t), 1) <= token)[None, None]
+  if window is not None:
+    allowed = allowed & (key_pos[:, None, None, :] > row_pos[:, None, :, None] - window)
   p, m = probabilities(logits, allowed, 3)
   v = jnp.where(key_ok[:, :, None, None], v.astype(jnp.float32), 0.0)  # Padding stays inert.
   o = jnp.einsum("BKRT,BTKH->BKRH", p, v)
