@@ -122,9 +122,9 @@ def init_cache(
       the int8 entries are dequantised to.
     window: None for a linear cache of S = max_len slots. W for a
       sliding-window ring: each token sees the real tokens of its own row at
-      positions p - W + 1 .. p, and k and v hold only W + rewind_room slots
-      per row, written round-robin (a real token at position p in slot
-      p % (W + rewind_room)), so memory does not grow with the sequence;
+      positions p - W + 1 .. p, and k and v hold only S = W + rewind_room
+      slots per row (at most max_len), written round-robin (a real token at
+      position p in slot p % S), so memory does not grow with the sequence;
       max_len still bounds the positions (past it, `overflow`).
     rewind_room: ring caches only: extra slots, so that `kvattn.rewind` can
       drop up to rewind_room + 1 tokens and still hold every token the next
@@ -206,6 +206,9 @@ def token_positions(cache: KVCache, mask: jax.Array | None = None,
 def append(cache: KVCache, k: jax.Array, v: jax.Array,
            mask: jax.Array) -> tuple[KVCache, jax.Array, jax.Array]:
   """Writes T new tokens at `cache.index`, or nothing at all if they do not fit.
+
+  (A ring cache writes each real token at slot `position % S` of its row
+  instead; see `_append_ring`.)
 
   The one place where a cache is written. It does not validate its arguments:
   `kvattn.cached_attention` checks them once, then calls it.
