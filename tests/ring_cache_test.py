@@ -256,13 +256,15 @@ def test_a_window_wider_than_max_len_takes_max_len_slots():
   assert kvattn.init_cache(1, 16, K, H, window=64, rewind_room=4).k.shape == (1, 16, K, H)
 
 
-def test_generate_and_speculative_decoding_on_rings():
+@pytest.mark.parametrize("windows", [dict(sliding_window=4), dict(window_pattern=(4, None))],
+                         ids=["all_local", "local_and_global"])
+def test_generate_and_speculative_decoding_on_rings(windows):
   """Buckets apply (padding takes no ring slot); speculative decoding rewinds exactly
   with rewind_room = k - 1, and is refused with less."""
   from kvattn.models import transformer
   config = transformer.Config(vocab_size=32, num_layers=2, d_model=DM, num_heads=N,
                               num_kv_heads=K, head_dim=H, d_ff=32, rope_base=ROPE,
-                              norm="rms_norm", sliding_window=4)
+                              norm="rms_norm", **windows)
   params = transformer.init_params(jax.random.key(0), config)
   step = transformer.step_fn(config)
   tokens = np.array([[3, 5, 7, 9, 11]], np.int32)
@@ -274,7 +276,9 @@ def test_generate_and_speculative_decoding_on_rings():
     bucketed = kvattn.generate(step, params, transformer.init_caches(config, 1, 64), tokens,
                                mask, **kw)
   np.testing.assert_array_equal(bucketed.tokens, plain.tokens)
-  assert len(compiled) == 1 and not bool(np.any(bucketed.caches.overflow))
+  overflow = [np.asarray(c.overflow) for c in jax.tree.leaves(
+      bucketed.caches, is_leaf=lambda x: isinstance(x, kvattn.KVCache))]
+  assert len(compiled) == 1 and not np.any(np.concatenate(overflow))
   k = 3
   caches = lambda room: transformer.init_caches(config, 1, 64, rewind_room=room)
   got, _ = kvattn.speculative.speculative_generate(

@@ -55,8 +55,21 @@ def test_step_in_chunks_equals_forward(config, left_pad):
   got = jnp.concatenate(outs, axis=1)
   np.testing.assert_allclose(got, want, **TOL)
   np.testing.assert_array_equal(np.asarray(got)[~np.asarray(mask)], 0.0)
-  np.testing.assert_array_equal(caches.index, [t] * config.num_layers)
-  np.testing.assert_array_equal(caches.lengths, [lengths] * config.num_layers)
+  stacks = (caches,) if isinstance(caches, kvattn.KVCache) else caches  # Mixed: one per run.
+  assert sum(stack.lengths.shape[0] for stack in stacks) == config.num_layers
+  for stack in stacks:
+    layers = stack.lengths.shape[0]
+    np.testing.assert_array_equal(stack.index, [t] * layers)
+    np.testing.assert_array_equal(stack.lengths, [lengths] * layers)
+
+
+def test_mixed_windows_get_a_cache_per_run_of_layers():
+  """Local layers keep rings of their window, global ones linear caches: memory saved."""
+  config = LLAMA_LIKE._replace(num_layers=5, window_pattern=(3, 3, None, 2, 2))
+  assert transformer.layer_runs(config) == ((3, 0, 2), (None, 2, 3), (2, 3, 5))
+  caches = transformer.init_caches(config, 2, 64, rewind_room=1)
+  assert [c.k.shape[:3] for c in caches] == [(2, 2, 4), (1, 2, 64), (2, 2, 3)]
+  assert [c.ring for c in caches] == [True, False, True]
 
 
 def test_init_shapes_and_stacked_caches():

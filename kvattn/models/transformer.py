@@ -80,9 +80,10 @@ class Config(NamedTuple):
       same window in `forward`.
     window_pattern: local and global layers mixed (Gemma 2 and 3, some
       Qwen2): layer i's window is `window_pattern[i % len(window_pattern)]`,
-      an int W or None (global). Empty: `sliding_window` for every layer.
-      The caches of all layers are then rings of one size: max_len slots if
-      any layer is global (no memory saved), else the widest window.
+      an int W or None (global), or a per-layer tuple of length L. Empty:
+      `sliding_window` for every layer. Each run of consecutive layers with
+      one window gets its own stacked cache (rings of W slots for local
+      runs, linear caches for global ones) and its own `lax.scan`.
   """
 
   vocab_size: int
@@ -148,8 +149,16 @@ def layer_windows(config: Config) -> tuple[int | None, ...]:
   return (config.sliding_window,) * config.num_layers
 
 
-# The window of a global layer among local ones: wider than any sequence.
-_GLOBAL = 2 ** 30
+def layer_runs(config: Config) -> tuple[tuple[int | None, int, int], ...]:
+  """Runs of consecutive layers with one window: (window, first layer, end)."""
+  windows = layer_windows(config)
+  runs = []
+  for i, w in enumerate(windows):
+    if runs and runs[-1][0] == w:
+      runs[-1] = (w, runs[-1][1], i + 1)
+    else:
+      runs.append((w, i, i + 1))
+  return tuple(runs)
 
 
 def _qkv_bias(config: Config) -> bool:
@@ -211,26 +220,24 @@ def init_params(key: jax.Array, config: Config, dtype=jnp.float32) -> Params:
 @functools.partial(jax.jit, static_argnames=("config", "batch", "max_len", "dtype",
                                              "rewind_room"))
 def init_caches(config: Config, batch: int, max_len: int, dtype=jnp.float32,
-                rewind_room: int = 0) -> kvattn.KVCache:
+                rewind_room: int = 0) -> kvattn.KVCache | tuple[kvattn.KVCache, ...]:
   """Returns one `KVCache` for all layers: every leaf has a leading L axis.
 
   k, v are `[L, B, S, K, H]`, valid `[L, B, S]`, lengths `[L, B]`, index and
   overflow `[L]`. With `config.sliding_window` = W they are ring caches of
-  S = W + rewind_room slots, max_len bounding the positions.
+  S = W + rewind_room slots, max_len bounding the positions. With a mixed
+  `window_pattern`, a tuple of such caches, one per run of layers sharing a
+  window (`layer_runs`), each with the run's layers on its leading axis.
   """
-  windows = layer_windows(config)
-  if len(set(windows)) == 1:  # One kind for all: linear, or rings of W + rewind_room.
-    w = windows[0]
+  def stack(window, count):
     one = kvattn.init_cache(batch, max_len, config.num_kv_heads, config.head_dim, dtype,
-                            window=w, rewind_room=rewind_room if w else 0)
-    return jax.tree.map(lambda a: jnp.stack([a] * config.num_layers), one)
-  # Mixed: rings of one size, each with its own window (a global layer's is max_len).
-  widths = [max_len if w is None else min(w, max_len) for w in windows]
-  slots = min(max(widths) + rewind_room, max_len)
-  layers = [kvattn.init_cache(batch, max_len, config.num_kv_heads, config.head_dim, dtype,
-                              window=w, rewind_room=slots - w)
-            for w in widths]
-  return jax.tree.map(lambda *a: jnp.stack(a), *layers)
+                            window=window, rewind_room=rewind_room if window else 0)
+    return jax.tree.map(lambda a: jnp.stack([a] * count), one)
+
+  runs = layer_runs(config)
+  if len(runs) == 1:
+    return stack(runs[0][0], config.num_layers)
+  return tuple(stack(window, stop - start) for window, start, stop in runs)
 
 
 def step(params: Params, caches: kvattn.KVCache, tokens: jax.Array,
@@ -239,7 +246,8 @@ def step(params: Params, caches: kvattn.KVCache, tokens: jax.Array,
 
   Args:
     params: see `init_params`.
-    caches: from `init_caches` (leading L axis).
+    caches: from `init_caches` (leading L axis; a tuple of stacks, one per run
+      of layers, for a mixed `window_pattern`).
     tokens: int `[B, T]` token ids (any id at padding).
     mask: bool `[B, T]`, True for real tokens (padding anywhere); None: all real.
     config: the static `Config`.
@@ -248,7 +256,9 @@ def step(params: Params, caches: kvattn.KVCache, tokens: jax.Array,
     `(logits [B, T, V] float32, new caches)`; logits are zeros at padding.
   """
   b, t = _check_tokens(tokens, mask)
-  layer0 = jax.tree.map(lambda a: a[0], caches)
+  runs = layer_runs(config)
+  stacks = (caches,) if len(runs) == 1 else tuple(caches)
+  layer0 = jax.tree.map(lambda a: a[0], stacks[0])
   positions = kvattn.token_positions(layer0, mask, num_tokens=t)  # [B, T]
   h = _embed(params, tokens, positions, config, mask)
 
@@ -259,7 +269,12 @@ def step(params: Params, caches: kvattn.KVCache, tokens: jax.Array,
     h = h + a
     return h + _mlp(p["mlp"], _norm(p["ln2"], h, config), config), cache
 
-  h, caches = lax.scan(body, h, (params["layers"], caches))
+  new = []
+  for (_, start, stop), stack in zip(runs, stacks):  # One scan per run of layers.
+    layers = jax.tree.map(lambda a: a[start:stop], params["layers"])
+    h, stack = lax.scan(body, h, (layers, stack))
+    new.append(stack)
+  caches = new[0] if len(runs) == 1 else tuple(new)
   logits = _unembed(params, h, config)
   if mask is not None:
     logits = jnp.where(mask[:, :, None], logits, 0.0)
@@ -295,22 +310,16 @@ def forward(params: Params, tokens: jax.Array, mask: jax.Array | None = None, *,
   m = real.astype(jnp.int32)
   h = _embed(params, tokens, jnp.cumsum(m, axis=1) - m, config, mask)
 
-  windows = layer_windows(config)
-  if len(set(windows)) == 1:  # One window (or none) for all layers: static.
-    per_layer = None
-  else:  # Mixed: each layer's window, traced through the scan.
-    per_layer = jnp.array([_GLOBAL if w is None else w for w in windows], jnp.int32)
-
-  def body(h, layer):
-    p, window = layer
+  def body(window, h, p):
     a = kvattn.self_attention(
-        p["attn"], _norm(p["ln1"], h, config), mask,
-        window=windows[0] if window is None else window, rope_base=config.rope_base,
-        rope_scaling=config.rope_scaling, block_size=block_size)
+        p["attn"], _norm(p["ln1"], h, config), mask, window=window,
+        rope_base=config.rope_base, rope_scaling=config.rope_scaling, block_size=block_size)
     h = h + a
     return h + _mlp(p["mlp"], _norm(p["ln2"], h, config), config), None
 
-  h, _ = lax.scan(body, h, (params["layers"], per_layer))
+  for window, start, stop in layer_runs(config):  # One scan per run of layers.
+    layers = jax.tree.map(lambda a: a[start:stop], params["layers"])
+    h, _ = lax.scan(functools.partial(body, window), h, layers)
   return jnp.where(real[:, :, None], _unembed(params, h, config), 0.0)
 
 
