@@ -61,12 +61,16 @@ def test_lowers_to_triton_kernels_for_cuda(dtype, num_tokens, max_len, num_heads
   """
   cache = reference.new_cache(2, max_len, 2, 64, dtype)
   q = jnp.ones((2, num_tokens, num_heads, 64))
+  assert _triton_kernels(q, cache) == (1 if num_tokens < 16 else 2)
+
+
+def _triton_kernels(q, cache) -> int:
+  """The Triton kernels of `cached_attention(q, k, v, cache)` ("pallas_gpu") lowered for CUDA."""
   call = jax.jit(functools.partial(kvattn.cached_attention, implementation="pallas_gpu"))
   triton = "__gpu$xla.gpu.triton"
   exported = export.export(call, platforms=["cuda"],
                            disabled_checks=[export.DisabledSafetyCheck.custom_call(triton)])
-  text = exported(q, q[:, :, :2], q[:, :, :2], cache).mlir_module()
-  assert text.count(f"@{triton}(") == (1 if num_tokens < 16 else 2)
+  return exported(q, q[:, :, :2], q[:, :, :2], cache).mlir_module().count(f"@{triton}(")
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
@@ -76,12 +80,7 @@ def test_ring_caches_lower_to_triton_kernels_for_cuda(dtype, num_tokens):
   cache = kvattn.init_cache(2, 4096, 2, 64, jnp.bfloat16 if dtype == "bfloat16" else jnp.float32,
                             quantized=dtype == "int8", window=128, rewind_room=16)
   q = jnp.ones((2, num_tokens, 8, 64))
-  call = jax.jit(functools.partial(kvattn.cached_attention, implementation="pallas_gpu"))
-  triton = "__gpu$xla.gpu.triton"
-  exported = export.export(call, platforms=["cuda"],
-                           disabled_checks=[export.DisabledSafetyCheck.custom_call(triton)])
-  text = exported(q, q[:, :, :2], q[:, :, :2], cache).mlir_module()
-  assert text.count(f"@{triton}(") == (1 if num_tokens < 16 else 2)
+  assert _triton_kernels(q, cache) == (1 if num_tokens < 16 else 2)
 
 
 def test_ring_int8_matches_the_xla_implementation():
