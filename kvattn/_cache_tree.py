@@ -20,6 +20,7 @@ from typing import Any, Callable
 import jax
 import numpy as np
 
+from kvattn._checks import is_concrete
 from kvattn.cache import KVCache
 
 # k is [..., B, S, K, H]: the axes before these four are stacking axes (layers).
@@ -81,8 +82,7 @@ def check_caches(name: str, caches: Any, batch: int, needed: int, why: str,
 
 def _check_ring(name: str, cache: KVCache, needed: int, why: str, rewind: int) -> None:
   """The room of a ring cache: its max_positions and, to rewind, its rewind_room."""
-  if isinstance(cache.max_positions, jax.core.Tracer) or isinstance(cache.window,
-                                                                    jax.core.Tracer):
+  if not (is_concrete(cache.max_positions) and is_concrete(cache.window)):
     return  # Under an outer jit: the sticky overflow flag will tell.
   max_positions = int(np.min(np.asarray(cache.max_positions)))
   if max_positions < needed:

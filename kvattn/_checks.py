@@ -9,6 +9,7 @@ from __future__ import annotations
 import numbers
 from typing import Any
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -39,6 +40,11 @@ def check_positive_ints(**values: Any) -> None:
     if (not isinstance(value, numbers.Integral) or isinstance(value, (bool, np.bool_))
         or value < 1):
       raise ValueError(f"{name} should be a positive int: but got {value!r}")
+
+
+def is_concrete(x: Any) -> bool:
+  """True when x's values are known now: not a tracer of `jit`, `vmap` or `grad`."""
+  return not isinstance(x, jax.core.Tracer)
 
 
 def check_heads(num_heads: int, num_kv_heads: int) -> None:

@@ -42,7 +42,7 @@ import numpy as np
 
 from kvattn import cache as cache_lib
 from kvattn._checks import check_cache, check_heads, check_mask, check_positive_ints
-from kvattn._checks import check_shape
+from kvattn._checks import check_shape, is_concrete
 from kvattn.cache import KVCache
 from kvattn.kernels import pallas_gpu
 from kvattn.kernels import xla
@@ -152,8 +152,7 @@ def check_ring_options(cache: KVCache, prefix_lm) -> None:
   """A ring cache is causal: prefix_lm must be False."""
   if not cache.ring:
     return
-  static = isinstance(prefix_lm, (bool, np.bool_)) or not isinstance(prefix_lm, jax.core.Tracer)
-  if not static or bool(prefix_lm):
+  if not is_concrete(prefix_lm) or bool(prefix_lm):
     raise ValueError(f"prefix_lm should be False with a ring (sliding-window) cache: but got "
                      f"{prefix_lm!r}")
 

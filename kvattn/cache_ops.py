@@ -28,7 +28,7 @@ import numpy as np
 from jax import lax
 
 from kvattn import layout
-from kvattn._checks import check_cache, check_shape
+from kvattn._checks import check_cache, check_shape, is_concrete
 from kvattn.cache import KVCache
 
 # The leaves with one entry per slot of a row: zeroed where rewind drops a token.
@@ -97,21 +97,9 @@ def rewind(cache: KVCache, n: Any) -> KVCache:
   # from_end[b, j]: real tokens of row b in slots j..S-1, so 1 at its last real token.
   from_end = jnp.sum(real, axis=1, keepdims=True) - jnp.cumsum(real, axis=1) + real
   drop = cache.valid & (from_end <= count[:, None])
-  keep = cache.valid & ~drop
   slot = lax.broadcasted_iota(jnp.int32, (b, s), 1)
-  index = jnp.max(jnp.where(keep, slot + 1, 0))
-
-  def zero_dropped(x):
-    where = drop.reshape(drop.shape + (1,) * (x.ndim - 2))
-    return jnp.where(where, jnp.zeros_like(x), x)
-
-  return cache._replace(
-      **{name: zero_dropped(getattr(cache, name)) for name in _SLOT_FIELDS
-         if getattr(cache, name) is not None},
-      valid=keep,
-      lengths=cache.lengths - count,
-      index=index.astype(jnp.int32),
-  )
+  index = jnp.max(jnp.where(cache.valid & ~drop, slot + 1, 0))
+  return _drop(cache, drop, count)._replace(index=index.astype(jnp.int32))
 
 
 def _rewind_ring(cache: KVCache, count: jax.Array) -> KVCache:
@@ -121,22 +109,25 @@ def _rewind_ring(cache: KVCache, count: jax.Array) -> KVCache:
   p = lengths - count, must see positions p - W + 1 .. p - 1; the ring still
   holds those unless more than `rewind_room + 1` tokens are dropped from a row
   that had already filled its S slots. Then the cache cannot be exact any
-  more: `overflow` is set (concrete counts raise in `_check_ring_counts`).
+  more: `overflow` is set (concrete counts raise in `_check_counts`).
   """
   lengths = cache.lengths - count
   drop = cache.valid & (cache.positions >= lengths[:, None])
   lost = _ring_history_lost(cache, lengths)
+  return _drop(cache, drop, count)._replace(overflow=cache.overflow | jnp.any(lost))
 
-  def zero_dropped(x):
+
+def _drop(cache: KVCache, drop: jax.Array, count: jax.Array) -> KVCache:
+  """The cache without the slots `drop` (bool `[B, S]`): invalid and zero, `count` fewer."""
+  def zero(x):
     where = drop.reshape(drop.shape + (1,) * (x.ndim - 2))
     return jnp.where(where, jnp.zeros_like(x), x)
 
   return cache._replace(
-      **{name: zero_dropped(getattr(cache, name)) for name in _SLOT_FIELDS
+      **{name: zero(getattr(cache, name)) for name in _SLOT_FIELDS
          if getattr(cache, name) is not None},
       valid=cache.valid & ~drop,
-      lengths=lengths,
-      overflow=cache.overflow | jnp.any(lost),
+      lengths=cache.lengths - count,
   )
 
 
@@ -179,7 +170,7 @@ def reorder(cache: KVCache, indices: Any) -> KVCache:
   b = cache.batch_size
   indices = _as_int_array("indices", indices)
   check_shape("indices", indices, "(B,)", (b,))
-  if _is_concrete(indices):
+  if is_concrete(indices):
     values = np.asarray(indices)
     if np.any((values < 0) | (values >= b)):
       raise ValueError(f"indices should be in [0, B)=[0, {b}): but got {values.tolist()}")
@@ -195,11 +186,11 @@ def _check_counts(n: Any, cache: KVCache) -> jax.Array:
   n = _as_int_array("n", n)
   if n.shape not in ((), (b,)):
     raise ValueError(f"n shape should be () or (B,)=({b},): but got {n.shape}")
-  if _is_concrete(n):
+  if is_concrete(n):
     values = np.asarray(n)
     if np.any(values < 0):
       raise ValueError(f"n should be non-negative: but got {values.tolist()}")
-    if _is_concrete(cache.lengths):
+    if is_concrete(cache.lengths):
       lengths = np.asarray(cache.lengths)
       if np.any(values > lengths):
         raise ValueError(f"n should be at most the real tokens of each row, "
@@ -207,7 +198,7 @@ def _check_counts(n: Any, cache: KVCache) -> jax.Array:
     if np.any(values > s):
       raise ValueError(f"n should be at most the cache's max_len S={s}: but got "
                        f"{values.tolist()}")
-    if cache.ring and _is_concrete(cache.lengths):
+    if cache.ring and is_concrete(cache.lengths):
       lengths = np.asarray(cache.lengths) - np.broadcast_to(values, (b,))
       if np.any(np.asarray(_ring_history_lost(cache, jnp.asarray(lengths, jnp.int32)))):
         raise ValueError(
@@ -224,8 +215,3 @@ def _as_int_array(name: str, x: Any):
   if x.dtype == jnp.bool_ or not jnp.issubdtype(x.dtype, jnp.integer):
     raise TypeError(f"{name} dtype should be an integer dtype such as int32: but got {x.dtype}")
   return x
-
-
-def _is_concrete(x: Any) -> bool:
-  """True when x's values are known now: not a tracer of `jit`, `vmap` or `grad`."""
-  return not isinstance(x, jax.core.Tracer)

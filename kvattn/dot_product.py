@@ -30,6 +30,7 @@ from jax import lax
 
 from kvattn import masks
 from kvattn._checks import check_heads, check_mask, check_positive_ints, check_shape
+from kvattn._checks import is_concrete
 from kvattn.kernels import xla
 from kvattn.online_softmax import MASKED, normalize
 
@@ -87,7 +88,7 @@ def dot_product_attention(
   if window is not None:
     if getattr(window, "shape", None) == () and hasattr(window, "dtype") and jnp.issubdtype(
         window.dtype, jnp.integer):
-      if not isinstance(window, jax.core.Tracer) and not int(window) > 0:
+      if is_concrete(window) and not int(window) > 0:
         raise ValueError(f"window should be a positive int: but got {window!r}")
       window = jnp.asarray(window, jnp.int32)  # A jax scalar (per layer under scan, say).
     else:

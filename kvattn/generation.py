@@ -31,7 +31,7 @@ import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
-from kvattn._checks import check_mask, check_positive_ints, check_shape
+from kvattn._checks import check_mask, check_positive_ints, check_shape, is_concrete
 from kvattn.cache import KVCache
 
 StepFn = Callable[[Any, Any, jax.Array, "jax.Array | None"], tuple[jax.Array, Any]]
@@ -183,16 +183,18 @@ def generate(step_fn: StepFn, params: Any, caches: Any, prompt_tokens: jax.Array
     chunk_size: U for "chunked".
     prompt_buckets: ascending positive ints, the lengths prompts are padded to
       (default 16, 32, 64, ...: `DEFAULT_PROMPT_BUCKETS`); None: P as it is.
-      The prompts get `bucket_length(P, prompt_buckets, S - M + 1)` columns,
-      the smallest bucket >= P for which the caches (max_len S) have room,
-      bucket + M - 1 slots; where no bucket fits, P is kept, so bucketing
-      never fails where P would not. The extra columns are appended on the
+      The prompts get `bucket_length(P, prompt_buckets, free - M + 1)` columns,
+      the smallest bucket >= P for which the linear caches have room
+      (bucket + M - 1 of their free slots, max_len minus the slots already
+      written; padding takes no slot of a ring cache); where no bucket fits,
+      P is kept, so bucketing never fails where P would not. The extra columns are appended on the
       right: `pad_id` tokens, mask False. The tokens generated are the same
       as without bucketing (padding gets no position and is never attended);
       what changes is the caches' layout: the padding occupies bucket - P
       slots (marked not valid) before the new tokens, and the prefill runs
       over all bucket columns (in every prefill mode). The room is read off
-      the `KVCache`s among `caches`; without any, P is kept.
+      the `KVCache`s among `caches`; without any, or under an outer jit, P is
+      kept.
 
   Returns:
     `Generation(tokens [B, M], lengths [B], caches)`.
@@ -332,7 +334,7 @@ def _pad_to_bucket(caches, tokens, mask, *, max_new_tokens, pad_id, prefill_mode
     raise ValueError(
         f"caches have {free} free slots (max_len minus the slots already written), too few "
         f"for P + max_new_tokens - 1 = {p} + {max_new_tokens} - 1 = {needed} tokens")
-  real = (p if isinstance(mask, jax.core.Tracer)
+  real = (p if not is_concrete(mask)
           else int(np.max(np.sum(np.asarray(mask), axis=1)))) + max_new_tokens - 1
   if positions is not None and positions < real:
     raise ValueError(
@@ -382,12 +384,12 @@ def _room(caches) -> tuple[int | None, int | None, bool]:
       continue
     found = True
     if cache.ring:
-      if any(isinstance(x, jax.core.Tracer) for x in (cache.max_positions, cache.lengths)):
+      if not (is_concrete(cache.max_positions) and is_concrete(cache.lengths)):
         return None, None, False
       positions.append(int(np.min(np.asarray(cache.max_positions))
                            - np.max(np.asarray(cache.lengths))))
     else:
-      if isinstance(cache.index, jax.core.Tracer):
+      if not is_concrete(cache.index):
         return None, None, False
       slots.append(cache.k.shape[-3] - int(np.max(np.asarray(cache.index))))
   return min(slots, default=None), min(positions, default=None), found
