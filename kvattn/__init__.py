@@ -17,7 +17,9 @@ from kvattn import speculative
 from kvattn.attention import cached_attention
 from kvattn.cache import KVCache
 from kvattn.cache import init_cache
+from kvattn.cache import layer_view
 from kvattn.cache import overflowed
+from kvattn.cache import stack_of
 from kvattn.cache import token_positions
 from kvattn.cache_ops import reorder
 from kvattn.cache_ops import rewind
@@ -29,6 +31,7 @@ from kvattn.layer import decode_step
 from kvattn.layer import prefill
 from kvattn.layer import self_attention
 from kvattn.params import init_params
+from kvattn.stack import scan_layers
 
 __version__ = "0.2.0"
 
@@ -44,6 +47,7 @@ __all__ = [
     "generation",
     "init_cache",
     "init_params",
+    "layer_view",
     "masks",
     "overflowed",
     "prefill",
@@ -52,8 +56,10 @@ __all__ = [
     "rewind",
     "rope",
     "sampling",
+    "scan_layers",
     "self_attention",
     "sharding",
     "speculative",
+    "stack_of",
     "token_positions",
 ]

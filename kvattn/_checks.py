@@ -61,16 +61,30 @@ def check_mask(mask: Any, batch: int, num_tokens: int | None) -> None:
     raise ValueError(f"mask dtype should be bool: but got {mask.dtype}")
 
 
-def check_cache(cache: Any) -> None:
-  """Raises TypeError/ValueError unless cache is a well-formed KVCache (see kvattn.layout)."""
+def check_cache(cache: Any, views: bool = False) -> None:
+  """Raises TypeError/ValueError unless cache is a well-formed KVCache (see kvattn.layout).
+
+  A layer view (`kvattn.cache.layer_view`) passes only where `views` is True:
+  the attention calls read and write views, the cache edits do not.
+  """
   from kvattn.cache import KVCache  # Local import: cache.py imports this module.
   if not isinstance(cache, KVCache):
     raise TypeError(f"cache should be a kvattn.KVCache: but got {type(cache).__name__}")
+  if cache.layer is not None and not views:
+    raise TypeError("cache should be a KVCache, not a layer view (kvattn.layer_view): this "
+                    "function takes the whole stack, e.g. kvattn.stack_of(view)")
   k_field = layout.CACHE["k"]
   shape = shape_of(cache.k)
-  if shape is None or len(shape) != len(k_field.dims):
-    raise ValueError(f"cache.k shape should be {k_field.legend()}: but got {shape}")
-  sizes = dict(zip(k_field.dims, shape))
+  # A layer view (kvattn.cache.layer_view): every leaf has a leading L axis.
+  view = cache.layer is not None
+  if view and (shape_of(cache.layer) != () or cache.layer.dtype != jnp.int32):
+    raise ValueError(f"cache.layer should be an int32 scalar or None: but got {cache.layer!r}")
+  lead = 1 if view else 0
+  if shape is None or len(shape) != len(k_field.dims) + lead:
+    legend = "(L, " + k_field.legend()[1:] if view else k_field.legend()
+    raise ValueError(f"cache.k shape should be {legend}: but got {shape}")
+  sizes = dict(zip(k_field.dims, shape[lead:]))
+  stacked = shape[:lead]
   int8 = cache.k.dtype == jnp.int8
   if not (int8 or jnp.issubdtype(cache.k.dtype, jnp.floating)):
     raise ValueError(f"cache.k dtype should be a floating dtype or int8: but got {cache.k.dtype}")
@@ -94,6 +108,8 @@ def check_cache(cache: Any) -> None:
                          f"ring cache (one with {ring}): but got None")
     if x is None:
       continue
-    check_shape(f"cache.{name}", x, field.legend(), field.shape(sizes))
+    legend = "(L, " + field.legend()[1:] if view and field.dims else (
+        "(L,)" if view else field.legend())
+    check_shape(f"cache.{name}", x, legend, stacked + field.shape(sizes))
     if field.dtype is not None and x.dtype != jnp.dtype(field.dtype):
       raise ValueError(f"cache.{name} dtype should be {field.dtype}: but got {x.dtype}")

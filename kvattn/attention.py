@@ -106,7 +106,7 @@ def cached_attention(
   Returns:
     `(o, new_cache)`: o `[B, T, N, H]` in q's dtype, and the updated cache.
   """
-  check_cache(cache)
+  check_cache(cache, views=True)
   mask = check_qkv(q, k, v, cache, mask)
   check_options(prefix_lm, implementation, block_q=block_q, block_kv=block_kv)
   check_ring_options(cache, prefix_lm)
@@ -116,7 +116,7 @@ def cached_attention(
 
 def check_qkv(q, k, v, cache: KVCache, mask) -> jax.Array:
   """Checks q, k, v and mask against a checked cache; returns the mask (all True for None)."""
-  b, s, kh, h = cache.k.shape
+  b, s, kh, h = cache.batch_size, cache.max_len, cache.num_kv_heads, cache.head_dim
   check_shape("q", q, "(B, T, N, H)", (b, None, None, h))
   _, t, n, _ = q.shape
   for name, x in (("q", q), ("k", k), ("v", v)):
@@ -162,11 +162,13 @@ def attend(q, k, v, cache: KVCache, mask, *, prefix_lm, implementation=None, blo
   """`cached_attention` without the checks, for callers that made them (`kvattn.prefill`)."""
   if cache.ring:  # Read the ring before the write: a long chunk overwrites what it needs.
     positions = cache_lib.token_positions(cache, mask)
-    new_cache, k_new, v_new = cache_lib.append(cache, k, v, mask)
-    o = _implementation(implementation, q, k_new, v_new, cache, positions, mask,
-                        table=RING_IMPLEMENTATIONS, block_q=block_q, block_kv=block_kv)
-    return o, new_cache
-  start = cache.index
+    k_new, v_new = cache_lib.as_stored(cache, k, v, mask)
+    o, cache = _implementation(implementation, q, k_new, v_new, cache, positions, mask,
+                               table=RING_IMPLEMENTATIONS, block_q=block_q, block_kv=block_kv)
+    # Into the cache the reads returned: the write comes after them, in place.
+    cache, _, _ = cache_lib.append(cache, k, v, mask)
+    return o, cache
+  start = cache_lib.leaf(cache, "index")
   cache, k_new, v_new = cache_lib.append(cache, k, v, mask)
   call = functools.partial(_implementation, implementation, q, k_new, v_new, cache, start, mask,
                            block_q=block_q, block_kv=block_kv)

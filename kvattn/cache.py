@@ -51,6 +51,10 @@ class KVCache(NamedTuple):
       tokens of its row at positions p - W + 1 .. p. None for a linear cache.
     max_positions: [] int32, a ring cache's bound on positions (its max_len):
       a write past it sets `overflow`. None for a linear cache.
+    layer: None, except in a layer view (`layer_view`): an int32 scalar, and
+      every other leaf then has a leading L axis (a stack of L layers'
+      caches) of which this cache is layer `layer`. Attention reads and
+      writes that layer's slots of the stack in place.
   """
 
   k: jax.Array
@@ -65,15 +69,17 @@ class KVCache(NamedTuple):
   positions: jax.Array | None = None
   window: jax.Array | None = None
   max_positions: jax.Array | None = None
+  layer: jax.Array | None = None
 
+  # Sizes from the last four axes of k, so that a layer view reads as one layer.
   @property
   def batch_size(self) -> int:
-    return self.k.shape[0]
+    return self.k.shape[-4]
 
   @property
   def max_len(self) -> int:
     """S, the slots per row (a ring cache's positions are bounded by `max_positions`)."""
-    return self.k.shape[1]
+    return self.k.shape[-3]
 
   @property
   def ring(self) -> bool:
@@ -82,11 +88,11 @@ class KVCache(NamedTuple):
 
   @property
   def num_kv_heads(self) -> int:
-    return self.k.shape[2]
+    return self.k.shape[-2]
 
   @property
   def head_dim(self) -> int:
-    return self.k.shape[3]
+    return self.k.shape[-1]
 
   @property
   def quantized(self) -> bool:
@@ -199,7 +205,84 @@ def token_positions(cache: KVCache, mask: jax.Array | None = None,
     check_mask(mask, cache.batch_size, None)
   m = mask.astype(jnp.int32)
   before = jnp.cumsum(m, axis=1) - m
-  return cache.lengths[:, None] + before
+  return leaf(cache, "lengths")[:, None] + before
+
+
+def layer_view(stack: KVCache, layer: int | jax.Array) -> KVCache:
+  """Layer `layer` of a stack of caches, as a cache that updates the stack in place.
+
+  `stack` is a `KVCache` whose leaves have a leading L axis (one layer's
+  cache per entry, e.g. `kvattn.models.transformer.init_caches`). The view
+  goes wherever a cache does in `prefill`, `decode_step` and
+  `cached_attention`: they read that layer's slots of the stacked buffers
+  and write its new tokens into them, so a layer loop that carries the stack
+  (`kvattn.scan_layers`) costs what one layer's reads and writes cost, never
+  a copy of the stack. `stack_of` turns the returned view back into the
+  stack. The cache edits (`kvattn.rewind`, `kvattn.reorder`) take whole
+  stacks or single caches, not views.
+
+  Args:
+    stack: a `KVCache` with leaves `[L, ...]` and no layer set.
+    layer: int32 scalar in [0, L), may be traced.
+  """
+  if not isinstance(stack, KVCache) or stack.layer is not None:
+    raise TypeError(f"stack should be a KVCache stack (not a layer view): but got "
+                    f"{type(stack).__name__}" + ("" if not isinstance(stack, KVCache)
+                                                 else f" with layer={stack.layer!r}"))
+  if getattr(stack.k, "ndim", 0) != 5:
+    raise ValueError(f"stack.k shape should be (L, B, S, K, H): but got "
+                     f"{getattr(stack.k, 'shape', None)}")
+  return stack._replace(layer=jnp.asarray(layer, jnp.int32))
+
+
+def stack_of(view: KVCache) -> KVCache:
+  """The stack a layer view was made from (with the view's writes): `layer` unset."""
+  return view._replace(layer=None)
+
+
+def leaf(cache: KVCache, name: str) -> jax.Array | None:
+  """The cache's leaf `name`; in a layer view, that layer's entry of the stacked leaf.
+
+  For bookkeeping leaves (lengths, index, overflow, window, max_positions):
+  reading a slot leaf whole from a view would copy the layer's slots; read
+  those block by block with `read_slots`.
+  """
+  x = getattr(cache, name)
+  if x is None or cache.layer is None:
+    return x
+  return lax.dynamic_index_in_dim(x, cache.layer, 0, keepdims=False)
+
+
+def read_slots(x: jax.Array, start: jax.Array, size: int,
+               layer: jax.Array | None = None) -> jax.Array:
+  """Slots [start, start + size) of a slot leaf `[B, S, ...]` (`[L, B, S, ...]` at `layer`).
+
+  Per-axis slices keep every other axis whole, so a leaf sharded over B or K
+  stays sharded.
+  """
+  if layer is None:
+    return lax.dynamic_slice_in_dim(x, start, size, axis=1)
+  zero = jnp.zeros((), jnp.int32)
+  starts = (layer, zero, start) + (zero,) * (x.ndim - 3)
+  return lax.dynamic_slice(x, starts, (1, x.shape[1], size) + x.shape[3:])[0]
+
+
+def layer_cache(cache: KVCache) -> KVCache:
+  """A plain cache of the view's layer: a copy of its slots (O(S)); the cache itself otherwise.
+
+  For implementations that cannot read a stack in place (Pallas kernels).
+  """
+  if cache.layer is None:
+    return cache
+  return jax.tree.map(lambda x: lax.dynamic_index_in_dim(x, cache.layer, 0, keepdims=False),
+                      cache._replace(layer=None))
+
+
+def _set(cache: KVCache, **values) -> dict:
+  """Replacements of bookkeeping leaves by `values` (the view's layer's entry in a view)."""
+  if cache.layer is None:
+    return values
+  return {name: getattr(cache, name).at[cache.layer].set(x) for name, x in values.items()}
 
 
 
@@ -238,17 +321,26 @@ def append(cache: KVCache, k: jax.Array, v: jax.Array,
   stored, k, v = _storage(cache, k, v, mask)
   t = mask.shape[1]
   s = cache.max_len
-  fits = (cache.index <= s - t) & ~cache.overflow
-  start = jnp.clip(cache.index, 0, s - t)
+  index, overflow = leaf(cache, "index"), leaf(cache, "overflow")
+  fits = (index <= s - t) & ~overflow
+  start = jnp.clip(index, 0, s - t)
   written = jnp.sum(mask, axis=1, dtype=jnp.int32)
+  lead = () if cache.layer is None else (cache.layer,)
   new_cache = cache._replace(
-      **{name: _put(getattr(cache, name), x, start, fits) for name, x in stored.items()},
-      valid=_put(cache.valid, mask, start, fits),
-      lengths=cache.lengths + jnp.where(fits, written, 0),
-      index=jnp.where(fits, cache.index + t, cache.index),
-      overflow=cache.overflow | ~fits,
+      **{name: _put(getattr(cache, name), x, start, fits, lead) for name, x in stored.items()},
+      valid=_put(cache.valid, mask, start, fits, lead),
+      **_set(cache, lengths=leaf(cache, "lengths") + jnp.where(fits, written, 0),
+             index=jnp.where(fits, index + t, index),
+             overflow=overflow | ~fits),
   )
   return new_cache, k, v
+
+
+def as_stored(cache: KVCache, k: jax.Array, v: jax.Array,
+              mask: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """k, v `[B, T, K, H]` as `append` returns them (as attention must read them), unwritten."""
+  _, k, v = _storage(cache, k, v, mask)
+  return k, v
 
 
 def _storage(cache: KVCache, k, v, mask):
@@ -280,39 +372,96 @@ def _append_ring(cache: KVCache, k, v, mask):
   b, t = mask.shape
   s = cache.max_len
   m = mask.astype(jnp.int32)
-  position = cache.lengths[:, None] + jnp.cumsum(m, axis=1) - m  # [B, T]
-  lengths = cache.lengths + jnp.sum(m, axis=1)
-  fits = jnp.all(lengths <= cache.max_positions) & ~cache.overflow
+  old_lengths, index, overflow = (leaf(cache, n) for n in ("lengths", "index", "overflow"))
+  position = old_lengths[:, None] + jnp.cumsum(m, axis=1) - m  # [B, T]
+  lengths = old_lengths + jnp.sum(m, axis=1)
+  fits = jnp.all(lengths <= leaf(cache, "max_positions")) & ~overflow
   keep = mask & (position >= lengths[:, None] - s) & fits
-  slot = jnp.where(keep, position % s, s)  # Slot S is out of range: dropped.
-  row = lax.broadcasted_iota(jnp.int32, (b, t), 0)
-  put = lambda buf, x: buf.at[row, slot].set(x.astype(buf.dtype), mode="drop")
+  slot = position % s
+  lead = () if cache.layer is None else (cache.layer,)  # A view: into its layer of the stack.
+  put = lambda buf, x: _ring_put(buf, x, slot, keep, lead)
   return cache._replace(
       **{name: put(getattr(cache, name), x) for name, x in stored.items()},
       valid=put(cache.valid, mask),
       positions=put(cache.positions, position),
-      lengths=jnp.where(fits, lengths, cache.lengths),
-      index=jnp.where(fits, cache.index + t, cache.index),
-      overflow=cache.overflow | ~fits,
+      **_set(cache, lengths=jnp.where(fits, lengths, old_lengths),
+             index=jnp.where(fits, index + t, index),
+             overflow=overflow | ~fits),
   ), k, v
 
 
-def _put(buf: jax.Array, x: jax.Array, start: jax.Array, fits: jax.Array) -> jax.Array:
-  """`buf` with `x` written along axis 1 at `start` if `fits`, else `buf` unchanged."""
+def _ring_put(buf, x, slot, keep, lead):
+  """`buf` with each kept token of x `[B, T, ...]` written at slot `slot [B, T]` of its row.
+
+  A scatter; of a bfloat16 buffer's uint16 bits on XLA:CPU, which would
+  otherwise convert the whole buffer to float32 and back around it.
+  """
   if buf.dtype == jnp.bfloat16:
-    return lax.platform_dependent(buf, x, start, fits, cpu=_put_bits_if, default=_put_select)
-  return _put_select(buf, x, start, fits)
+    return lax.platform_dependent(buf, x, slot, keep, lead, cpu=_ring_scatter_bits,
+                                  default=_ring_scatter)
+  return _ring_scatter(buf, x, slot, keep, lead)
 
 
-def _put_select(buf, x, start, fits):
-  """Writes `x` where it fits, else the slots' own old contents: in place, O(T)."""
-  old = lax.dynamic_slice_in_dim(buf, start, x.shape[1], axis=1)
-  new = jnp.where(fits.reshape((1,) * x.ndim), x.astype(buf.dtype), old)
-  return lax.dynamic_update_slice_in_dim(buf, new, start, axis=1)
+def _ring_scatter(buf, x, slot, keep, lead):
+  b, t = slot.shape
+  row = lax.broadcasted_iota(jnp.int32, (b, t), 0)
+  where = tuple(lead) + (row, jnp.where(keep, slot, buf.shape[len(lead) + 1]))
+  return buf.at[where].set(x.astype(buf.dtype), mode="drop")  # Slot S: dropped.
 
 
 @jax.custom_jvp
-def _put_bits_if(buf, x, start, fits):
+def _ring_scatter_bits(buf, x, slot, keep, lead):
+  """`_ring_scatter` on the uint16 bits of a bfloat16 buffer, under a conditional.
+
+  As in `_put_bits_if`: the bits stay in place only inside a conditional.
+  """
+  def write(buf):
+    bits = lax.bitcast_convert_type(buf, jnp.uint16)
+    new = lax.bitcast_convert_type(x.astype(buf.dtype), jnp.uint16)
+    return lax.bitcast_convert_type(_ring_scatter(bits, new, slot, keep, lead), buf.dtype)
+
+  return lax.cond(jnp.any(keep), write, lambda buf: buf, buf)
+
+
+@_ring_scatter_bits.defjvp
+def _ring_scatter_bits_jvp(primals, tangents):
+  """Bits carry no derivative: tangents are written by the same rule, as values."""
+  buf, x, slot, keep, lead = primals
+  dbuf, dx = tangents[:2]
+  return _ring_scatter_bits(*primals), _ring_scatter(dbuf, dx, slot, keep, lead)
+
+
+def _put(buf: jax.Array, x: jax.Array, start: jax.Array, fits: jax.Array,
+         lead: tuple = ()) -> jax.Array:
+  """`buf` with `x` written along the slot axis at `start` if `fits`, else `buf` unchanged.
+
+  `lead`: () for a cache's own leaf `[B, S, ...]`; `(layer,)` for a stacked
+  leaf `[L, B, S, ...]`, written at that layer (x keeps its `[B, T, ...]`).
+  """
+  if buf.dtype == jnp.bfloat16:
+    return lax.platform_dependent(buf, x, start, fits, lead, cpu=_put_bits_if,
+                                  default=_put_select)
+  return _put_select(buf, x, start, fits, lead)
+
+
+def _starts(buf, start, lead):
+  """The start indices of a slot write: the leading (layer) indices, row 0, slot `start`."""
+  zero = jnp.zeros((), jnp.int32)
+  rest = (zero,) * (buf.ndim - len(lead) - 2)
+  return tuple(lead) + (zero, start) + rest
+
+
+def _put_select(buf, x, start, fits, lead=()):
+  """Writes `x` where it fits, else the slots' own old contents: in place, O(T)."""
+  x = x.reshape((1,) * len(lead) + x.shape)
+  starts = _starts(buf, start, lead)
+  old = lax.dynamic_slice(buf, starts, x.shape)
+  new = jnp.where(fits.reshape((1,) * x.ndim), x.astype(buf.dtype), old)
+  return lax.dynamic_update_slice(buf, new, starts)
+
+
+@jax.custom_jvp
+def _put_bits_if(buf, x, start, fits, lead=()):
   """`_put_select` for a bfloat16 buffer on XLA:CPU, by a `lax.cond` on the uint16 bits.
 
   XLA:CPU computes bfloat16 in float32: it rewrites a bfloat16
@@ -326,7 +475,8 @@ def _put_bits_if(buf, x, start, fits):
   def write(buf):
     bits = lax.bitcast_convert_type(buf, jnp.uint16)
     new = lax.bitcast_convert_type(x.astype(buf.dtype), jnp.uint16)
-    bits = lax.dynamic_update_slice_in_dim(bits, new, start, axis=1)
+    new = new.reshape((1,) * len(lead) + new.shape)
+    bits = lax.dynamic_update_slice(bits, new, _starts(buf, start, lead))
     return lax.bitcast_convert_type(bits, buf.dtype)
 
   return lax.cond(fits, write, lambda buf: buf, buf)
@@ -335,6 +485,6 @@ def _put_bits_if(buf, x, start, fits):
 @_put_bits_if.defjvp
 def _put_bits_if_jvp(primals, tangents):
   """Bits carry no derivative: tangents are written by the same rule, as values."""
-  buf, x, start, fits = primals
-  dbuf, dx, _, _ = tangents
-  return _put_bits_if(buf, x, start, fits), _put_select(dbuf, dx, start, fits)
+  buf, x, start, fits, lead = primals
+  dbuf, dx, _, _, _ = tangents
+  return _put_bits_if(buf, x, start, fits, lead), _put_select(dbuf, dx, start, fits, lead)

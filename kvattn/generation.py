@@ -31,6 +31,7 @@ import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
+from kvattn import sampling
 from kvattn._checks import check_mask, check_positive_ints, check_shape, is_concrete
 from kvattn.cache import KVCache
 
@@ -81,10 +82,11 @@ class Generation(NamedTuple):
 
 
 # eos_id and pad_id are traced (see `generate`).
-_STATIC = ("step_fn", "sampler", "max_new_tokens", "prefill_mode", "chunk_size")
+# The sampler is traced too: a `Sampler`'s temperature and top-p are leaves;
+# another callable travels as a leafless `jax.tree_util.Partial` (static).
+_STATIC = ("step_fn", "max_new_tokens", "prefill_mode", "chunk_size")
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
 def start(step_fn: StepFn, params: Any, caches: Any, prompt_tokens: jax.Array,
           prompt_mask: jax.Array, key: jax.Array, *, max_new_tokens: int, sampler: Sampler,
           eos_id: int | None = None, pad_id: int = 0, prefill_mode: str = "one_pass",
@@ -93,7 +95,9 @@ def start(step_fn: StepFn, params: Any, caches: Any, prompt_tokens: jax.Array,
 
   The first stage of `generate`; the arguments are `generate`'s, with the
   prompts already padded to their bucket (`start` pads nothing: P here is the
-  length compiled for).
+  length compiled for). The sampler is traced: a `Sampler`, or any other
+  callable wrapped in `jax.tree_util.Partial` (as `generate` does).
+  `start_donating` is the same function with the caches donated.
 
   Returns:
     A `DecodeState` with column 0 filled (step 1).
@@ -121,23 +125,33 @@ def start(step_fn: StepFn, params: Any, caches: Any, prompt_tokens: jax.Array,
   return _record(state, last_logits, sampler, eos_id, pad_id)
 
 
-@functools.partial(jax.jit, static_argnames=("step_fn", "sampler"))
+# Both compile as jit(start).
+start_donating = jax.jit(start, static_argnames=_STATIC, donate_argnames="caches")
+start = jax.jit(start, static_argnames=_STATIC)
+
+
+@functools.partial(jax.jit, static_argnames="step_fn", donate_argnames="state")
 def advance(step_fn: StepFn, params: Any, state: DecodeState, *, sampler: Sampler,
             eos_id: int | None = None, pad_id: int = 0) -> DecodeState:
   """One decode step: feeds each row's newest token and draws the next column.
 
   Rows already done feed `pad_id` masked out, so their caches gain nothing
-  real. Call only while `state.step < M`.
+  real. Call only while `state.step < M`. The state is donated: its caches
+  are updated in place.
   """
   newest = lax.dynamic_index_in_dim(state.tokens, state.step - 1, axis=1)  # [B, 1]
   logits, caches = step_fn(params, state.caches, newest, ~state.done[:, None])
   return _record(state._replace(caches=caches), logits[:, 0], sampler, eos_id, pad_id)
 
 
-@functools.partial(jax.jit, static_argnames=("step_fn", "sampler"))
+@functools.partial(jax.jit, static_argnames="step_fn", donate_argnames="state")
 def finish(step_fn: StepFn, params: Any, state: DecodeState, *, sampler: Sampler,
            eos_id: int | None = None, pad_id: int = 0) -> DecodeState:
-  """Decode steps in a `lax.while_loop` until M columns or every row is done."""
+  """Decode steps in a `lax.while_loop` until M columns or every row is done.
+
+  The state is donated, and the loop carries its caches: each step updates
+  them in place, so the loop holds the caches once.
+  """
   n = state.tokens.shape[1]
 
   def cond(s):
@@ -153,13 +167,18 @@ def generate(step_fn: StepFn, params: Any, caches: Any, prompt_tokens: jax.Array
              prompt_mask: jax.Array, *, max_new_tokens: int, sampler: Sampler,
              key: jax.Array, eos_id: int | None = None, pad_id: int = 0,
              prefill_mode: str = "one_pass", chunk_size: int | None = None,
-             prompt_buckets: Sequence[int] | None = DEFAULT_PROMPT_BUCKETS) -> Generation:
+             prompt_buckets: Sequence[int] | None = DEFAULT_PROMPT_BUCKETS,
+             donate_caches: bool = False) -> Generation:
   """Generates up to M tokens per prompt: a prefill, then a compiled decode loop.
 
   The two stages, `start` and `finish`, are each compiled once per shape and
-  static setting (step_fn, sampler, M, prefill_mode, chunk_size); eos_id and
-  pad_id are traced, so every EOS id shares a compilation (None, "no EOS", is
-  compiled apart). The prompts are first padded up to a bucket length (see
+  static setting (step_fn, M, prefill_mode, chunk_size, a `Sampler`'s top_k
+  and whether its top_p is set, any other sampler's identity). Traced, so
+  sharing one compilation: eos_id, pad_id, and a `Sampler`'s temperature and
+  top_p values (eos_id None, "no EOS", is compiled apart). The decode loop
+  updates the caches in place; with `donate_caches=True` the prefill writes
+  into the caches given, too, so generation holds them once (the caches
+  passed in are then invalid after the call). The prompts are first padded up to a bucket length (see
   `prompt_buckets`), so prompts of many lengths share a compilation of
   `start`. The caches must have room for P + M - 1 more tokens.
 
@@ -181,6 +200,9 @@ def generate(step_fn: StepFn, params: Any, caches: Any, prompt_tokens: jax.Array
       `chunk_size` tokens, the last one shorter) or "forced" (one token per
       call, as a decode step would). Greedy tokens are the same for all three.
     chunk_size: U for "chunked".
+    donate_caches: donate `caches` to the prefill, which then writes into
+      their buffers: peak memory the caches once (plus a step's working
+      set) rather than twice. The arrays passed in may not be used again.
     prompt_buckets: ascending positive ints, the lengths prompts are padded to
       (default 16, 32, 64, ...: `DEFAULT_PROMPT_BUCKETS`); None: P as it is.
       The prompts get `bucket_length(P, prompt_buckets, free - M + 1)` columns,
@@ -202,7 +224,9 @@ def generate(step_fn: StepFn, params: Any, caches: Any, prompt_tokens: jax.Array
   prompt_tokens, prompt_mask = _pad_to_bucket(
       caches, prompt_tokens, prompt_mask, max_new_tokens=max_new_tokens, pad_id=pad_id,
       prefill_mode=prefill_mode, chunk_size=chunk_size, prompt_buckets=prompt_buckets)
-  state = start(step_fn, params, caches, prompt_tokens, prompt_mask, key,
+  sampler = _traceable(sampler)
+  begin = start_donating if donate_caches else start
+  state = begin(step_fn, params, caches, prompt_tokens, prompt_mask, key,
                 max_new_tokens=max_new_tokens, sampler=sampler, eos_id=eos_id, pad_id=pad_id,
                 prefill_mode=prefill_mode, chunk_size=chunk_size)
   state = finish(step_fn, params, state, sampler=sampler, eos_id=eos_id, pad_id=pad_id)
@@ -225,7 +249,7 @@ def generate_stream(step_fn: StepFn, params: Any, caches: Any, prompt_tokens: ja
   prompt_tokens, prompt_mask = _pad_to_bucket(
       caches, prompt_tokens, prompt_mask, max_new_tokens=max_new_tokens, pad_id=pad_id,
       prefill_mode=prefill_mode, chunk_size=chunk_size, prompt_buckets=prompt_buckets)
-  kw = dict(sampler=sampler, eos_id=eos_id, pad_id=pad_id)
+  kw = dict(sampler=_traceable(sampler), eos_id=eos_id, pad_id=pad_id)
   state = start(step_fn, params, caches, prompt_tokens, prompt_mask, key,
                 max_new_tokens=max_new_tokens, prefill_mode=prefill_mode,
                 chunk_size=chunk_size, **kw)
@@ -259,6 +283,16 @@ def bucket_length(p: int, buckets: Sequence[int] | None, room: int | None = None
   # Ascending: if the first bucket >= P has no room, no later one has.
   bucket = next((b for b in buckets if b >= p), p)
   return bucket if room is None or bucket <= room else p
+
+
+def _traceable(sampler):
+  """The sampler as a jit argument: a `Sampler` (a pytree) as it is, else a leafless Partial."""
+  if not callable(sampler):
+    raise TypeError(f"sampler should be a callable (key, logits [B, V]) -> int32 [B], e.g. "
+                    f"kvattn.sampling.Sampler(): but got {sampler!r}")
+  if isinstance(sampler, (sampling.Sampler, jax.tree_util.Partial)):
+    return sampler
+  return jax.tree_util.Partial(sampler)
 
 
 def _record(state: DecodeState, logits, sampler, eos_id, pad_id) -> DecodeState:

@@ -154,9 +154,9 @@ def project_qkv(params: Params, x: jax.Array, positions: jax.Array, rope_base,
 
 def project_out(params: Params, o: jax.Array, mask: jax.Array | None, dtype) -> jax.Array:
   """The output projection of o `[B, T, N, H]` -> `[B, T, DM]` in dtype, zeros at padding."""
-  out = jnp.einsum("BTNH,NHD->BTD", o, params["wo"])
+  out = jnp.einsum("BTNH,NHD->BTD", o, params["wo"], preferred_element_type=jnp.float32)
   if "bo" in params:
-    out = out + params["bo"][None, None]
+    out = out + params["bo"][None, None].astype(jnp.float32)
   if mask is not None:
     out = jnp.where(mask[:, :, None], out, 0)
   return out.astype(dtype)
@@ -192,8 +192,8 @@ def decode_step(
 def _check(params, cache, x, mask, prefix_lm, rope_base, rope_scaling, implementation,
            decode=False) -> None:
   """The checks of `prefill` and `decode_step`, once per call."""
-  check_cache(cache)
-  b, _, kh, h = cache.k.shape
+  check_cache(cache, views=True)
+  b, kh, h = cache.batch_size, cache.num_kv_heads, cache.head_dim
   dm, _ = check_params(params, kh, h)
   if decode:
     check_shape("x", x, "(B, 1, DM)", (b, 1, dm))
@@ -221,6 +221,12 @@ def _check_rope(rope_base, rope_scaling) -> None:
 
 
 def _project(x, w, bias):
-  """x [B, T, DM] @ w [DM, heads, H] (+ bias [heads, H]) -> [B, T, heads, H]."""
-  y = jnp.einsum("BTD,DXH->BTXH", x, w)  # X: N or K heads.
-  return y if bias is None else y + bias[None, None]
+  """x [B, T, DM] @ w [DM, heads, H] (+ bias [heads, H]) -> [B, T, heads, H] in x's dtype.
+
+  Accumulated in float32 whatever the operands: XLA:CPU multiplies bfloat16
+  operands natively only so (else it converts the whole weight to float32 on
+  every call).
+  """
+  y = jnp.einsum("BTD,DXH->BTXH", x, w, preferred_element_type=jnp.float32)  # X: N or K heads.
+  y = y if bias is None else y + bias[None, None].astype(jnp.float32)
+  return y.astype(jnp.result_type(x, w))

@@ -2,7 +2,7 @@
 
 Pure functions of logits and an explicit PRNG key; nothing is stateful, so
 the same key gives the same tokens. `Sampler` bundles the settings into a
-hashable callable, the `sampler` argument of `kvattn.generate`.
+callable pytree, the `sampler` argument of `kvattn.generate`.
 
 Shape legend:
   B: batch size
@@ -12,10 +12,12 @@ Shape legend:
 from __future__ import annotations
 
 import dataclasses
+import numbers
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+import numpy as np
 
 from kvattn._checks import check_shape
 
@@ -58,11 +60,17 @@ def top_p_logits(logits: jax.Array, p: float | jax.Array) -> jax.Array:
   sorted_logits = -jnp.sort(-logits, axis=-1)  # [B, V] descending
   probs = jax.nn.softmax(sorted_logits, axis=-1)
   total = jnp.cumsum(probs, axis=-1)
-  before = total - probs  # probability of the tokens ranked above
+  # The probability of the tokens ranked above each one: an exclusive running
+  # sum (total - probs would be one rounding away from it, and keep a token
+  # whose mass above is exactly p).
+  before = jnp.pad(total[:, :-1], ((0, 0), (1, 0)))
   # Against the sum as computed (not 1.0): over a large vocabulary the float32
   # running sum passes 1 before its last terms, which would cut them at p = 1.
+  # A token whose mass above reaches p within float32 rounding (a few ulps of
+  # the sum) is cut: the boundary case "mass above exactly p".
   p = jnp.asarray(p, jnp.float32)
-  in_nucleus = (before < p * total[:, -1:]) | (p >= 1.0)
+  limit = p * total[:, -1:] * (1 - 4 * jnp.finfo(jnp.float32).eps)
+  in_nucleus = (before < limit) | (p >= 1.0)
   # The smallest logit in the nucleus; everything below it is cut.
   threshold = jnp.min(jnp.where(in_nucleus, sorted_logits, jnp.inf), axis=-1, keepdims=True)
   return jnp.where(logits < threshold, -jnp.inf, logits)
@@ -99,30 +107,62 @@ def sample(key: jax.Array, logits: jax.Array, *, temperature: float | jax.Array 
 
 @dataclasses.dataclass(frozen=True)
 class Sampler:
-  """Sampling settings as a hashable callable `(key, logits [B, V]) -> int32 [B]`.
+  """Sampling settings as a callable `(key, logits [B, V]) -> int32 [B]`, and a pytree.
 
-  Equal settings compare and hash equal, so a jitted generation loop that takes
-  the sampler as a static argument compiles once per setting. The default
-  (temperature 0) is greedy.
+  temperature and top_p are the pytree's leaves, so `kvattn.generate` traces
+  them: a new temperature or top-p value runs the program already compiled.
+  top_k (a shape in `lax.top_k`) and whether top_p is set are static: each
+  top_k value, and top_p None vs a value, compiles once. Equal concrete
+  settings compare and hash equal.
+
+  temperature defaults to 0 (greedy) when neither top_k nor top_p is given,
+  and to 1 when either is: `Sampler(top_p=0.9)` samples from the nucleus.
+  An explicit temperature of 0 is greedy whatever top_k and top_p say.
   """
 
-  temperature: float = 0.0
+  temperature: float | jax.Array | None = None
   top_k: int | None = None
-  top_p: float | None = None
+  top_p: float | jax.Array | None = None
 
   def __post_init__(self):
-    if self.temperature < 0:
-      raise ValueError(f"temperature should be >= 0: but got {self.temperature!r}")
-    if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
-      raise ValueError(f"top_k should be a positive int or None: but got {self.top_k!r}")
-    if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
-      raise ValueError(f"top_p should be in (0, 1] or None: but got {self.top_p!r}")
+    if self.temperature is None:
+      filtered = self.top_k is not None or self.top_p is not None
+      object.__setattr__(self, "temperature", 1.0 if filtered else 0.0)
+    t, p, k = self.temperature, self.top_p, self.top_k
+    if not _is_number(t) or (isinstance(t, numbers.Number) and not t >= 0):
+      raise ValueError(f"temperature should be a number >= 0: but got {t!r}")
+    if k is not None and (not isinstance(k, numbers.Integral) or isinstance(k, (bool, np.bool_))
+                          or k < 1):
+      raise ValueError(f"top_k should be a positive int or None: but got {k!r}")
+    if p is not None and (not _is_number(p)
+                          or (isinstance(p, numbers.Number) and not 0.0 < p <= 1.0)):
+      raise ValueError(f"top_p should be in (0, 1] or None: but got {p!r}")
 
   def __call__(self, key: jax.Array, logits: jax.Array) -> jax.Array:
-    if self.temperature == 0:
-      return greedy(logits)
+    if isinstance(self.temperature, numbers.Number) and self.temperature == 0:
+      return greedy(logits)  # Known greedy: no draw at all.
     return sample(key, logits, temperature=self.temperature, top_k=self.top_k,
                   top_p=self.top_p)
+
+
+def _is_number(x) -> bool:
+  """A real Python number (not bool) or a scalar float array, traced or not."""
+  if isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_)):
+    return True
+  return getattr(x, "shape", None) == () and jnp.issubdtype(getattr(x, "dtype", None),
+                                                            jnp.floating)
+
+
+def _unflatten_sampler(top_k, leaves):
+  sampler = object.__new__(Sampler)  # No checks: leaves may be tracers or placeholders.
+  temperature, top_p = leaves
+  for name, value in (("temperature", temperature), ("top_k", top_k), ("top_p", top_p)):
+    object.__setattr__(sampler, name, value)
+  return sampler
+
+
+jax.tree_util.register_pytree_node(
+    Sampler, lambda s: ((s.temperature, s.top_p), s.top_k), _unflatten_sampler)
 
 
 def _check_logits(logits) -> None:

@@ -376,5 +376,31 @@ def test_eos_ids_as_an_array():
     np.testing.assert_array_equal(out.tokens, [[2, 3, 4, -1, -1], [8, 9, -1, -1, -1]])
 
 
+def test_a_new_temperature_or_top_p_compiles_nothing():
+  """Issue 19: a Sampler's temperature and top_p are traced; only top_k is static."""
+  params = _params(CONFIG)
+  tokens, mask = _prompts([6, 2, 5], P, False)
+  _generate(CONFIG, params, tokens, mask, sampler=sampling.Sampler(0.7, 10, 0.9))
+  with compiles.compilations() as compiled:
+    outs = [_generate(CONFIG, params, tokens, mask, sampler=sampling.Sampler(t, 10, p), seed=3)
+            for t, p in [(1.3, 0.5), (0.2, 0.95), (0.0, 0.9)]]
+  assert compiled == [], compiled
+  # Temperature 0 is greedy, traced or not.
+  greedy = _generate(CONFIG, params, tokens, mask, seed=3)
+  np.testing.assert_array_equal(outs[2].tokens, greedy.tokens)
+  assert np.any(np.asarray(outs[0].tokens) != np.asarray(greedy.tokens))
+
+
+def test_a_plain_function_is_a_sampler_too():
+  """Any callable (key, logits) -> tokens works: it is passed as a static Partial."""
+  params = _params(CONFIG)
+  tokens, mask = _prompts([6, 2, 5], P, False)
+  by_function = _generate(CONFIG, params, tokens, mask,
+                          sampler=lambda key, logits: sampling.greedy(logits))
+  np.testing.assert_array_equal(by_function.tokens, _generate(CONFIG, params, tokens, mask).tokens)
+  with pytest.raises(TypeError, match="sampler should be a callable"):
+    _generate(CONFIG, params, tokens, mask, sampler=0.7)
+
+
 if __name__ == "__main__":
   sys.exit(pytest.main([__file__]))

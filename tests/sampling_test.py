@@ -89,6 +89,51 @@ def test_top_p_one_keeps_a_large_vocabulary_whole():
   assert np.all(np.isfinite(sampling.top_p_logits(logits, jnp.float32(1.0))))
 
 
+def test_top_p_cuts_a_token_whose_mass_above_is_exactly_p():
+  """Issue 20: mass above the 0.1 tokens is exactly 0.8, so top_p=0.8 keeps 0.5 and 0.3 only."""
+  logits = jnp.log(jnp.array([[0.3, 0.1, 0.1, 0.5]], jnp.float32))
+  np.testing.assert_array_equal(np.isfinite(sampling.top_p_logits(logits, 0.8)), [[1, 0, 0, 1]])
+  draws = sampling.sample(jax.random.key(11), jnp.broadcast_to(logits, (NUM_DRAWS, 4)),
+                          top_p=0.8)
+  assert set(np.unique(np.asarray(draws))) == {0, 3}
+
+
+def test_sampler_with_top_k_or_top_p_alone_samples_at_temperature_one():
+  """Issue 20: Sampler(top_p=...) used to default to temperature 0, i.e. greedy."""
+  assert sampling.Sampler().temperature == 0.0
+  assert sampling.Sampler(top_p=0.9).temperature == 1.0
+  assert sampling.Sampler(top_k=3).temperature == 1.0
+  logits = jnp.broadcast_to(jnp.asarray(LOGITS)[None], (NUM_DRAWS, LOGITS.size))
+  draws = jax.jit(sampling.Sampler(top_p=0.8))(jax.random.key(12), logits)
+  _assert_distribution(np.bincount(np.asarray(draws), minlength=LOGITS.size) / NUM_DRAWS,
+                       np.where(np.arange(PROBS.size) < 3, PROBS, 0.0))
+  # An explicit temperature of 0 stays greedy.
+  np.testing.assert_array_equal(sampling.Sampler(0.0, top_p=0.8)(jax.random.key(0), logits),
+                                np.zeros(NUM_DRAWS))
+
+
+def test_sampler_settings_are_traced_leaves():
+  """temperature and top_p are pytree leaves (a new value reuses a compilation); top_k is not."""
+  leaves, treedef = jax.tree.flatten(sampling.Sampler(0.7, 5, 0.9))
+  assert leaves == [0.7, 0.9]
+  assert jax.tree.structure(sampling.Sampler(0.2, 5, 0.5)) == treedef
+  assert jax.tree.structure(sampling.Sampler(0.2, 6, 0.5)) != treedef
+  calls = []
+
+  @jax.jit
+  def draw(sampler, key, logits):
+    calls.append(1)
+    return sampler(key, logits)
+
+  logits = jnp.asarray(LOGITS)[None]
+  for t, p in [(0.7, 0.9), (1.3, 0.5), (0.0, 0.2)]:
+    draw(sampling.Sampler(t, 5, p), jax.random.key(0), logits)
+  assert len(calls) == 1
+  # Traced temperature 0 is greedy too.
+  np.testing.assert_array_equal(draw(sampling.Sampler(0.0, 5, 0.9), jax.random.key(1),
+                                     jnp.asarray(LOGITS[::-1])[None]), [4])
+
+
 def test_top_k_at_or_above_the_vocabulary_keeps_everything():
   logits = jax.random.normal(jax.random.key(8), (2, 6))
   for k in (6, 7, 100):
@@ -147,6 +192,9 @@ def test_sampler_is_hashable_by_value():
      r"temperature should be >= 0"),
     (lambda: sampling.Sampler(top_p=1.5), r"top_p should be in \(0, 1\]"),
     (lambda: sampling.Sampler(top_k=0), r"top_k should be a positive int"),
+    (lambda: sampling.Sampler(top_k=True), r"top_k should be a positive int"),
+    (lambda: sampling.Sampler(-0.5), r"temperature should be a number >= 0"),
+    (lambda: sampling.Sampler("0.5"), r"temperature should be a number >= 0"),
 ])
 def test_bad_arguments_raise(call, match):
   with pytest.raises(ValueError, match=match):

@@ -24,10 +24,13 @@ Every implementation is a function with the same signature:
 
 and, for ring (sliding-window) caches, a second function:
 
-    attend_ring(q, k_new, v_new, cache, positions, mask, *, block_q, block_kv) -> o
+    attend_ring(q, k_new, v_new, cache, positions, mask, *, block_q, block_kv) -> (o, cache)
 
   cache: the ring as it was before the write (a chunk longer than the ring
-    overwrites slots its own first tokens must still see).
+    overwrites slots its own first tokens must still see); returned as it
+    came, threaded through the reads, and the write goes into the returned
+    one, so that the compiler orders the reads first and keeps the buffers in
+    place.
   positions: int32 `[B, T]` the new tokens' positions; each query sees the
     ring's valid slots and the new keys at positions p - W + 1 .. p.
 

@@ -69,7 +69,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kvattn.cache import KVCache
+from kvattn.cache import KVCache, layer_cache
 from kvattn.kernels import xla
 from kvattn.online_softmax import Partial, accumulate, accumulate_axis, empty, normalize
 from kvattn.online_softmax import probabilities
@@ -102,7 +102,7 @@ def attend(q: jax.Array, k_new: jax.Array, v_new: jax.Array, cache: KVCache, sta
 
 def attend_ring(q: jax.Array, k_new: jax.Array, v_new: jax.Array, cache: KVCache,
                 positions: jax.Array, mask: jax.Array, *, block_q: int | None = None,
-                block_kv: int | None = None) -> jax.Array:
+                block_kv: int | None = None) -> tuple[jax.Array, KVCache]:
   """`kvattn.kernels.xla.attend_ring` as Pallas kernels: a ring cache, read before its write.
 
   The same kernels, with each key's token position (the ring's `positions`,
@@ -125,8 +125,11 @@ def _attend(q, k_new, v_new, cache, start, mask, *, prefix_lm, block_q, block_kv
   if not interpret and not supported(q.shape[-1], cache.max_len):
     return xla.attend(q, k_new, v_new, cache, start, mask, prefix_lm=prefix_lm,
                       block_q=block_q, block_kv=block_kv)
-  o = _attention(q, k_new, v_new, cache, start, mask, causal=not prefix_lm, window=None,
-                 positions=None, block_q=block_q, block_kv=block_kv, interpret=interpret)
+  # A layer view's slots are copied out of the stack first (O(S)): the kernels
+  # read one cache, not a stack.
+  o = _attention(q, k_new, v_new, layer_cache(cache), start, mask, causal=not prefix_lm,
+                 window=None, positions=None, block_q=block_q, block_kv=block_kv,
+                 interpret=interpret)
   return o, cache
 
 
@@ -134,11 +137,12 @@ def _attend_ring(q, k_new, v_new, cache, positions, mask, *, block_q, block_kv, 
   if not interpret and not supported(q.shape[-1], cache.max_len):
     return xla.attend_ring(q, k_new, v_new, cache, positions, mask, block_q=block_q,
                            block_kv=block_kv)
+  one = layer_cache(cache)  # A layer view's slots, copied out of the stack (O(S)).
   # Until the ring wraps, slots from the longest row's length on are empty.
-  filled = jnp.minimum(jnp.max(cache.lengths), cache.max_len)
-  return _attention(q, k_new, v_new, cache, filled, mask, causal=True, window=cache.window,
-                    positions=positions, block_q=block_q, block_kv=block_kv,
-                    interpret=interpret)
+  filled = jnp.minimum(jnp.max(one.lengths), one.max_len)
+  o = _attention(q, k_new, v_new, one, filled, mask, causal=True, window=one.window,
+                 positions=positions, block_q=block_q, block_kv=block_kv, interpret=interpret)
+  return o, cache
 
 
 def _attention(q, k_new, v_new, cache, end, mask, *, causal, window, positions, block_q,

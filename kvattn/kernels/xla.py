@@ -38,7 +38,7 @@ from jax import lax
 
 from kvattn import masks
 from kvattn import quant
-from kvattn.cache import KVCache
+from kvattn.cache import KVCache, leaf, read_slots
 from kvattn.online_softmax import Partial, accumulate, empty, normalize, probabilities
 
 BLOCK_Q = 128
@@ -87,7 +87,7 @@ def group_queries(q: jax.Array, num_kv_heads: int) -> jax.Array:
 
 def attend_ring(q: jax.Array, k_new: jax.Array, v_new: jax.Array, cache: KVCache,
                 positions: jax.Array, mask: jax.Array, *, block_q: int | None = None,
-                block_kv: int | None = None) -> jax.Array:
+                block_kv: int | None = None) -> tuple[jax.Array, KVCache]:
   """Attention of the new tokens over a ring cache (read before the write) and themselves.
 
   Args:
@@ -98,45 +98,64 @@ def attend_ring(q: jax.Array, k_new: jax.Array, v_new: jax.Array, cache: KVCache
     block_q, block_kv: as in `attend`.
 
   Returns:
-    o `[B, T, N, H]` in q's dtype. Each real query sees the real tokens of its
-    row at positions p - W + 1 .. p: those the ring holds and the new ones.
+    `(o, cache)`: o `[B, T, N, H]` in q's dtype, each real query seeing the
+    real tokens of its row at positions p - W + 1 .. p (those the ring holds
+    and the new ones); the cache, unchanged, threaded through the reads.
   """
   b, t, n, h = q.shape
   kh = k_new.shape[2]
   qh = group_queries(q, kh)
-  cached = _attend_ring_slots(qh, mask, positions, cache,
-                              min(block_kv or BLOCK_KV, cache.max_len))
+  cached, cache = _attend_ring_slots(qh, mask, positions, cache,
+                                     min(block_kv or BLOCK_KV, cache.max_len))
   new = attend_chunk(qh, k_new, v_new, mask, False, min(block_q or BLOCK_Q, t), positions,
-                     cache.window)
+                     leaf(cache, "window"))
   o = normalize(accumulate(cached, new)).reshape(b, kh, n // kh, t, h)
-  return o.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q.dtype)
+  return o.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q.dtype), cache
 
 
-def _attend_ring_slots(qh, q_mask, q_positions, cache: KVCache, block) -> Partial:
+def _attend_ring_slots(qh, q_mask, q_positions, cache: KVCache,
+                       block) -> tuple[Partial, KVCache]:
   """Partial softmax of the queries over every slot of a ring, block by block.
 
   A slot is seen when it holds a real token of the row (`valid`) within the
   query's window; every token it can hold is older than the new queries.
   """
   s = cache.max_len
+  window = leaf(cache, "window")
+  names = ("k", "v", "valid", "positions") + (("k_scale", "v_scale") if cache.quantized else ())
 
-  def body(j, acc):
+  def body(j, carry):
+    acc, bufs = carry
+    bufs = _barrier(bufs)
     first = j * block
     start = jnp.minimum(first, s - block)  # The last block may overlap the one before.
-    take = lambda x: lax.dynamic_slice_in_dim(x, start, block, axis=1)
+    take = lambda name: read_slots(bufs[name], start, block, cache.layer)
     slot = start + lax.broadcasted_iota(jnp.int32, (1, block), 1)
-    valid = take(cache.valid) & (slot >= first)
+    valid = take("valid") & (slot >= first)
     allowed = (masks.padding_mask(q_mask, valid)
-               & masks.window_mask(q_positions, take(cache.positions), cache.window))
-    scales = (take(cache.k_scale), take(cache.v_scale)) if cache.quantized else None
-    return accumulate(acc, _partial(qh, take(cache.k), take(cache.v), allowed, scales))
+               & masks.window_mask(q_positions, take("positions"), window))
+    scales = (take("k_scale"), take("v_scale")) if cache.quantized else None
+    return accumulate(acc, _partial(qh, take("k"), take("v"), allowed, scales)), bufs
 
   b, kh, g, t, h = qh.shape
   init = varying_like(empty((b, kh * g * t), h), (qh, q_mask, q_positions, cache))
   # Until the ring wraps, slots from the longest row's length on are empty:
   # read ceil(min(max(lengths), S) / C) blocks, a traced trip count.
-  filled = jnp.minimum(jnp.max(cache.lengths), s)
-  return lax.fori_loop(0, (filled + block - 1) // block, body, init)
+  filled = jnp.minimum(jnp.max(leaf(cache, "lengths")), s)
+  bufs = {name: getattr(cache, name) for name in names}
+  acc, bufs = lax.fori_loop(0, (filled + block - 1) // block, body, (init, bufs))
+  return acc, cache._replace(**bufs)
+
+
+def _barrier(bufs: dict) -> dict:
+  """Cache buffers as a block loop reads them: bfloat16 ones behind an optimisation barrier.
+
+  Read as loop invariants, XLA:CPU converts a whole bfloat16 buffer to
+  float32 before the loop (an O(S) temporary and pass per call) instead of
+  each block; carried through the loop behind a barrier, it is read in place.
+  """
+  return {name: lax.optimization_barrier(x) if x.dtype == jnp.bfloat16 else x
+          for name, x in bufs.items()}
 
 
 def _attend_cache(qh, q_mask, cache: KVCache, end, block) -> tuple[Partial, KVCache]:
@@ -161,16 +180,11 @@ def _attend_cache(qh, q_mask, cache: KVCache, end, block) -> tuple[Partial, KVCa
   # masked here.
   def body(j, carry):
     acc, bufs = carry
-    # bfloat16 buffers travel through the loop behind a barrier: read as loop
-    # invariants, XLA:CPU converts a whole bfloat16 buffer to float32 before
-    # the loop (an O(S) temporary and pass per call) instead of each block.
-    bufs = {name: lax.optimization_barrier(x) if x.dtype == jnp.bfloat16 else x
-            for name, x in bufs.items()}
+    bufs = _barrier(bufs)
     first = j * block
     start = jnp.minimum(first, s - block)
-    # Per-axis slices keep every other axis intact, so a cache sharded over
-    # B or K stays sharded (slicing a flattened [B, S * K * H] view would not).
-    take = lambda x: lax.dynamic_slice_in_dim(x, start, block, axis=1)
+    # The view's layer of a stack is read in place, block by block.
+    take = lambda x: read_slots(x, start, block, cache.layer)
     scales = (take(bufs["k_scale"]), take(bufs["v_scale"])) if cache.quantized else None
     slot = start + lax.broadcasted_iota(jnp.int32, (1, block), 1)
     valid = take(bufs["valid"]) & (slot >= first) & (slot < end)  # [B, C]

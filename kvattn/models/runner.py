@@ -61,13 +61,13 @@ def run(step_fn: Callable, params: Any, caches: Any, tokens: np.ndarray, mask: n
   key = jax.random.key(seed)
   # The keyword arguments of generation.generate and generate_stream, so that
   # their compilations are shared with these.
-  traced_kw = dict(eos_id=eos_id, pad_id=pad_id)
-  loop_kw = dict(sampler=sampler, **traced_kw)
+  traced_kw = dict(sampler=sampler, eos_id=eos_id, pad_id=pad_id)
+  loop_kw = traced_kw
   start_kw = dict(max_new_tokens=max_new_tokens, prefill_mode=prefill_mode, chunk_size=chunk_size,
                   **loop_kw)
   t0 = time.perf_counter()
   if on_token is None:
-    # eos_id and pad_id are traced: the compiled stages take them again when called.
+    # The sampler, eos_id and pad_id are traced: the compiled stages take them again.
     start = generation.start.lower(step_fn, params, caches, tokens, mask, key,
                                    **start_kw).compile()
     state_shape = jax.eval_shape(functools.partial(generation.start, step_fn, **start_kw),

@@ -8,7 +8,8 @@ checkpoints into it.
 
 Layer params are stacked on a leading axis and the layers run under
 `lax.scan`; so are the caches: one `kvattn.KVCache` pytree whose leaves have a
-leading L axis, each layer reading and returning its own slice. `step` is the
+leading L axis, carried through the layer loop (`kvattn.scan_layers`) so that
+each layer reads and writes its own slots of the stack in place. `step` is the
 cached forward that `kvattn.generate` drives; `forward` is the same model
 without a cache (for training: reverse-differentiable, attention memory
 O(T * block)), through the same projections and attention numerics
@@ -218,9 +219,10 @@ def init_params(key: jax.Array, config: Config, dtype=jnp.float32) -> Params:
 
 
 @functools.partial(jax.jit, static_argnames=("config", "batch", "max_len", "dtype",
-                                             "rewind_room"))
+                                             "rewind_room", "quantized"))
 def init_caches(config: Config, batch: int, max_len: int, dtype=jnp.float32,
-                rewind_room: int = 0) -> kvattn.KVCache | tuple[kvattn.KVCache, ...]:
+                rewind_room: int = 0, quantized: bool = False
+                ) -> kvattn.KVCache | tuple[kvattn.KVCache, ...]:
   """Returns one `KVCache` for all layers: every leaf has a leading L axis.
 
   k, v are `[L, B, S, K, H]`, valid `[L, B, S]`, lengths `[L, B]`, index and
@@ -228,10 +230,14 @@ def init_caches(config: Config, batch: int, max_len: int, dtype=jnp.float32,
   S = W + rewind_room slots, max_len bounding the positions. With a mixed
   `window_pattern`, a tuple of such caches, one per run of layers sharing a
   window (`layer_runs`), each with the run's layers on its leading axis.
+  `quantized=True` stores k and v as int8 with float32 scales (dtype must
+  then be float32; see `kvattn.init_cache`). `step` updates every stack in
+  place (`kvattn.scan_layers`).
   """
   def stack(window, count):
     one = kvattn.init_cache(batch, max_len, config.num_kv_heads, config.head_dim, dtype,
-                            window=window, rewind_room=rewind_room if window else 0)
+                            quantized=quantized, window=window,
+                            rewind_room=rewind_room if window else 0)
     return jax.tree.map(lambda a: jnp.stack([a] * count), one)
 
   runs = layer_runs(config)
@@ -262,17 +268,17 @@ def step(params: Params, caches: kvattn.KVCache, tokens: jax.Array,
   positions = kvattn.token_positions(layer0, mask, num_tokens=t)  # [B, T]
   h = _embed(params, tokens, positions, config, mask)
 
-  def body(h, layer):
-    p, cache = layer
+  def body(h, p, cache):
     a, cache = kvattn.prefill(p["attn"], cache, _norm(p["ln1"], h, config), mask,
                               rope_base=config.rope_base, rope_scaling=config.rope_scaling)
     h = h + a
     return h + _mlp(p["mlp"], _norm(p["ln2"], h, config), config), cache
 
   new = []
-  for (_, start, stop), stack in zip(runs, stacks):  # One scan per run of layers.
+  for (_, start, stop), stack in zip(runs, stacks):  # One loop per run of layers.
     layers = jax.tree.map(lambda a: a[start:stop], params["layers"])
-    h, stack = lax.scan(body, h, (layers, stack))
+    # The stack is carried and each layer's slots read and written in place.
+    h, stack = kvattn.scan_layers(body, h, layers, stack)
     new.append(stack)
   caches = new[0] if len(runs) == 1 else tuple(new)
   logits = _unembed(params, h, config)
@@ -354,8 +360,11 @@ def _norm(p, x, config):
 
 
 def _dense(x, w, b):
-  y = jnp.einsum("BTD,DF->BTF", x, w)
-  return y if b is None else y + b[None, None]
+  # float32 accumulation: XLA:CPU multiplies bfloat16 operands natively only
+  # so (else it converts the whole weight to float32 on every call).
+  y = jnp.einsum("BTD,DF->BTF", x, w, preferred_element_type=jnp.float32)
+  y = y if b is None else y + b[None, None].astype(jnp.float32)
+  return y.astype(jnp.result_type(x, w))
 
 
 def _mlp(p, x, config):
@@ -364,8 +373,9 @@ def _mlp(p, x, config):
       else _dense(x, p["w_in"], p.get("b_in")))
   if config.gated_mlp:
     h = h * _dense(x, p["w_in"], p.get("b_in"))
-  out = jnp.einsum("BTF,FD->BTD", h, p["w_out"])
-  return out + p["b_out"][None, None] if "b_out" in p else out
+  out = jnp.einsum("BTF,FD->BTD", h, p["w_out"], preferred_element_type=jnp.float32)
+  out = out + p["b_out"][None, None].astype(jnp.float32) if "b_out" in p else out
+  return out.astype(jnp.result_type(h, p["w_out"]))
 
 
 def _embed(params, tokens, positions, config, mask):
