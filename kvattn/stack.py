@@ -19,11 +19,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from kvattn.cache import KVCache, layer_view, stack_of
-
-
-def _is_cache(x: Any) -> bool:
-  return isinstance(x, KVCache)
+from kvattn._cache_tree import _is_cache
+from kvattn.cache import layer_view, stack_of
 
 
 def scan_layers(body: Callable[[Any, Any, Any], tuple[Any, Any]], carry: Any,
