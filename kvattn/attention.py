@@ -165,7 +165,9 @@ def attend(q, k, v, cache: KVCache, mask, *, prefix_lm, implementation=None, blo
     k_new, v_new = cache_lib.as_stored(cache, k, v, mask)
     o, cache = _implementation(implementation, q, k_new, v_new, cache, positions, mask,
                                table=RING_IMPLEMENTATIONS, block_q=block_q, block_kv=block_kv)
-    # Into the cache the reads returned: the write comes after them, in place.
+    # Written into the cache the reads returned: for a bfloat16 ring on CPU
+    # XLA then copies about half the bytes it copies otherwise (measured).
+    # as_stored and append both compute the stored k, v (O(T); XLA merges them).
     cache, _, _ = cache_lib.append(cache, k, v, mask)
     return o, cache
   start = cache_lib.leaf(cache, "index")

@@ -178,9 +178,10 @@ def generate(step_fn: StepFn, params: Any, caches: Any, prompt_tokens: jax.Array
   top_p values (eos_id None, "no EOS", is compiled apart). The decode loop
   updates the caches in place; with `donate_caches=True` the prefill writes
   into the caches given, too, so generation holds them once (the caches
-  passed in are then invalid after the call). The prompts are first padded up to a bucket length (see
-  `prompt_buckets`), so prompts of many lengths share a compilation of
-  `start`. The caches must have room for P + M - 1 more tokens.
+  passed in are then invalid after the call). The prompts are first padded
+  up to a bucket length (see `prompt_buckets`), so prompts of many lengths
+  share a compilation of `start`. The caches must have room for P + M - 1
+  more tokens.
 
   Args:
     step_fn: the model, `(params, caches, tokens [B, T], mask [B, T] | None) ->

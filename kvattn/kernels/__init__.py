@@ -28,9 +28,9 @@ and, for ring (sliding-window) caches, a second function:
 
   cache: the ring as it was before the write (a chunk longer than the ring
     overwrites slots its own first tokens must still see); returned as it
-    came, threaded through the reads, and the write goes into the returned
-    one, so that the compiler orders the reads first and keeps the buffers in
-    place.
+    came, threaded through the reads, as `attend` returns its cache; the
+    write goes into the returned one. (XLA:CPU still copies the ring's
+    buffers to write them after the reads: tests/model_memory_test.py.)
   positions: int32 `[B, T]` the new tokens' positions; each query sees the
     ring's valid slots and the new keys at positions p - W + 1 .. p.
 
