@@ -46,7 +46,11 @@ def scan_layers(body: Callable[[Any, Any, Any], tuple[Any, Any]], carry: Any,
       `kvattn.decode_step` and `kvattn.cached_attention` take as a cache.
       Return the views those calls returned.
     carry: what the layers thread through (the activations), any pytree.
-    layer_params: a pytree whose leaves have a leading L axis.
+    layer_params: a pytree whose leaves have a leading L axis (run under
+      `lax.scan`), or a list or tuple of L per-layer pytrees (run unrolled,
+      each layer's leaves parameters of their own: bfloat16 weights on
+      XLA:CPU are multiplied natively only so; see
+      `kvattn.models.transformer.unstack_layers`).
     caches: a `KVCache` stack or a pytree of them, leaves `[L, ...]`.
 
   Returns:
@@ -57,6 +61,16 @@ def scan_layers(body: Callable[[Any, Any, Any], tuple[Any, Any]], carry: Any,
     raise TypeError(f"caches should be a KVCache stack or a pytree of them: but got "
                     f"{type(caches).__name__}")
   sizes = {c.k.shape[0] if c.k.ndim == 5 else None for c in stacks}
+  if isinstance(layer_params, (list, tuple)):  # One pytree per layer: unrolled.
+    if sizes != {len(layer_params)}:
+      raise ValueError(f"caches (k [L, B, S, K, H]) should have one layer per entry of "
+                       f"layer_params ({len(layer_params)}): but got leading sizes "
+                       f"{sorted(sizes, key=str)}")
+    for i, params in enumerate(layer_params):
+      views = jax.tree.map(lambda c: layer_view(c, i), caches, is_leaf=_is_cache)
+      carry, views = body(carry, params, views)
+      caches = jax.tree.map(stack_of, views, is_leaf=_is_cache)
+    return carry, caches
   sizes |= {x.shape[0] if x.ndim else None for x in jax.tree.leaves(layer_params)}
   if len(sizes) != 1 or None in sizes:
     raise ValueError(f"caches (k [L, B, S, K, H]) and layer_params should share one leading "

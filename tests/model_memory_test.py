@@ -122,5 +122,31 @@ def test_generate_donating_equals_not_donating():
   assert caches.k.is_deleted()
 
 
+def test_unstacked_bfloat16_model_multiplies_its_weights_as_bfloat16():
+  """Per-layer bfloat16 weights (unstack_layers) reach XLA:CPU's dots unconverted.
+
+  Stacked, each weight is sliced out of the stack and XLA:CPU converts it to
+  float32 before its dot (inside `lax.scan`: a float32 copy of every layer's
+  weights per call, in the temporaries). Unstacked, the temporaries stay
+  below one layer's weights in float32, and flat in the capacity.
+  """
+  if jax.default_backend() != "cpu":
+    pytest.skip("a property of XLA:CPU's compiled program")
+  c = config(False)._replace(d_model=256, d_ff=1024, vocab_size=512)
+  params = transformer.init_params(jax.random.key(0), c, dtype=jnp.bfloat16)
+  layer_f32 = sum(x.size * 4 for x in jax.tree.leaves(params["layers"])) // c.num_layers
+  temps = {}
+  for layout, p in (("stacked", params), ("unstacked", transformer.unstack_layers(params))):
+    for capacity in (SMALL, LARGE):
+      caches = transformer.init_caches(c, B, capacity, dtype=jnp.bfloat16)
+      step = jax.jit(transformer.step_fn(c), donate_argnums=1)
+      compiled = step.lower(p, caches, jnp.zeros((B, 1), jnp.int32), None).compile()
+      temps[layout, capacity] = compiled.memory_analysis().temp_size_in_bytes
+  # The measure sees the conversion where there is one.
+  assert temps["stacked", SMALL] >= c.num_layers * layer_f32, (temps, layer_f32)
+  assert temps["unstacked", SMALL] < layer_f32 / 2, (temps, layer_f32)
+  assert_flat({s: temps["unstacked", s] for s in (SMALL, LARGE)}, "unstacked bfloat16 T=1")
+
+
 if __name__ == "__main__":
   sys.exit(pytest.main([__file__]))

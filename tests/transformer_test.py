@@ -187,5 +187,24 @@ def test_out_of_range_pad_ids_leave_the_gradient_finite_and_unchanged(pad_id):
     np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("config", [LLAMA_LIKE, MIXED_WINDOWS], ids=["llama_like", "mixed"])
+def test_unstacked_layers_give_the_same_logits_and_caches(config):
+  """unstack_layers: per-layer params run unrolled, with the stacked run's numbers."""
+  params = transformer.init_params(jax.random.key(0), config)
+  flat = transformer.unstack_layers(params)
+  assert isinstance(flat["layers"], tuple) and len(flat["layers"]) == config.num_layers
+  assert transformer.unstack_layers(flat) is flat
+  tokens = jax.random.randint(jax.random.key(1), (2, 6), 0, config.vocab_size)
+  mask = jnp.asarray(np.arange(6)[None] < np.array([[6], [3]]))
+  caches = transformer.init_caches(config, 2, 8)
+  want, want_caches = step(params, caches, tokens, mask, config=config)
+  got, got_caches = step(flat, caches, tokens, mask, config=config)
+  np.testing.assert_allclose(got, want, rtol=1e-6, atol=1e-6)
+  for a, b in zip(jax.tree.leaves(got_caches), jax.tree.leaves(want_caches)):
+    np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
+  np.testing.assert_allclose(forward(flat, tokens, mask, config=config),
+                             forward(params, tokens, mask, config=config), rtol=1e-6, atol=1e-6)
+
+
 if __name__ == "__main__":
   sys.exit(pytest.main([__file__]))

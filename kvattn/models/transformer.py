@@ -9,7 +9,10 @@ checkpoints into it.
 Layer params are stacked on a leading axis and the layers run under
 `lax.scan`; so are the caches: one `kvattn.KVCache` pytree whose leaves have a
 leading L axis, carried through the layer loop (`kvattn.scan_layers`) so that
-each layer reads and writes its own slots of the stack in place. `step` is the
+each layer reads and writes its own slots of the stack in place. With
+`unstack_layers(params)` the layer params are a tuple of per-layer pytrees
+instead and the layers run unrolled (the caches stay stacked): what bfloat16
+weights need on CPU (see `unstack_layers`). `step` is the
 cached forward that `kvattn.generate` drives; `forward` is the same model
 without a cache (for training: reverse-differentiable, attention memory
 O(T * block)), through the same projections and attention numerics
@@ -264,8 +267,8 @@ def step(params: Params, caches: kvattn.KVCache, tokens: jax.Array,
   b, t = _check_tokens(tokens, mask)
   runs = layer_runs(config)
   stacks = (caches,) if len(runs) == 1 else tuple(caches)
-  layer0 = jax.tree.map(lambda a: a[0], stacks[0])
-  positions = kvattn.token_positions(layer0, mask, num_tokens=t)  # [B, T]
+  positions = kvattn.token_positions(kvattn.layer_view(stacks[0], 0), mask,
+                                     num_tokens=t)  # [B, T]
   h = _embed(params, tokens, positions, config, mask)
 
   def body(h, p, cache):
@@ -276,7 +279,7 @@ def step(params: Params, caches: kvattn.KVCache, tokens: jax.Array,
 
   new = []
   for (_, start, stop), stack in zip(runs, stacks):  # One loop per run of layers.
-    layers = jax.tree.map(lambda a: a[start:stop], params["layers"])
+    layers = _layers(params, start, stop)
     # The stack is carried and each layer's slots read and written in place.
     h, stack = kvattn.scan_layers(body, h, layers, stack)
     new.append(stack)
@@ -324,9 +327,41 @@ def forward(params: Params, tokens: jax.Array, mask: jax.Array | None = None, *,
     return h + _mlp(p["mlp"], _norm(p["ln2"], h, config), config), None
 
   for window, start, stop in layer_runs(config):  # One scan per run of layers.
-    layers = jax.tree.map(lambda a: a[start:stop], params["layers"])
-    h, _ = lax.scan(functools.partial(body, window), h, layers)
+    layers = _layers(params, start, stop)
+    if isinstance(layers, tuple):  # Per-layer params (`unstack_layers`): unrolled.
+      for p in layers:
+        h, _ = body(window, h, p)
+    else:
+      h, _ = lax.scan(functools.partial(body, window), h, layers)
   return jnp.where(real[:, :, None], _unembed(params, h, config), 0.0)
+
+
+def _layers(params, start, stop):
+  """Layers start..stop-1: a slice of the stacked leaves, or of the tuple of per-layer params."""
+  layers = params["layers"]
+  if isinstance(layers, (list, tuple)):
+    return tuple(layers[start:stop])
+  return jax.tree.map(lambda a: a[start:stop], layers)
+
+
+def unstack_layers(params: Params) -> Params:
+  """params with `layers` as a tuple of L per-layer pytrees (leaves without the L axis).
+
+  `step` and `forward` take either layout, with the same results: stacked
+  layers run under `lax.scan` (one layer compiled), per-layer ones unrolled
+  (L layers compiled: about 10 s for 30 layers on 2 CPU cores). Unstack for
+  bfloat16 (or float16) weights on CPU: XLA:CPU multiplies them natively only
+  when they enter the compiled step as parameters of their own; a weight
+  sliced out of a stack is converted to float32 first (inside `lax.scan`, a
+  float32 copy of every layer's weights per call). Do it once, outside jit
+  (it copies each layer's leaves into arrays of their own), and pass the
+  result to `kvattn.generate` or the jitted step.
+  """
+  layers = params["layers"]
+  if isinstance(layers, (list, tuple)):
+    return params
+  num = jax.tree.leaves(layers)[0].shape[0]
+  return {**params, "layers": tuple(jax.tree.map(lambda a: a[i], layers) for i in range(num))}
 
 
 def _check_tokens(tokens, mask) -> tuple[int, int]:
@@ -352,11 +387,12 @@ def _norm(p, x, config):
   x32 = x.astype(jnp.float32)
   if config.norm == "rms_norm":
     y = x32 * lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + config.norm_eps)
-    return (y * p["scale"][None, None]).astype(x.dtype)
+    return (y * p["scale"][None, None].astype(jnp.float32)).astype(x.dtype)
   mean = jnp.mean(x32, axis=-1, keepdims=True)
   var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
   y = (x32 - mean) * lax.rsqrt(var + config.norm_eps)
-  return (y * p["scale"][None, None] + p["bias"][None, None]).astype(x.dtype)
+  scale, bias = (p[name][None, None].astype(jnp.float32) for name in ("scale", "bias"))
+  return (y * scale + bias).astype(x.dtype)
 
 
 def _dense(x, w, b):
