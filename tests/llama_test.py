@@ -16,6 +16,7 @@ import json
 import pathlib
 import subprocess
 import sys
+import tracemalloc
 
 import jax
 import jax.numpy as jnp
@@ -217,6 +218,48 @@ def test_bfloat16_checkpoint_loads_as_float32_or_bfloat16(tmp_path):
   ids = np.arange(10) % QWEN2["vocab_size"]
   logits = transformer.forward(params32, jnp.asarray(ids[None], jnp.int32), config=config)
   _assert_close(logits[0], numpy_llama(QWEN2, rounded, ids))
+
+
+@pytest.mark.parametrize("stored, wanted", [(np.float32, np.float32),
+                                            (ml_dtypes.bfloat16, ml_dtypes.bfloat16),
+                                            (ml_dtypes.bfloat16, np.float32)])
+def test_load_maps_the_file_and_copies_each_tensor_once(tmp_path, stored, wanted):
+  """Issue 19: the only allocation while loading is the params themselves.
+
+  The files are memory-mapped; each tensor is copied once, straight into its
+  place (transposed, stacked, cast). Before, safetensors' reader, the
+  transposes and the stacking made up to 2.3x the params' bytes.
+  """
+  hf = {**LLAMA, "hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 8,
+        "num_key_value_heads": 4, "head_dim": 16, "vocab_size": 512, "num_hidden_layers": 4}
+  weights = _random_weights(hf, seed=5)
+  directory = _write_checkpoint(tmp_path, hf, weights, shards=2, dtype=stored)
+  tracemalloc.start()
+  try:
+    params, _, _ = llama.load(directory, dtype=wanted)
+    _, peak = tracemalloc.get_traced_memory()
+  finally:
+    tracemalloc.stop()
+  size = sum(a.nbytes for a in jax.tree.leaves(params))
+  assert peak <= 1.05 * size + (64 << 10), (peak, size)
+  assert all(a.dtype == np.dtype(wanted) and a.flags.writeable and a.flags.c_contiguous
+             for a in jax.tree.leaves(params))
+  # The same numbers as the tensors, through their layout.
+  q = weights["model.layers.2.self_attn.q_proj.weight"].astype(stored).astype(wanted)
+  np.testing.assert_array_equal(params["layers"]["attn"]["wq"][2],
+                                q.T.reshape(128, 8, 16))
+
+
+def test_a_damaged_safetensors_file_is_refused(tmp_path):
+  directory = _write_checkpoint(tmp_path, LLAMA, _random_weights(LLAMA))
+  path = directory / "model.safetensors"
+  data = path.read_bytes()
+  path.write_bytes(data[:len(data) // 2])  # Cut short: offsets past the end.
+  with pytest.raises(ValueError, match="within the file"):
+    llama.load(directory)
+  path.write_bytes((10 ** 12).to_bytes(8, "little") + data[8:])
+  with pytest.raises(ValueError, match="is not a safetensors file"):
+    llama.load(directory)
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen2", "mistral", "qwen2_windowed"])

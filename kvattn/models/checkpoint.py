@@ -2,22 +2,32 @@
 
 A directory holds `config.json` and either one `model.safetensors` or shards
 listed in `model.safetensors.index.json` (its `weight_map`: tensor name ->
-file). Tensors are read with the `safetensors` package's numpy API (the
-`[models]` extra; no torch). bfloat16 tensors come back as numpy arrays of
-`ml_dtypes.bfloat16`, the dtype jax registers with numpy.
+file). The safetensors files are memory-mapped and their tensors read as
+numpy views of the mapping (no copy, no torch; the format is an 8-byte header
+length, a JSON header of names, dtypes, shapes and byte offsets, then the
+bytes). bfloat16 tensors are views of `ml_dtypes.bfloat16`, the dtype jax
+registers with numpy. The loaders then copy each tensor once, into its place
+in the params (transposed, stacked over layers, cast to the dtype asked for):
+one copy of the weights in memory, besides the file's pages.
 """
 
 from __future__ import annotations
 
 import json
+import mmap
 import pathlib
 from typing import Any, Callable, Iterable
 
-import ml_dtypes  # noqa: F401  (gives numpy the name "bfloat16" that safetensors asks for)
+import ml_dtypes
 import numpy as np
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+
+# safetensors dtype names -> numpy dtypes.
+_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
+           "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32, "I16": np.int16,
+           "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
 
 
 def read_config(directory: str | pathlib.Path) -> dict[str, Any]:
@@ -30,20 +40,46 @@ def read_config(directory: str | pathlib.Path) -> dict[str, Any]:
 
 def read_tensors(directory: str | pathlib.Path,
                  keep: Callable[[str], bool] = lambda name: True) -> dict[str, np.ndarray]:
-  """Every tensor of the checkpoint whose name passes `keep`, as numpy arrays, by name.
+  """Every tensor of the checkpoint whose name passes `keep`, by name: read-only numpy views.
 
-  Reads `model.safetensors`, or each shard named in
-  `model.safetensors.index.json` once.
+  Maps `model.safetensors`, or each shard named in
+  `model.safetensors.index.json`, into memory once; the arrays are views of
+  the mapping (pages are read when a tensor is first touched).
   """
-  from safetensors import safe_open  # The [models] extra.
   directory = pathlib.Path(directory)
-  files = _weight_files(directory)
   tensors = {}
-  for file in files:
-    with safe_open(str(directory / file), framework="numpy") as f:
-      for name in f.keys():
-        if keep(name):
-          tensors[name] = f.get_tensor(name)
+  for file in _weight_files(directory):
+    tensors.update(_map_safetensors(directory / file, keep))
+  return tensors
+
+
+def _map_safetensors(path: pathlib.Path, keep: Callable[[str], bool]) -> dict[str, np.ndarray]:
+  """The tensors of one safetensors file as views of a read-only memory map."""
+  with open(path, "rb") as f:
+    buffer = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+  size = len(buffer)
+  header_size = int.from_bytes(buffer[:8], "little") if size >= 8 else -1
+  if not 0 < header_size <= size - 8:
+    raise ValueError(f"{path} is not a safetensors file: header size {header_size}, "
+                     f"file size {size}")
+  header = json.loads(bytes(buffer[8:8 + header_size]))
+  start = 8 + header_size
+  tensors = {}
+  for name, info in header.items():
+    if name == "__metadata__" or not keep(name):
+      continue
+    if info.get("dtype") not in _DTYPES:
+      raise ValueError(f"{path}: tensor {name} dtype should be one of {sorted(_DTYPES)}: "
+                       f"but got {info.get('dtype')!r}")
+    dtype = np.dtype(_DTYPES[info["dtype"]])
+    begin, end = info["data_offsets"]
+    shape = tuple(info["shape"])
+    if end - begin != int(np.prod(shape)) * dtype.itemsize or start + end > size:
+      raise ValueError(f"{path}: tensor {name} of shape {shape} and dtype {dtype} should "
+                       f"take {int(np.prod(shape)) * dtype.itemsize} bytes within the file: "
+                       f"but got offsets {begin}..{end}")
+    tensors[name] = np.frombuffer(buffer, dtype, int(np.prod(shape)),
+                                  start + begin).reshape(shape)
   return tensors
 
 
@@ -64,32 +100,49 @@ def _weight_files(directory: pathlib.Path) -> list[str]:
 
 
 class Tensors:
-  """Named tensors with checked access: `take(name, shape)` or a clear ValueError."""
+  """Named tensors with checked access: `take(name, shape)` or a clear ValueError.
+
+  `dtype` is the loader's: `take` returns views in the stored dtype, and
+  `own` and `tree_stack` make the one copy in it.
+  """
 
   def __init__(self, tensors: dict[str, np.ndarray], dtype, source: str):
     self._tensors = tensors
-    self._dtype = dtype
+    self.dtype = dtype
     self._source = source
 
   def __contains__(self, name: str) -> bool:
     return name in self._tensors
 
   def take(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
-    """The tensor `name`, which must have `shape`, in the loader's dtype."""
+    """The tensor `name`, which must have `shape`: a view, in the stored dtype."""
     if name not in self._tensors:
       raise ValueError(f"{self._source} has no tensor {name!r}")
     a = self._tensors[name]
     if tuple(a.shape) != tuple(shape):
       raise ValueError(f"{name} shape should be {tuple(shape)}: but got {tuple(a.shape)}")
-    return np.asarray(a).astype(self._dtype, copy=False)
+    return a
+
+  def own(self, a: np.ndarray) -> np.ndarray:
+    """A writable copy of a (view of a) tensor in the loader's dtype: the one copy."""
+    return np.array(a, dtype=self.dtype, order="C")
 
 
-def tree_stack(trees: Iterable[Any]) -> Any:
-  """Stacks a list of equal nested dicts of arrays along a new leading axis."""
+def tree_stack(trees: Iterable[Any], dtype=None) -> Any:
+  """Stacks a list of equal nested dicts of arrays along a new leading axis, in `dtype`.
+
+  Each array is copied once, straight into its slice of the stacked array
+  (cast, and laid out contiguously, on the way), whatever views it was.
+  None: the first array's dtype.
+  """
   trees = list(trees)
   if isinstance(trees[0], dict):
-    return {k: tree_stack([t[k] for t in trees]) for k in trees[0]}
-  return np.stack(trees)
+    return {k: tree_stack([t[k] for t in trees], dtype) for k in trees[0]}
+  first = trees[0]
+  out = np.empty((len(trees),) + first.shape, first.dtype if dtype is None else dtype)
+  for i, a in enumerate(trees):
+    out[i] = a
+  return out
 
 
 def read_tokenizer(directory: str | pathlib.Path):

@@ -76,13 +76,14 @@ def params_from_hf(weights: dict[str, np.ndarray], config: transformer.Config
                 "b_out": get(pre + "mlp.c_proj.bias", (dm,))},
     }
 
+  # Views of the file until here: the stacking and `w.own` copy each tensor once.
   layers = [layer(i) for i in range(config.num_layers)]
-  stacked = checkpoint.tree_stack(layers)
+  stacked = checkpoint.tree_stack(layers, w.dtype)
   return {
-      "embed": get("wte.weight", (config.vocab_size, dm)),
-      "pos_embed": get("wpe.weight", (config.max_positions, dm)),
+      "embed": w.own(get("wte.weight", (config.vocab_size, dm))),
+      "pos_embed": w.own(get("wpe.weight", (config.max_positions, dm))),
       "layers": stacked,
-      "ln_f": {"scale": get("ln_f.weight", (dm,)), "bias": get("ln_f.bias", (dm,))},
+      "ln_f": {"scale": w.own(get("ln_f.weight", (dm,))), "bias": w.own(get("ln_f.bias", (dm,)))},
   }
 
 

@@ -113,6 +113,9 @@ def params_from_hf(weights: dict[str, np.ndarray], config: transformer.Config,
       return w.take(name, (int(np.prod(shape)),)).reshape(shape)
     return np.zeros(shape, dtype)
 
+  # Views of the file until here; the stacking below and `w.own` copy each
+  # tensor once, transposed and cast on the way.
+
   def layer(i):
     pre = f"model.layers.{i}."
     attn = {"wq": linear(pre + "self_attn.q_proj.weight", (n, h), dm),
@@ -136,11 +139,11 @@ def params_from_hf(weights: dict[str, np.ndarray], config: transformer.Config,
             "ln2": {"scale": w.take(pre + "post_attention_layernorm.weight", (dm,))},
             "mlp": mlp}
 
-  params = {"embed": w.take("model.embed_tokens.weight", (c.vocab_size, dm)),
-            "layers": checkpoint.tree_stack(layer(i) for i in range(c.num_layers)),
-            "ln_f": {"scale": w.take("model.norm.weight", (dm,))}}
+  params = {"embed": w.own(w.take("model.embed_tokens.weight", (c.vocab_size, dm))),
+            "layers": checkpoint.tree_stack((layer(i) for i in range(c.num_layers)), dtype),
+            "ln_f": {"scale": w.own(w.take("model.norm.weight", (dm,)))}}
   if not c.tie_embeddings:
-    params["unembed"] = w.take("lm_head.weight", (c.vocab_size, dm)).T
+    params["unembed"] = w.own(w.take("lm_head.weight", (c.vocab_size, dm)).T)
   return params
 
 
