@@ -2,9 +2,13 @@
 
 The model is a function `step_fn(params, caches, tokens [B, T], mask [B, T] or
 None) -> (logits [B, T, V], caches)`: any pytree of caches, any number of
-tokens per call. Generation is one prefill of a ragged batch of prompts, then
-decode steps in a `lax.while_loop` that stops each row at `eos_id` and stops
-altogether once every row is done. `generate_stream` runs the same steps from
+tokens per call. A step_fn that also takes a keyword `logits_at` (int32
+`[B]`, one column per row) and then returns only those columns' logits
+`[B, 1, V]` gets it in the one-pass prefill, which needs only each row's
+last real token's logits (`kvattn.models.transformer.step` does).
+Generation is one prefill of a ragged batch of prompts, then decode steps in
+a `lax.while_loop` that stops each row at `eos_id` and stops altogether once
+every row is done. `generate_stream` runs the same steps from
 Python and yields each token as it is produced. Both pad the prompts on the
 right up to a bucket length (`prompt_buckets`), so that prompts of many
 lengths share a few compilations.
@@ -23,6 +27,7 @@ from __future__ import annotations
 
 import collections.abc
 import functools
+import inspect
 import numbers
 from typing import Any, Callable, Iterator, NamedTuple, Sequence
 
@@ -108,8 +113,12 @@ def start(step_fn: StepFn, params: Any, caches: Any, prompt_tokens: jax.Array,
   # Each row's last real prompt token (not column P - 1 under right padding).
   last = p - 1 - jnp.argmax(prompt_mask[:, ::-1], axis=1).astype(jnp.int32)
   if prefill_mode == "one_pass":
-    logits, caches = step_fn(params, caches, prompt_tokens, prompt_mask)
-    last_logits = _take(logits, last)
+    if _takes_logits_at(step_fn):  # Only the last real token's logits are computed.
+      logits, caches = step_fn(params, caches, prompt_tokens, prompt_mask, logits_at=last)
+      last_logits = logits[:, 0]
+    else:
+      logits, caches = step_fn(params, caches, prompt_tokens, prompt_mask)
+      last_logits = _take(logits, last)
   else:
     size = 1 if prefill_mode == "forced" else chunk_size
     last_logits, caches = _chunked_prefill(step_fn, params, caches, prompt_tokens, prompt_mask,
@@ -284,6 +293,14 @@ def bucket_length(p: int, buckets: Sequence[int] | None, room: int | None = None
   # Ascending: if the first bucket >= P has no room, no later one has.
   bucket = next((b for b in buckets if b >= p), p)
   return bucket if room is None or bucket <= room else p
+
+
+def _takes_logits_at(step_fn) -> bool:
+  """Whether step_fn takes `logits_at` (as transformers' generate checks for logits_to_keep)."""
+  try:
+    return "logits_at" in inspect.signature(step_fn).parameters
+  except (TypeError, ValueError):  # No signature to read (some builtins): assume not.
+    return False
 
 
 def _traceable(sampler):

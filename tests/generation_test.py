@@ -402,5 +402,35 @@ def test_a_plain_function_is_a_sampler_too():
     _generate(CONFIG, params, tokens, mask, sampler=0.7)
 
 
+def test_one_pass_prefill_asks_a_step_fn_for_the_last_logits_only():
+  """A step_fn taking `logits_at` computes one column of logits per row in the prefill."""
+  params = _params(CONFIG)
+  tokens, mask = _prompts([6, 2, 5], P, False)
+  base = transformer.step_fn(CONFIG)
+  shapes = []
+
+  def with_logits_at(params, caches, tokens, mask, logits_at=None):
+    logits, caches = base(params, caches, tokens, mask, logits_at=logits_at)
+    shapes.append((tokens.shape[1], logits.shape[1]))
+    return logits, caches
+
+  def without(params, caches, tokens, mask):
+    return base(params, caches, tokens, mask)
+
+  outs = []
+  for fn in (with_logits_at, without):
+    caches = transformer.init_caches(CONFIG, B, 16 + N)
+    outs.append(generation.generate(fn, params, caches, tokens, mask, max_new_tokens=N,
+                                    sampler=GREEDY, key=jax.random.key(0)).tokens)
+  np.testing.assert_array_equal(outs[0], outs[1])
+  assert shapes[0] == (16, 1)  # The prefill (prompts bucketed to 16): one column of logits.
+  # transformer.step itself: the same numbers as the full logits at those columns.
+  caches = transformer.init_caches(CONFIG, B, 16)
+  at = jnp.array([5, 1, 4], jnp.int32)
+  full, _ = base(params, caches, jnp.asarray(tokens), jnp.asarray(mask))
+  picked, _ = base(params, caches, jnp.asarray(tokens), jnp.asarray(mask), logits_at=at)
+  np.testing.assert_allclose(picked[:, 0], full[np.arange(B), at], rtol=1e-6, atol=1e-6)
+
+
 if __name__ == "__main__":
   sys.exit(pytest.main([__file__]))

@@ -148,14 +148,18 @@ def _attend_ring_slots(qh, q_mask, q_positions, cache: KVCache,
 
 
 def _barrier(bufs: dict) -> dict:
-  """Cache buffers as a block loop reads them: bfloat16 ones behind an optimisation barrier.
+  """Cache buffers as a block loop reads them: behind an optimisation barrier.
 
-  Read as loop invariants, XLA:CPU converts a whole bfloat16 buffer to
-  float32 before the loop (an O(S) temporary and pass per call) instead of
-  each block; carried through the loop behind a barrier, it is read in place.
+  The barrier makes the loop really carry them (XLA takes unchanged values
+  out of a loop), so that a later write into the loop's results is ordered
+  after every read of the loop: a ring is written after its read, and the
+  next layer writes the stack a layer has read. Without that order XLA
+  copies the buffer to write it (a ring, or in unrolled layers the stack's
+  `valid` once per layer). And a bfloat16 buffer read as a loop invariant
+  is converted whole to float32 before the loop by XLA:CPU; carried, it is
+  read block by block in place.
   """
-  return {name: lax.optimization_barrier(x) if x.dtype == jnp.bfloat16 else x
-          for name, x in bufs.items()}
+  return {name: lax.optimization_barrier(x) for name, x in bufs.items()}
 
 
 def _attend_cache(qh, q_mask, cache: KVCache, end, block) -> tuple[Partial, KVCache]:

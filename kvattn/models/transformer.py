@@ -250,7 +250,8 @@ def init_caches(config: Config, batch: int, max_len: int, dtype=jnp.float32,
 
 
 def step(params: Params, caches: kvattn.KVCache, tokens: jax.Array,
-         mask: jax.Array | None, *, config: Config) -> tuple[jax.Array, kvattn.KVCache]:
+         mask: jax.Array | None, *, config: Config,
+         logits_at: jax.Array | None = None) -> tuple[jax.Array, kvattn.KVCache]:
   """Runs T new tokens through the model with caches: the `step_fn` of `kvattn.generate`.
 
   Args:
@@ -260,6 +261,11 @@ def step(params: Params, caches: kvattn.KVCache, tokens: jax.Array,
     tokens: int `[B, T]` token ids (any id at padding).
     mask: bool `[B, T]`, True for real tokens (padding anywhere); None: all real.
     config: the static `Config`.
+    logits_at: None, or int32 `[B]`: one column per row whose logits are
+      wanted (a prompt's last real token); then only those are computed
+      (the unembedding of every prompt token is a large share of a prefill
+      at a large vocabulary) and logits are `[B, 1, V]`. `kvattn.generate`
+      passes it to a step_fn that takes it.
 
   Returns:
     `(logits [B, T, V] float32, new caches)`; logits are zeros at padding.
@@ -284,6 +290,9 @@ def step(params: Params, caches: kvattn.KVCache, tokens: jax.Array,
     h, stack = kvattn.scan_layers(body, h, layers, stack)
     new.append(stack)
   caches = new[0] if len(runs) == 1 else tuple(new)
+  if logits_at is not None:
+    h = jnp.take_along_axis(h, logits_at[:, None, None].astype(jnp.int32), axis=1)  # [B, 1, DM]
+    mask = None if mask is None else jnp.take_along_axis(mask, logits_at[:, None], axis=1)
   logits = _unembed(params, h, config)
   if mask is not None:
     logits = jnp.where(mask[:, :, None], logits, 0.0)
