@@ -96,6 +96,15 @@ def test_generate_loop_holds_the_caches_once(kind):
       stats = compiled.memory_analysis()
       assert stats.alias_size_in_bytes >= cache_bytes(caches) - 64, (name, kind, capacity)
       temps[name][capacity] = stats.temp_size_in_bytes
+      # Issue 19's goal: peak memory (arguments, outputs not aliased to them,
+      # temporaries), on caches much larger than the params, within 1.5x the
+      # caches + params + 10% (here the working set adds a few hundred KiB).
+      if capacity == LARGE:
+        peak = (stats.argument_size_in_bytes + stats.output_size_in_bytes
+                - stats.alias_size_in_bytes + stats.temp_size_in_bytes)
+        held = cache_bytes(caches) + sum(x.size * x.dtype.itemsize
+                                         for x in jax.tree.leaves(params))
+        assert peak <= 1.5 * 1.1 * held, (name, kind, peak, held)
   for name, t in temps.items():
     assert_flat(t, f"{name} {kind}")
 
