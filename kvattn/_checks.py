@@ -54,11 +54,11 @@ def check_heads(num_heads: int, num_kv_heads: int) -> None:
                      f"K={num_kv_heads}: but N % K = {num_heads % num_kv_heads}")
 
 
-def check_mask(mask: Any, batch: int, num_tokens: int | None) -> None:
-  """Raises ValueError unless mask is a bool array of shape [B, T]."""
-  check_shape("mask", mask, "(B, T)", (batch, num_tokens))
+def check_mask(mask: Any, batch: int, num_tokens: int | None, name: str = "mask") -> None:
+  """Raises ValueError unless mask (called `name` in the message) is a bool array [B, T]."""
+  check_shape(name, mask, "(B, T)", (batch, num_tokens))
   if mask.dtype != jnp.bool_:
-    raise ValueError(f"mask dtype should be bool: but got {mask.dtype}")
+    raise ValueError(f"{name} dtype should be bool: but got {mask.dtype}")
 
 
 def check_cache(cache: Any, views: bool = False) -> None:

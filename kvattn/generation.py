@@ -5,7 +5,11 @@ None) -> (logits [B, T, V], caches)`: any pytree of caches, any number of
 tokens per call. A step_fn that also takes a keyword `logits_at` (int32
 `[B]`, one column per row) and then returns only those columns' logits
 `[B, 1, V]` gets it in the one-pass prefill, which needs only each row's
-last real token's logits (`kvattn.models.transformer.step` does).
+last real token's logits (`kvattn.models.transformer.step` does). A
+step_fn may also carry int attributes `vocab_size` (V) and `max_positions`
+(the positions the model has, for learned position embeddings; None for
+none); `generate` then refuses concrete prompts with ids outside [0, V) and
+prompts that would run past the positions (`transformer.step_fn` has both).
 Generation is one prefill of a ragged batch of prompts, then decode steps in
 a `lax.while_loop` that stops each row at `eos_id` and stops altogether once
 every row is done. `generate_stream` runs the same steps from
@@ -37,6 +41,7 @@ from jax import lax
 import numpy as np
 
 from kvattn import sampling
+from kvattn._cache_tree import caches_in
 from kvattn._checks import check_mask, check_positive_ints, check_shape, is_concrete
 from kvattn.cache import KVCache
 
@@ -79,6 +84,10 @@ class Generation(NamedTuple):
     tokens: int32 `[B, M]`; `pad_id` after a row's EOS.
     lengths: int32 `[B]` tokens generated per row, its EOS included.
     caches: the caches after generation (check `kvattn.overflowed` on them).
+      They hold the prompts and every generated token but each row's newest,
+      `tokens[b, lengths[b] - 1]`: it was drawn, never fed to the model. To
+      go on with a conversation, feed it first: `continue_from(out, tokens,
+      mask)` builds that next prompt.
   """
 
   tokens: jax.Array
@@ -173,8 +182,9 @@ def finish(step_fn: StepFn, params: Any, state: DecodeState, *, sampler: Sampler
 
 
 def generate(step_fn: StepFn, params: Any, caches: Any, prompt_tokens: jax.Array,
-             prompt_mask: jax.Array, *, max_new_tokens: int, sampler: Sampler,
-             key: jax.Array, eos_id: int | None = None, pad_id: int = 0,
+             prompt_mask: jax.Array | None = None, *, max_new_tokens: int,
+             sampler: Sampler = sampling.Sampler(), key: jax.Array | None = None,
+             eos_id: int | Sequence[int] | None = None, pad_id: int = 0,
              prefill_mode: str = "one_pass", chunk_size: int | None = None,
              prompt_buckets: Sequence[int] | None = DEFAULT_PROMPT_BUCKETS,
              donate_caches: bool = False) -> Generation:
@@ -197,11 +207,17 @@ def generate(step_fn: StepFn, params: Any, caches: Any, prompt_tokens: jax.Array
       (logits [B, T, V], caches)`. Static: pass the same object each call.
     params: the model's params (any pytree).
     caches: the model's caches (any pytree; its `KVCache`s are checked for room).
-    prompt_tokens: int `[B, P]` prompts, padded on the left or the right.
-    prompt_mask: bool `[B, P]`, True for real tokens; every row needs one.
-    key: a PRNG key.
+    prompt_tokens: int `[B, P]` prompts, padded on the left or the right (an
+      array, or nested lists of ints). Ids outside [0, V) are refused where
+      the step_fn says its V (`vocab_size`) and the prompt is concrete.
+    prompt_mask: bool `[B, P]`, True for real tokens; every row needs one
+      (refused where the mask is concrete; under an outer jit a row without
+      one generates from its padding, touching no other row). None: every
+      token is real.
+    key: a PRNG key; None only with a greedy sampler (nothing is drawn).
     max_new_tokens: M >= 1.
-    sampler: `(key, logits [B, V]) -> int32 [B]`, e.g. `kvattn.sampling.Sampler`.
+    sampler: `(key, logits [B, V]) -> int32 [B]`, e.g. `kvattn.sampling.Sampler`
+      (default `Sampler()`: greedy); `kvattn.sampling.greedy` is taken too.
     eos_id: a row is done once it produces this token, or any of these
       tokens (a list of ints, as Llama 3's `eos_token_id`); None: never.
     pad_id: fills `tokens` after EOS; finished rows feed it, masked out; it
@@ -231,10 +247,13 @@ def generate(step_fn: StepFn, params: Any, caches: Any, prompt_tokens: jax.Array
   Returns:
     `Generation(tokens [B, M], lengths [B], caches)`.
   """
+  prompt_tokens, prompt_mask, sampler, key = _prepare(
+      step_fn, caches, prompt_tokens, prompt_mask, sampler=sampler, key=key, eos_id=eos_id,
+      pad_id=pad_id, max_new_tokens=max_new_tokens, prefill_mode=prefill_mode,
+      chunk_size=chunk_size)
   prompt_tokens, prompt_mask = _pad_to_bucket(
       caches, prompt_tokens, prompt_mask, max_new_tokens=max_new_tokens, pad_id=pad_id,
       prefill_mode=prefill_mode, chunk_size=chunk_size, prompt_buckets=prompt_buckets)
-  sampler = _traceable(sampler)
   begin = start_donating if donate_caches else start
   state = begin(step_fn, params, caches, prompt_tokens, prompt_mask, key,
                 max_new_tokens=max_new_tokens, sampler=sampler, eos_id=eos_id, pad_id=pad_id,
@@ -244,8 +263,9 @@ def generate(step_fn: StepFn, params: Any, caches: Any, prompt_tokens: jax.Array
 
 
 def generate_stream(step_fn: StepFn, params: Any, caches: Any, prompt_tokens: jax.Array,
-                    prompt_mask: jax.Array, *, max_new_tokens: int, sampler: Sampler,
-                    key: jax.Array, eos_id: int | None = None, pad_id: int = 0,
+                    prompt_mask: jax.Array | None = None, *, max_new_tokens: int,
+                    sampler: Sampler = sampling.Sampler(), key: jax.Array | None = None,
+                    eos_id: int | Sequence[int] | None = None, pad_id: int = 0,
                     prefill_mode: str = "one_pass", chunk_size: int | None = None,
                     prompt_buckets: Sequence[int] | None = DEFAULT_PROMPT_BUCKETS
                     ) -> Iterator[jax.Array]:
@@ -254,12 +274,25 @@ def generate_stream(step_fn: StepFn, params: Any, caches: Any, prompt_tokens: ja
   The steps are the compiled loop's own (`start`, then `advance` from Python),
   and the prompts are padded to the same bucket, so the tokens are the same.
   Finished rows yield `pad_id`. Stops after M columns or once every row is
-  done.
+  done. The arguments are checked as `generate`'s, when it is called (not
+  at the first `next`).
   """
+  prompt_tokens, prompt_mask, sampler, key = _prepare(
+      step_fn, caches, prompt_tokens, prompt_mask, sampler=sampler, key=key, eos_id=eos_id,
+      pad_id=pad_id, max_new_tokens=max_new_tokens, prefill_mode=prefill_mode,
+      chunk_size=chunk_size)
   prompt_tokens, prompt_mask = _pad_to_bucket(
       caches, prompt_tokens, prompt_mask, max_new_tokens=max_new_tokens, pad_id=pad_id,
       prefill_mode=prefill_mode, chunk_size=chunk_size, prompt_buckets=prompt_buckets)
-  kw = dict(sampler=_traceable(sampler), eos_id=eos_id, pad_id=pad_id)
+  return _stream(step_fn, params, caches, prompt_tokens, prompt_mask, key,
+                 max_new_tokens=max_new_tokens, sampler=sampler, eos_id=eos_id, pad_id=pad_id,
+                 prefill_mode=prefill_mode, chunk_size=chunk_size)
+
+
+def _stream(step_fn, params, caches, prompt_tokens, prompt_mask, key, *, max_new_tokens,
+            sampler, eos_id, pad_id, prefill_mode, chunk_size) -> Iterator[jax.Array]:
+  """generate_stream's generator, over checked and padded prompts."""
+  kw = dict(sampler=sampler, eos_id=eos_id, pad_id=pad_id)
   state = start(step_fn, params, caches, prompt_tokens, prompt_mask, key,
                 max_new_tokens=max_new_tokens, prefill_mode=prefill_mode,
                 chunk_size=chunk_size, **kw)
@@ -304,13 +337,144 @@ def _takes_logits_at(step_fn) -> bool:
 
 
 def _traceable(sampler):
-  """The sampler as a jit argument: a `Sampler` (a pytree) as it is, else a leafless Partial."""
+  """The sampler as a jit argument: a `Sampler` (a pytree) as it is, else a leafless Partial.
+
+  `sampling.greedy` (which takes logits alone) becomes `Sampler()`, the same
+  choice; any other callable must take `(key, logits)`.
+  """
+  if sampler is sampling.greedy:
+    return sampling.Sampler()
   if not callable(sampler):
     raise TypeError(f"sampler should be a callable (key, logits [B, V]) -> int32 [B], e.g. "
                     f"kvattn.sampling.Sampler(): but got {sampler!r}")
   if isinstance(sampler, (sampling.Sampler, jax.tree_util.Partial)):
     return sampler
+  try:
+    inspect.signature(sampler).bind(None, None)
+  except TypeError as e:
+    raise TypeError(f"sampler should take (key, logits [B, V]) and return int32 [B], e.g. "
+                    f"kvattn.sampling.Sampler(top_p=0.9): but {sampler!r} cannot be called "
+                    f"so ({e})") from None
+  except ValueError:  # No signature to read: trust it.
+    pass
   return jax.tree_util.Partial(sampler)
+
+
+def _is_greedy(sampler) -> bool:
+  """True when the sampler draws nothing at random: a `Sampler` with a concrete temperature 0."""
+  return (isinstance(sampler, sampling.Sampler)
+          and isinstance(sampler.temperature, numbers.Number) and sampler.temperature == 0)
+
+
+def continue_from(out: Generation, tokens: Any, mask: Any = None) -> tuple[np.ndarray, np.ndarray]:
+  """The next prompt after `out`: each row's newest generated token, then `tokens`.
+
+  `out.caches` hold everything but each row's newest token (drawn, never
+  fed), so a conversation goes on with `generate(step_fn, params, out.caches,
+  *continue_from(out, tokens, mask), ...)`: the new prompt starts with that
+  token, and the result is the same as a fresh run over the whole history.
+
+  Args:
+    out: what `generate` returned.
+    tokens: int `[B, T]` the next turn's tokens (T may be 0), padded anywhere.
+    mask: bool `[B, T]`, True for real tokens; None: all real.
+
+  Returns:
+    `(tokens [B, 1 + T] int32, mask [B, 1 + T] bool)`, numpy.
+  """
+  generated = np.asarray(out.tokens)
+  lengths = np.asarray(out.lengths)
+  b = generated.shape[0]
+  tokens = np.asarray(tokens)
+  if tokens.ndim != 2 or tokens.shape[0] != b or (
+      tokens.size and not np.issubdtype(tokens.dtype, np.integer)):
+    raise ValueError(f"tokens should be int with shape (B, T)=({b}, None): but got "
+                     f"{tokens.dtype} {tokens.shape}")
+  mask = np.ones(tokens.shape, bool) if mask is None else np.asarray(mask)
+  if mask.shape != tokens.shape or mask.dtype != np.bool_:
+    raise ValueError(f"mask should be bool with shape {tokens.shape}: but got {mask.dtype} "
+                     f"{mask.shape}")
+  if np.any(lengths < 1):
+    raise ValueError(f"out.lengths should be >= 1 in every row: but got {lengths.tolist()}")
+  newest = generated[np.arange(b), lengths - 1]
+  return (np.concatenate([newest[:, None], tokens.astype(np.int32)], axis=1).astype(np.int32),
+          np.concatenate([np.ones((b, 1), bool), mask], axis=1))
+
+
+def _prepare(step_fn, caches, tokens, mask, *, sampler, key, eos_id, pad_id, max_new_tokens,
+             prefill_mode, chunk_size):
+  """The checks of generate's arguments, before anything is traced.
+
+  Returns (tokens [B, P], mask [B, P], the traceable sampler, key): lists
+  become arrays, a mask of None all True, a key of None (greedy) a fixed one.
+  """
+  if not callable(step_fn):
+    raise TypeError(f"step_fn should be callable: but got {type(step_fn).__name__}")
+  tokens = _as_array("prompt_tokens", tokens)
+  if getattr(tokens, "ndim", None) == 2 and mask is None:
+    mask = np.ones(tokens.shape, bool)
+  mask = _as_array("prompt_mask", mask)
+  check_shape("prompt_tokens", tokens, "(B, P)", (None, None))
+  b = tokens.shape[0]
+  found = caches_in(caches)
+  for cache in found:
+    if cache.batch_size != b:
+      raise ValueError(f"caches batch size should be prompt_tokens' B={b}: but got "
+                       f"{cache.batch_size} (k shape {cache.k.shape})")
+  _check_args(caches, tokens, mask, max_new_tokens, prefill_mode, chunk_size)
+  _check_eos(eos_id)
+  if isinstance(eos_id, str) or any(isinstance(i, str) for i in jax.tree.leaves(eos_id)):
+    raise ValueError(f"eos_id should be None, an int or a list of ints: but got {eos_id!r}")
+  if not (isinstance(pad_id, numbers.Integral) and not isinstance(pad_id, (bool, np.bool_))) \
+      and not (getattr(pad_id, "shape", None) == () and jnp.issubdtype(pad_id.dtype, jnp.integer)):
+    raise ValueError(f"pad_id should be an int: but got {pad_id!r}")
+  sampler = _traceable(sampler)
+  if key is None:
+    if not _is_greedy(sampler):
+      raise ValueError(f"key should be a PRNG key (jax.random.key(seed)) for a sampler that "
+                       f"draws at random: but got None with sampler={sampler!r}")
+    key = jax.random.key(0)  # Never used: greedy draws nothing.
+  if is_concrete(tokens) and is_concrete(mask):
+    _check_prompt_values(step_fn, found, np.asarray(tokens), np.asarray(mask), max_new_tokens)
+  return tokens, mask, sampler, key
+
+
+def _as_array(name, x):
+  """Nested lists as a numpy array (so that the shape checks see a shape); arrays as they are."""
+  if isinstance(x, (list, tuple)):
+    try:
+      return np.asarray(x)
+    except ValueError as e:  # Ragged lists.
+      raise ValueError(f"{name} should be a rectangular array (pad rows to one length and "
+                       f"mark real tokens in prompt_mask): but got lists of different "
+                       f"lengths ({e})") from None
+  return x
+
+
+def _check_prompt_values(step_fn, caches, tokens, mask, max_new_tokens):
+  """Refuses concrete prompts the model cannot run: empty rows, ids past V, too many positions."""
+  empty = np.flatnonzero(~mask.any(axis=1))
+  if empty.size:
+    raise ValueError(f"prompt_mask should mark at least one real token in every row: but "
+                     f"rows {empty.tolist()} have none")
+  vocab_size = getattr(step_fn, "vocab_size", None)
+  if vocab_size is not None:
+    bad = mask & ((tokens < 0) | (tokens >= vocab_size))
+    if bad.any():
+      row, col = (int(i[0]) for i in np.nonzero(bad))
+      raise ValueError(f"prompt_tokens should be ids in [0, V)=[0, {vocab_size}): but got "
+                       f"{int(tokens[row, col])} at row {row}, column {col}")
+  max_positions = getattr(step_fn, "max_positions", None)
+  if max_positions:
+    held = max((int(np.max(np.asarray(c.lengths))) for c in caches
+                if is_concrete(c.lengths)), default=0)
+    longest = int(mask.sum(axis=1).max())
+    needed = held + longest + max_new_tokens - 1
+    if needed > max_positions:
+      raise ValueError(
+          f"the model has {max_positions} positions (learned position embeddings): too few "
+          f"for the tokens cached + the longest prompt + max_new_tokens - 1 = {held} + "
+          f"{longest} + {max_new_tokens} - 1 = {needed}")
 
 
 def _record(state: DecodeState, logits, sampler, eos_id, pad_id) -> DecodeState:
@@ -478,7 +642,7 @@ def _check_args(caches, tokens, mask, max_new_tokens, prefill_mode, chunk_size):
     raise ValueError(f"prompt_tokens dtype should be an integer: but got {tokens.dtype}")
   if p < 1:
     raise ValueError(f"prompt_tokens shape should be (B, P) with P >= 1: but got {tokens.shape}")
-  check_mask(mask, b, p)
+  check_mask(mask, b, p, name="prompt_mask")
   check_positive_ints(max_new_tokens=max_new_tokens)
   if prefill_mode not in PREFILL_MODES:
     raise ValueError(f"prefill_mode should be one of {PREFILL_MODES}: but got {prefill_mode!r}")

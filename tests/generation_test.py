@@ -209,7 +209,8 @@ def _bad(**kw):
     tokens, mask = _prompts([3, 2], 3, left_pad=False)
     args = dict(tokens=tokens, mask=mask, max_new_tokens=4) | kw
     return generation.generate(
-        transformer.step_fn(CONFIG), _params(CONFIG), transformer.init_caches(CONFIG, 2, 10),
+        args.pop("step", transformer.step_fn(CONFIG)), _params(CONFIG),
+        transformer.init_caches(CONFIG, 2, 10),
         args.pop("tokens"), args.pop("mask"), sampler=GREEDY, key=jax.random.key(0), **args)
 
   return call
@@ -430,6 +431,137 @@ def test_one_pass_prefill_asks_a_step_fn_for_the_last_logits_only():
   full, _ = base(params, caches, jnp.asarray(tokens), jnp.asarray(mask))
   picked, _ = base(params, caches, jnp.asarray(tokens), jnp.asarray(mask), logits_at=at)
   np.testing.assert_allclose(picked[:, 0], full[np.arange(B), at], rtol=1e-6, atol=1e-6)
+
+
+# What a user passes is checked, honoured or refused (issue 20).
+
+
+def test_out_of_vocabulary_prompt_ids_are_refused_and_clipped_under_jit():
+  """Concrete ids outside [0, V) raise in generate; traced ones are clipped, never NaN."""
+  tokens, mask = _prompts([3, 2], 3, left_pad=False)
+  for bad in (CONFIG.vocab_size, 100_000, -1):
+    bad_tokens = tokens.copy()
+    bad_tokens[1, 1] = bad
+    with pytest.raises(ValueError, match=rf"prompt_tokens should be ids in \[0, V\)=\[0, 32\): "
+                                         rf"but got {bad} at row 1, column 1"):
+      _bad(tokens=bad_tokens)()
+  # Padding may hold any id.
+  bad_tokens = tokens.copy()
+  bad_tokens[1, 2] = 100_000
+  _bad(tokens=bad_tokens)()
+  # transformer.step under jit: an id past V reads V - 1's embedding, a negative one 0's.
+  params, step = _params(CONFIG), jax.jit(transformer.step_fn(CONFIG))
+  caches = transformer.init_caches(CONFIG, 1, 4)
+  for bad, same in ((100_000, CONFIG.vocab_size - 1), (-5, 0)):
+    got, _ = step(params, caches, jnp.array([[3, bad]], jnp.int32), None)
+    want, _ = step(params, caches, jnp.array([[3, same]], jnp.int32), None)
+    assert np.all(np.isfinite(got))
+    np.testing.assert_array_equal(got, want)
+
+
+def test_learned_positions_are_never_exceeded_silently():
+  """GPT-2-like models: generate refuses to run past max_positions (counting what the
+  caches hold); a step past them under jit sets the caches' overflow flag."""
+  params, fn = _params(LEARNED), transformer.step_fn(LEARNED)
+  assert (fn.vocab_size, fn.max_positions) == (32, 32)
+  assert transformer.step_fn(CONFIG).max_positions is None
+  tokens, mask = _prompts([5, 3], 6, left_pad=False)
+  caches = transformer.init_caches(LEARNED, 2, 64)
+  with pytest.raises(ValueError, match=r"32 positions .* = 0 \+ 5 \+ 29 - 1 = 33"):
+    generation.generate(fn, params, caches, tokens, mask, max_new_tokens=29)
+  generation.generate(fn, params, caches, tokens, mask, max_new_tokens=28)  # 5 + 28 - 1 = 32.
+  out = generation.generate(fn, params, caches, tokens, mask, max_new_tokens=27)
+  assert not bool(kvattn.overflowed(out.caches).any())
+  # The caches now hold 31 positions of row 0: one more token is the 32nd, two pass.
+  more, more_mask = generation.continue_from(out, np.zeros((2, 1), np.int32))
+  with pytest.raises(ValueError, match=r"= 31 \+ 2 \+ 1 - 1 = 33"):
+    generation.generate(fn, params, out.caches, more, more_mask, max_new_tokens=1)
+  step = jax.jit(fn)
+  _, fits = step(params, out.caches, more[:, :1], None)
+  assert not bool(kvattn.overflowed(fits).any())
+  logits, past = step(params, out.caches, more, None)
+  assert bool(kvattn.overflowed(past).all()) and np.all(np.isfinite(logits))
+  with pytest.raises(ValueError, match=r"at most the model's max_positions=32 columns"):
+    transformer.forward(params, jnp.zeros((1, 33), jnp.int32), config=LEARNED)
+
+
+def test_a_row_without_a_real_token_is_refused():
+  tokens, mask = _prompts([3, 2], 3, left_pad=False)
+  mask[1] = False
+  with pytest.raises(ValueError, match=r"prompt_mask should mark at least one real token in "
+                                       r"every row: but rows \[1\] have none"):
+    _bad(mask=mask)()
+
+
+def test_continue_from_equals_a_fresh_run_over_the_whole_history():
+  """out.caches lack each row's newest token: continue_from feeds it first, and the
+  next turn's tokens equal generating from scratch over prompt + reply + turn."""
+  params, fn = _params(CONFIG), transformer.step_fn(CONFIG)
+  tokens, mask = _prompts([4, 2], 4, left_pad=False)
+  turn = np.array([[7, 8], [9, 0]], np.int32)
+  turn_mask = turn != 0
+  out = generation.generate(fn, params, transformer.init_caches(CONFIG, 2, 64), tokens, mask,
+                            max_new_tokens=5, eos_id=[3], prompt_buckets=None)
+  nxt, nxt_mask = generation.continue_from(out, turn, turn_mask)
+  lengths = np.asarray(out.lengths)
+  np.testing.assert_array_equal(nxt[:, 0], np.asarray(out.tokens)[[0, 1], lengths - 1])
+  assert nxt_mask[:, 0].all()
+  second = generation.generate(fn, params, out.caches, nxt, nxt_mask, max_new_tokens=4)
+  for row in range(2):  # Each row alone, from scratch.
+    history = np.concatenate([tokens[row][mask[row]], np.asarray(out.tokens)[row, :lengths[row]],
+                              turn[row][turn_mask[row]]])[None].astype(np.int32)
+    alone = generation.generate(fn, params, transformer.init_caches(CONFIG, 1, 64), history,
+                                max_new_tokens=4)
+    np.testing.assert_array_equal(second.tokens[row], alone.tokens[0])
+
+
+def test_greedy_needs_no_key_and_no_mask_and_takes_sampling_greedy():
+  params, fn = _params(CONFIG), transformer.step_fn(CONFIG)
+  tokens = np.array([[5, 6, 7]], np.int32)
+  want = generation.generate(fn, params, transformer.init_caches(CONFIG, 1, 16), tokens,
+                             np.ones((1, 3), bool), max_new_tokens=4, sampler=GREEDY,
+                             key=jax.random.key(3)).tokens
+  for kw in ({}, {"sampler": sampling.greedy}, {"sampler": sampling.Sampler(temperature=0.0)}):
+    got = generation.generate(fn, params, transformer.init_caches(CONFIG, 1, 16), tokens,
+                              max_new_tokens=4, **kw).tokens
+    np.testing.assert_array_equal(got, want)
+  # Nested lists are prompts too.
+  got = generation.generate(fn, params, transformer.init_caches(CONFIG, 1, 16), [[5, 6, 7]],
+                            [[True, True, True]], max_new_tokens=4).tokens
+  np.testing.assert_array_equal(got, want)
+  streamed = list(generation.generate_stream(fn, params, transformer.init_caches(CONFIG, 1, 16),
+                                             tokens, max_new_tokens=4))
+  np.testing.assert_array_equal(np.stack(streamed, 1), want)
+  with pytest.raises(ValueError, match=r"key should be a PRNG key .* but got None"):
+    generation.generate(fn, params, transformer.init_caches(CONFIG, 1, 16), tokens,
+                        max_new_tokens=4, sampler=sampling.Sampler(top_p=0.9))
+  with pytest.raises(TypeError, match=r"sampler should take \(key, logits \[B, V\]\)"):
+    generation.generate(fn, params, transformer.init_caches(CONFIG, 1, 16), tokens,
+                        max_new_tokens=4, sampler=lambda logits: logits.argmax(-1))
+
+
+@pytest.mark.parametrize("call, error, match", [
+    (_bad(eos_id="63"), ValueError, r"eos_id should be None, an int or a .*list of ints: but "
+                                    r"got '63'"),
+    (_bad(pad_id="0"), ValueError, r"pad_id should be an int: but got '0'"),
+    (_bad(tokens=[[1, 2], [3]]), ValueError, r"prompt_tokens should be a rectangular array"),
+    (_bad(mask=[[True, True, True]]), ValueError,
+     r"prompt_mask shape should be \(B, T\)=\(2, 3\): but got \(1, 3\)"),
+    (_bad(step=42), TypeError, r"step_fn should be callable"),
+])
+def test_errors_name_the_argument_at_fault(call, error, match):
+  with pytest.raises(error, match=match):
+    call()
+
+
+def test_a_cache_batch_mismatch_blames_the_caches():
+  tokens, mask = _prompts([3, 2], 3, left_pad=False)
+  with pytest.raises(ValueError, match=r"caches batch size should be prompt_tokens' B=2: but "
+                                       r"got 3"):
+    generation.generate(transformer.step_fn(CONFIG), _params(CONFIG),
+                        transformer.init_caches(CONFIG, 3, 10), tokens, mask, max_new_tokens=2)
+  with pytest.raises(TypeError, match=r"config should be a transformer.Config: but got dict"):
+    transformer.step_fn({"vocab_size": 32})
 
 
 if __name__ == "__main__":

@@ -258,7 +258,9 @@ def step(params: Params, caches: kvattn.KVCache, tokens: jax.Array,
     params: see `init_params`.
     caches: from `init_caches` (leading L axis; a tuple of stacks, one per run
       of layers, for a mixed `window_pattern`).
-    tokens: int `[B, T]` token ids (any id at padding).
+    tokens: int `[B, T]` token ids in [0, V) (any id at padding). Ids out of
+      range cannot raise under jit: they are clipped to [0, V - 1] (never NaN);
+      `kvattn.generate` refuses them in concrete prompts.
     mask: bool `[B, T]`, True for real tokens (padding anywhere); None: all real.
     config: the static `Config`.
     logits_at: None, or int32 `[B]`: one column per row whose logits are
@@ -269,6 +271,9 @@ def step(params: Params, caches: kvattn.KVCache, tokens: jax.Array,
 
   Returns:
     `(logits [B, T, V] float32, new caches)`; logits are zeros at padding.
+    With learned positions (`max_positions` W), a real token at position W or
+    later gets position W - 1's embedding and sets every cache's sticky
+    `overflow` flag (`kvattn.overflowed`): its logits are not the model's.
   """
   b, t = _check_tokens(tokens, mask)
   runs = layer_runs(config)
@@ -290,6 +295,11 @@ def step(params: Params, caches: kvattn.KVCache, tokens: jax.Array,
     h, stack = kvattn.scan_layers(body, h, layers, stack)
     new.append(stack)
   caches = new[0] if len(runs) == 1 else tuple(new)
+  if config.max_positions:  # Past the learned positions: reported as an overflow.
+    real = jnp.ones((b, t), jnp.bool_) if mask is None else mask
+    past = jnp.any(real & (positions >= config.max_positions))
+    caches = jax.tree.map(lambda c: c._replace(overflow=c.overflow | past), caches,
+                          is_leaf=lambda x: isinstance(x, kvattn.KVCache))
   if logits_at is not None:
     h = jnp.take_along_axis(h, logits_at[:, None, None].astype(jnp.int32), axis=1)  # [B, 1, DM]
     mask = None if mask is None else jnp.take_along_axis(mask, logits_at[:, None], axis=1)
@@ -299,11 +309,22 @@ def step(params: Params, caches: kvattn.KVCache, tokens: jax.Array,
   return logits, caches
 
 
-@functools.lru_cache(maxsize=None)
 def step_fn(config: Config):
-  """Returns `step` with its config bound; the same object per config, so jit caches hit."""
+  """Returns `step` with its config bound; the same object per config, so jit caches hit.
+
+  It carries `vocab_size` and `max_positions` (None without learned
+  positions), which `kvattn.generate` checks concrete prompts against.
+  """
   check_config(config)
-  return functools.partial(step, config=config)
+  return _step_fn(config)
+
+
+@functools.lru_cache(maxsize=None)
+def _step_fn(config: Config):
+  fn = functools.partial(step, config=config)
+  fn.vocab_size = config.vocab_size
+  fn.max_positions = config.max_positions or None
+  return fn
 
 
 def forward(params: Params, tokens: jax.Array, mask: jax.Array | None = None, *,
@@ -318,12 +339,16 @@ def forward(params: Params, tokens: jax.Array, mask: jax.Array | None = None, *,
 
   Args:
     params: see `init_params`.
-    tokens: int `[B, T]` token ids (any id at padding).
+    tokens: int `[B, T]` token ids in [0, V) (any id at padding); ids out of
+      range are clipped to [0, V - 1].
     mask: bool `[B, T]`, True for real tokens (padding anywhere); None: all real.
     config: the static `Config`.
     block_size: queries (and keys) per attention block; None for the default.
   """
-  _check_tokens(tokens, mask)
+  _, t = _check_tokens(tokens, mask)
+  if config.max_positions and t > config.max_positions:
+    raise ValueError(f"tokens should have at most the model's max_positions="
+                     f"{config.max_positions} columns: but got shape {tokens.shape}")
   real = jnp.ones(tokens.shape, jnp.bool_) if mask is None else mask
   m = real.astype(jnp.int32)
   h = _embed(params, tokens, jnp.cumsum(m, axis=1) - m, config, mask)
@@ -426,12 +451,12 @@ def _mlp(p, x, config):
 def _embed(params, tokens, positions, config, mask):
   """Token (and learned position) embeddings; padding takes token 0's, whatever its id.
 
-  jnp.take gives NaN for an id out of range (-100, V): inert in the forward
-  pass, but 0 * NaN in the weights' gradients.
+  Ids out of range are clipped to [0, V - 1]: jnp.take's default fills them
+  with NaN (and 0 * NaN reaches the weights' gradients through padding).
   """
   if mask is not None:
     tokens = jnp.where(mask, tokens, 0)
-  h = jnp.take(params["embed"], tokens, axis=0)
+  h = jnp.take(params["embed"], tokens, axis=0, mode="clip")
   if config.max_positions:
     # Past the last learned position the last one is reused (jnp.take would clamp too).
     pos = jnp.clip(positions, 0, config.max_positions - 1)
