@@ -51,6 +51,27 @@ def map_caches(edit: Callable[[KVCache, Any], KVCache], caches: Any, arg: Any) -
   return jax.tree.map(one, caches, is_leaf=_is_cache)
 
 
+def check_tree(name: str, caches: Any) -> list[KVCache]:
+  """The `KVCache`s of a pytree; TypeError unless there is one and every leaf is in one.
+
+  A cache edit (rewind, reorder) would not know what to do with other state.
+  """
+  found = caches_in(caches)
+  stray = [x for x in jax.tree.leaves(caches, is_leaf=_is_cache) if not _is_cache(x)]
+  if not found or stray:
+    kind = type(stray[0]).__name__ if stray else "no KVCache"
+    raise TypeError(f"{name} should be a KVCache or a pytree whose leaves are all in "
+                    f"KVCaches: but got {kind}")
+  for cache in found:
+    if cache.layer is not None:
+      raise TypeError(f"{name} should hold whole caches, not layer views (kvattn.layer_view): "
+                      f"pass kvattn.stack_of(view)")
+    shape = getattr(cache.k, "shape", None)
+    if shape is None or len(shape) < _CACHE_RANK:
+      raise ValueError(f"{name} k shape should be (..., B, S, K, H): but got {shape}")
+  return found
+
+
 def check_caches(name: str, caches: Any, batch: int, needed: int, why: str,
                  rewind: int = 0) -> None:
   """Raises unless caches is a pytree of `KVCache`s with B rows and room for `needed` slots.
@@ -61,16 +82,8 @@ def check_caches(name: str, caches: Any, batch: int, needed: int, why: str,
   (`max_positions`, when concrete) rather than slots, and room to rewind
   `rewind` tokens exactly (`rewind_room >= rewind - 1`).
   """
-  found = caches_in(caches)
-  stray = [x for x in jax.tree.leaves(caches, is_leaf=_is_cache) if not _is_cache(x)]
-  if not found or stray:
-    kind = type(stray[0]).__name__ if stray else "no KVCache"
-    raise TypeError(f"{name} should be a pytree whose leaves are all in kvattn.KVCaches: "
-                    f"but got {kind}")
-  for cache in found:
-    shape = getattr(cache.k, "shape", None)
-    if shape is None or len(shape) < _CACHE_RANK:
-      raise ValueError(f"{name} k shape should be (..., B, S, K, H): but got {shape}")
+  for cache in check_tree(name, caches):
+    shape = cache.k.shape
     b, s = shape[-4], shape[-3]
     if b != batch:
       raise ValueError(f"{name} batch size should be B={batch}: but got {b} (k shape {shape})")

@@ -10,7 +10,8 @@ Shape legend:
 
 from __future__ import annotations
 
-from typing import NamedTuple
+import functools
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -173,14 +174,25 @@ def init_cache(
                         max_positions=jnp.array(max_len, jnp.int32))
 
 
-def overflowed(cache: KVCache) -> jax.Array:
+def overflowed(cache: Any) -> jax.Array:
   """Returns a bool scalar array: True once any write did not fit the cache.
 
   A write that would pass `max_len` cannot raise under `jit` (the index is a
   traced value), so it writes nothing, keeps every cached entry and sets this
-  sticky flag instead. Check it after generation, outside `jit`.
+  sticky flag instead. Check it after generation, outside `jit`. `cache` may
+  be one `KVCache` or any pytree of them (a model's stacked caches, a tuple
+  of stacks): True when any of them, any layer, overflowed.
   """
-  return cache.overflow
+  flags = [jnp.any(c.overflow) for c in jax.tree.leaves(cache, is_leaf=_is_cache)
+           if _is_cache(c)]
+  if not flags or len(flags) != len(jax.tree.leaves(cache, is_leaf=_is_cache)):
+    raise TypeError(f"cache should be a KVCache or a pytree of them: but got "
+                    f"{type(cache).__name__}")
+  return functools.reduce(jnp.logical_or, flags)
+
+
+def _is_cache(x) -> bool:
+  return isinstance(x, KVCache)
 
 
 def token_positions(cache: KVCache, mask: jax.Array | None = None,

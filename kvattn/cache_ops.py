@@ -11,11 +11,9 @@ Shape legend:
   H: head dimension
   L: number of layers, for stacked caches (`kvattn.models.transformer.init_caches`)
 
-Each function edits one cache. For stacked caches, whose leaves have a
-leading L axis, map it over the layers:
-
-  caches = jax.vmap(kvattn.rewind, in_axes=(0, None))(caches, n)
-  caches = jax.vmap(kvattn.reorder, in_axes=(0, None))(caches, indices)
+Each function takes one cache or any pytree of them, stacked ones (leaves
+with leading axes, as `kvattn.models.transformer.init_caches` makes) too: the
+edit is applied to every cache and every layer, with the same argument.
 """
 
 from __future__ import annotations
@@ -28,6 +26,7 @@ import numpy as np
 from jax import lax
 
 from kvattn import layout
+from kvattn._cache_tree import check_tree, map_caches
 from kvattn._checks import check_cache, check_shape, is_concrete
 from kvattn.cache import KVCache
 
@@ -38,7 +37,7 @@ _SLOT_FIELDS = tuple(name for name, field in layout.CACHE.items()
 _ROW_FIELDS = tuple(name for name, field in layout.CACHE.items() if field.dims[:1] == ("B",))
 
 
-def rewind(cache: KVCache, n: Any) -> KVCache:
+def rewind(cache: Any, n: Any) -> Any:
   """Drops the last `n` real tokens of each row, as if they had never been seen.
 
   A row's real tokens are its valid slots; its last n are the n valid slots
@@ -60,7 +59,8 @@ def rewind(cache: KVCache, n: Any) -> KVCache:
   one compilation serves every value.
 
   Args:
-    cache: the `KVCache` to rewind.
+    cache: the `KVCache` to rewind, or any pytree of them (stacked caches
+      too: every layer is rewound by n).
     n: the tokens to drop: a Python int or an integer scalar for every row,
       or an integer `[B]` array, one count per row.
 
@@ -87,6 +87,10 @@ def rewind(cache: KVCache, n: Any) -> KVCache:
   lengths are concrete; traced, it sets the sticky `overflow` flag: the
   cache can no longer give exact results.
   """
+  if not _single(cache):
+    for one in _layers(check_tree("cache", cache)):
+      _check_counts(n, one)
+    return map_caches(rewind, cache, n)
   check_cache(cache)
   b, s = cache.valid.shape
   n = _check_counts(n, cache)
@@ -141,7 +145,7 @@ def _ring_history_lost(cache: KVCache, lengths) -> jax.Array:
   return (needed < held) & (lengths > 0)
 
 
-def reorder(cache: KVCache, indices: Any) -> KVCache:
+def reorder(cache: Any, indices: Any) -> Any:
   """Gathers rows: row b of the result is row `indices[b]` of `cache`.
 
   For beam search, where the surviving beams replace the others: rows may be
@@ -151,7 +155,8 @@ def reorder(cache: KVCache, indices: Any) -> KVCache:
   serves every value.
 
   Args:
-    cache: the `KVCache` to reorder.
+    cache: the `KVCache` to reorder, or any pytree of them (stacked caches
+      too: every layer's rows are gathered alike).
     indices: integer `[B]`, the old row of each new row, in [0, B).
 
   Returns:
@@ -166,18 +171,56 @@ def reorder(cache: KVCache, indices: Any) -> KVCache:
   negative index takes row 0 and one past the end takes row B - 1 (no
   Python-style counting from the end).
   """
+  if not _single(cache):
+    for one in _layers(check_tree("cache", cache)):
+      _check_indices(indices, one.batch_size)
+    return map_caches(reorder, cache, indices)
   check_cache(cache)
-  b = cache.batch_size
+  indices = _check_indices(indices, cache.batch_size)
+  return cache._replace(**{
+      name: jnp.take(getattr(cache, name), indices, axis=0, mode="clip")
+      for name in _ROW_FIELDS if getattr(cache, name) is not None})
+
+
+def _check_indices(indices: Any, b: int) -> jax.Array:
+  """reorder's indices checked as it documents, as int32 `[B]` clamped to [0, B)."""
   indices = _as_int_array("indices", indices)
   check_shape("indices", indices, "(B,)", (b,))
   if is_concrete(indices):
     values = np.asarray(indices)
     if np.any((values < 0) | (values >= b)):
       raise ValueError(f"indices should be in [0, B)=[0, {b}): but got {values.tolist()}")
-  indices = jnp.clip(jnp.asarray(indices, jnp.int32), 0, b - 1)
-  return cache._replace(**{
-      name: jnp.take(getattr(cache, name), indices, axis=0, mode="clip")
-      for name in _ROW_FIELDS if getattr(cache, name) is not None})
+  return jnp.clip(jnp.asarray(indices, jnp.int32), 0, b - 1)
+
+
+def _single(cache: Any) -> bool:
+  """True for one unstacked KVCache (edited directly); False for stacks and other pytrees."""
+  return isinstance(cache, KVCache) and getattr(cache.k, "ndim", None) == 4
+
+
+def _layers(caches: list[KVCache]) -> list[KVCache]:
+  """Each layer of each cache, with the leaves the checks read (not k, v: no copies).
+
+  Concrete leaves are indexed with numpy; traced ones (under jit) are left to
+  the checks inside the mapped edit.
+  """
+  out = []
+  for cache in caches:
+    lead = cache.k.shape[:-4]
+    if not is_concrete(cache.lengths):
+      continue
+    if not lead:
+      out.append(cache)
+      continue
+    small = cache._replace(k=jax.ShapeDtypeStruct(cache.k.shape[-4:], cache.k.dtype),
+                           v=None, k_scale=None, v_scale=None)
+    for i in np.ndindex(*lead):
+      def at(x, i=i):
+        return x if x is None or isinstance(x, jax.ShapeDtypeStruct) else np.asarray(x)[i]
+      out.append(small._replace(**{f: at(getattr(small, f)) for f in
+                                   ("valid", "lengths", "index", "overflow", "positions",
+                                    "window", "max_positions")}))
+  return out
 
 
 def _check_counts(n: Any, cache: KVCache) -> jax.Array:

@@ -136,7 +136,7 @@ def _bad(**kw):
     (_bad(length_penalty="1"), ValueError, r"length_penalty should be a real number"),
     (_bad(eos_id=1.5), ValueError, r"eos_id should be an int or None: but got 1.5"),
     (_bad(caches=[np.zeros((2, 6, 4, 32))]), TypeError,
-     r"caches should be a pytree whose leaves are all in kvattn.KVCaches: but got ndarray"),
+     r"caches should be a KVCache or a pytree whose leaves are all in KVCaches: but got ndarray"),
 ])
 def test_bad_arguments_raise(call, error, match):
   with pytest.raises(error, match=match):

@@ -182,6 +182,32 @@ def test_rewind_of_stacked_caches_with_vmap():
   assert got.index.shape == (2,)
 
 
+def test_rewind_and_reorder_take_any_pytree_of_caches():
+  """A stack (leading L axis) and a tuple of a stack and a plain cache, as a model with
+  local and global layers holds them: every layer edited as alone, eagerly and under jit;
+  concrete counts are checked against every layer's lengths."""
+  cache = _filled_cache()
+  layers = [cache, cache._replace(k=2 * cache.k)]
+  stacked = jax.tree.map(lambda *a: jnp.stack(a), *layers)
+  tree = (stacked, {"global": cache._replace(v=-cache.v)})
+  n, indices = jnp.array([1, 0, 2], jnp.int32), jnp.array([2, 2, 0], jnp.int32)
+  for edit, arg in ((kvattn.rewind, n), (kvattn.reorder, indices)):
+    for got in (edit(tree, arg), jax.jit(edit)(tree, arg)):
+      for i, layer in enumerate(layers):
+        assert_trees_equal(jax.tree.map(lambda a: a[i], got[0]), edit(layer, arg))
+      assert_trees_equal(got[1]["global"], edit(tree[1]["global"], arg))
+  with pytest.raises(ValueError, match=r"cache.lengths=\[9, 7, 5\]: but got 8"):
+    kvattn.rewind(tree, 8)
+  with pytest.raises(ValueError, match=r"indices should be in \[0, B\)=\[0, 3\)"):
+    kvattn.reorder(tree, [0, 1, 3])
+  # overflowed: one flag for the whole tree.
+  assert not bool(kvattn.overflowed(tree))
+  full = (stacked._replace(overflow=jnp.array([False, True])), {"global": cache})
+  assert bool(kvattn.overflowed(full)) and kvattn.overflowed(full).shape == ()
+  with pytest.raises(TypeError, match=r"cache should be a KVCache or a pytree of them"):
+    kvattn.overflowed({"k": cache.k})
+
+
 @pytest.mark.parametrize("n, error, match", [
     (8, ValueError, r"n should be at most the real tokens of each row, "
                     r"cache.lengths=\[9, 7, 5\]: but got 8"),
@@ -211,7 +237,8 @@ def test_rewind_errors_under_jit():
     jax.jit(lambda c: kvattn.rewind(c, 13))(cache)
   with pytest.raises(ValueError, match=r"n should be non-negative"):
     jax.jit(lambda c: kvattn.rewind(c, -1))(cache)
-  with pytest.raises(TypeError, match=r"cache should be a kvattn.KVCache"):
+  with pytest.raises(TypeError, match=r"cache should be a KVCache or a pytree whose leaves are "
+                                      r"all in KVCaches: but got ArrayImpl"):
     kvattn.rewind({"k": cache.k}, 1)
 
 

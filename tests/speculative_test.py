@@ -179,7 +179,7 @@ def _bad(**kw):
      r"but got S=40"),
     (_bad(draft_step_fn=None), TypeError, r"draft_step_fn should be callable: but got NoneType"),
     (_bad(target_caches={"k": np.zeros((2, 40, 1, 8))}), TypeError,
-     r"target_caches should be a pytree whose leaves are all in kvattn.KVCaches"),
+     r"target_caches should be a KVCache or a pytree whose leaves are all in KVCaches"),
 ])
 def test_bad_arguments_raise(call, error, match):
   with pytest.raises(error, match=match):
