@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import functools
 import numbers
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -44,6 +44,7 @@ from jax import lax
 import numpy as np
 
 from kvattn import cache_ops
+from kvattn import generation
 from kvattn._cache_tree import check_caches, map_caches
 from kvattn._checks import check_positive_ints
 
@@ -68,7 +69,8 @@ class _Beams(NamedTuple):
 
 def beam_search(step_fn: StepFn, params: Any, caches: Any, prompt_tokens: Any, *,
                 beam_width: int, max_new_tokens: int, length_penalty: float = 1.0,
-                eos_id: int | None = None, pad_id: int = 0) -> tuple[jax.Array, jax.Array]:
+                eos_id: int | Sequence[int] | None = None,
+                pad_id: int = 0) -> tuple[jax.Array, jax.Array]:
   """Returns the W best continuations of one prompt and their scores.
 
   Args:
@@ -83,7 +85,8 @@ def beam_search(step_fn: StepFn, params: Any, caches: Any, prompt_tokens: Any, *
     max_new_tokens: M >= 1.
     length_penalty: the exponent of the length in the score (see the module
       docstring); 0 ranks finished hypotheses by their summed log-probability.
-    eos_id: a hypothesis ends when it produces this token; None: never, every
+    eos_id: a hypothesis ends when it produces this token, or any of these
+      tokens (a list of ints, as for `kvattn.generate`); None: never, every
       hypothesis has M tokens.
     pad_id: fills `tokens` after a hypothesis's EOS.
 
@@ -98,14 +101,13 @@ def beam_search(step_fn: StepFn, params: Any, caches: Any, prompt_tokens: Any, *
   check_positive_ints(beam_width=beam_width, max_new_tokens=max_new_tokens)
   if not isinstance(length_penalty, numbers.Real) or _is_bool(length_penalty):
     raise ValueError(f"length_penalty should be a real number: but got {length_penalty!r}")
-  if eos_id is not None and not _is_int(eos_id):
-    raise ValueError(f"eos_id should be an int or None: but got {eos_id!r}")
-  if not _is_int(pad_id):
-    raise ValueError(f"pad_id should be an int: but got {pad_id!r}")
+  generation.check_eos(eos_id)
+  generation.check_pad(pad_id)
   p = prompt.shape[1]
   check_caches("caches", caches, beam_width, p + max_new_tokens - 1,
                f"P + M - 1 = {p} + {max_new_tokens} - 1")
-  eos = None if eos_id is None else jnp.asarray(eos_id, jnp.int32)
+  eos = None if eos_id is None else jnp.concatenate(
+      [jnp.asarray(i, jnp.int32).reshape(-1) for i in jax.tree.leaves(eos_id)])
   return _search(step_fn, params, caches, prompt, jnp.asarray(length_penalty, jnp.float32), eos,
                  jnp.asarray(pad_id, jnp.int32), beam_width=beam_width,
                  max_new_tokens=max_new_tokens)
@@ -166,7 +168,7 @@ def _select(beams: _Beams, logp: jax.Array, i, *, length_penalty, eos_id):
   if eos_id is None:
     ended = jnp.zeros((c,), jnp.bool_)
   else:
-    ended = token == eos_id
+    ended = generation.is_eos(token, eos_id)
   # A continuation ending in EOS is finished if it ranks among the best W (as in
   # Hugging Face); it then competes with the finished ones on its penalised score.
   finished = jnp.where(ended & (jnp.arange(c) < w),
@@ -181,10 +183,6 @@ def _select(beams: _Beams, logp: jax.Array, i, *, length_penalty, eos_id):
 
 def _is_bool(x) -> bool:
   return isinstance(x, (bool, np.bool_))
-
-
-def _is_int(x) -> bool:
-  return isinstance(x, numbers.Integral) and not _is_bool(x)
 
 
 def _check_prompt(prompt_tokens) -> jax.Array:

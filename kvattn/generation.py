@@ -117,7 +117,7 @@ def start(step_fn: StepFn, params: Any, caches: Any, prompt_tokens: jax.Array,
     A `DecodeState` with column 0 filled (step 1).
   """
   b, p = _check_args(caches, prompt_tokens, prompt_mask, max_new_tokens, prefill_mode, chunk_size)
-  _check_eos(eos_id)
+  check_eos(eos_id)
   prompt_tokens = prompt_tokens.astype(jnp.int32)
   # Each row's last real prompt token (not column P - 1 under right padding).
   last = p - 1 - jnp.argmax(prompt_mask[:, ::-1], axis=1).astype(jnp.int32)
@@ -422,12 +422,8 @@ def _prepare(step_fn, caches, tokens, mask, *, sampler, key, eos_id, pad_id, max
       raise ValueError(f"caches batch size should be prompt_tokens' B={b}: but got "
                        f"{cache.batch_size} (k shape {cache.k.shape})")
   _check_args(caches, tokens, mask, max_new_tokens, prefill_mode, chunk_size)
-  _check_eos(eos_id)
-  if isinstance(eos_id, str) or any(isinstance(i, str) for i in jax.tree.leaves(eos_id)):
-    raise ValueError(f"eos_id should be None, an int or a list of ints: but got {eos_id!r}")
-  if not (isinstance(pad_id, numbers.Integral) and not isinstance(pad_id, (bool, np.bool_))) \
-      and not (getattr(pad_id, "shape", None) == () and jnp.issubdtype(pad_id.dtype, jnp.integer)):
-    raise ValueError(f"pad_id should be an int: but got {pad_id!r}")
+  check_eos(eos_id)
+  check_pad(pad_id)
   sampler = _traceable(sampler)
   if key is None:
     if not _is_greedy(sampler):
@@ -483,12 +479,7 @@ def _record(state: DecodeState, logits, sampler, eos_id, pad_id) -> DecodeState:
   token = jnp.where(state.done, pad_id, token)
   tokens = lax.dynamic_update_index_in_dim(state.tokens, token, state.step, axis=1)
   lengths = jnp.where(state.done, state.lengths, state.step + 1)
-  if eos_id is not None:  # One id, or several (a list of ints is a pytree of scalars).
-    eos = jnp.concatenate([jnp.asarray(i, jnp.int32).reshape(-1)
-                           for i in jax.tree.leaves(eos_id)])  # [E]
-    done = state.done | jnp.any(token[:, None] == eos[None], axis=1)
-  else:
-    done = state.done
+  done = state.done if eos_id is None else state.done | is_eos(token, eos_id)
   return state._replace(tokens=tokens, lengths=lengths, done=done, step=state.step + 1)
 
 
@@ -619,10 +610,32 @@ def _max_len(caches) -> int | None:
   return min(sizes, default=None)
 
 
-def _check_eos(eos_id) -> None:
-  """eos_id: None, an int, or a non-empty list or 1-D array of ints (traced or not)."""
+def is_eos(tokens: jax.Array, eos_id: Any) -> jax.Array:
+  """bool, tokens' shape: True where a token is `eos_id`, or one of them (a list or an array)."""
+  eos = jnp.concatenate([jnp.asarray(i, jnp.int32).reshape(-1)
+                         for i in jax.tree.leaves(eos_id)])  # [E]
+  return jnp.any(tokens[..., None] == eos.reshape((1,) * tokens.ndim + eos.shape), axis=-1)
+
+
+def check_pad(pad_id) -> None:
+  """pad_id: an int, or an integer scalar array (traced or not)."""
+  if not ((isinstance(pad_id, numbers.Integral) and not isinstance(pad_id, (bool, np.bool_)))
+          or (getattr(pad_id, "shape", None) == ()
+              and jnp.issubdtype(pad_id.dtype, jnp.integer))):
+    raise ValueError(f"pad_id should be an int: but got {pad_id!r}")
+
+
+def check_eos(eos_id) -> None:
+  """eos_id: None, an int, or a non-empty list or 1-D array of ints (traced or not).
+
+  The rule of every decoding loop (`generate`, `generate_stream`,
+  `speculative_generate`, `beam_search`).
+  """
   if eos_id is None:
     return
+  if isinstance(eos_id, str) or any(isinstance(i, str) for i in jax.tree.leaves(eos_id)):
+    raise ValueError(f"eos_id should be None, an int or a non-empty list of ints: but got "
+                     f"{eos_id!r}")
   leaves = jax.tree.leaves(eos_id)
   ok = bool(leaves) and all(
       (isinstance(i, numbers.Integral) and not isinstance(i, (bool, np.bool_)))

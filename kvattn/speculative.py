@@ -44,13 +44,15 @@ Shape legend:
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import lax
+import numpy as np
 
 from kvattn import cache_ops
+from kvattn import generation
 from kvattn._cache_tree import check_caches, map_caches
 from kvattn._checks import check_mask, check_positive_ints, check_shape
 
@@ -153,8 +155,13 @@ def start(target_step_fn: StepFn, target_params: Any, target_caches: Any,
 
 @functools.partial(jax.jit, static_argnames=("target_step_fn", "draft_step_fn", "num_draft"))
 def advance(target_step_fn: StepFn, target_params: Any, draft_step_fn: StepFn,
-            draft_params: Any, state: SpecState, *, num_draft: int) -> SpecState:
-  """One round: k draft calls, one target call of k + 1 tokens, then the rewinds."""
+            draft_params: Any, state: SpecState, *, num_draft: int,
+            eos_id: Any = None) -> SpecState:
+  """One round: k draft calls, one target call of k + 1 tokens, then the rewinds.
+
+  Rows with M tokens, or (with `eos_id`) with an EOS among their tokens, keep
+  what they have.
+  """
   k = num_draft
   m = state.tokens.shape[1] - k
   # 1. Draft: [prev, last] -> d1, then d_i -> d_{i+1}.
@@ -177,7 +184,7 @@ def advance(target_step_fn: StepFn, target_params: Any, draft_step_fn: StepFn,
   # 3. Accept the longest agreeing prefix: n drafts, then g_n.
   agree = (drafts == chosen[:, :k]).astype(jnp.int32)
   n = jnp.sum(jnp.cumprod(agree, axis=1), axis=1)  # [B] in [0, k]
-  active = state.count < m
+  active = _running(state, m, eos_id)
   written = jax.vmap(lambda row, new, at: lax.dynamic_update_slice(row, new, (at,)))(
       state.tokens, chosen, state.count)
   # 4. Both caches drop the k - n rejected drafts of each row.
@@ -198,25 +205,47 @@ def advance(target_step_fn: StepFn, target_params: Any, draft_step_fn: StepFn,
 
 @functools.partial(jax.jit, static_argnames=("target_step_fn", "draft_step_fn", "num_draft"))
 def finish(target_step_fn: StepFn, target_params: Any, draft_step_fn: StepFn,
-           draft_params: Any, state: SpecState, *, num_draft: int) -> SpecState:
-  """Rounds in a `lax.while_loop` until every row has M tokens."""
+           draft_params: Any, state: SpecState, *, num_draft: int,
+           eos_id: Any = None) -> SpecState:
+  """Rounds in a `lax.while_loop` until every row has M tokens or an EOS."""
   m = state.tokens.shape[1] - num_draft
 
   def body(s):
     return advance(target_step_fn, target_params, draft_step_fn, draft_params, s,
-                   num_draft=num_draft)
+                   num_draft=num_draft, eos_id=eos_id)
 
-  return lax.while_loop(lambda s: jnp.any(s.count < m), body, state)
+  return lax.while_loop(lambda s: jnp.any(_running(s, m, eos_id)), body, state)
+
+
+def _running(state: SpecState, m: int, eos_id) -> jax.Array:
+  """bool `[B]`: rows short of M tokens with no EOS among them yet."""
+  running = state.count < m
+  if eos_id is None:
+    return running
+  column = lax.broadcasted_iota(jnp.int32, state.tokens.shape, 1)
+  ended = generation.is_eos(state.tokens, eos_id) & (column < state.count[:, None])
+  return running & ~jnp.any(ended, axis=1)
+
+
+@jax.jit
+def _pad_after_eos(tokens: jax.Array, eos_id: Any, pad_id: jax.Array) -> jax.Array:
+  """tokens `[B, M]` with every column after a row's first EOS set to pad_id."""
+  eos = generation.is_eos(tokens, eos_id).astype(jnp.int32)
+  after = (jnp.cumsum(eos, axis=1) - eos) > 0  # An EOS strictly before.
+  return jnp.where(after, pad_id, tokens)
 
 
 def speculative_generate(target_step_fn: StepFn, target_params: Any, target_caches: Any,
                          draft_step_fn: StepFn, draft_params: Any, draft_caches: Any,
-                         prompt_tokens: jax.Array, prompt_mask: jax.Array, *,
-                         max_new_tokens: int, num_draft: int) -> tuple[jax.Array, Stats]:
+                         prompt_tokens: jax.Array, prompt_mask: jax.Array | None = None, *,
+                         max_new_tokens: int, num_draft: int,
+                         eos_id: int | Sequence[int] | None = None,
+                         pad_id: int = 0) -> tuple[jax.Array, Stats]:
   """Generates M greedy tokens per prompt with the target, k drafted per round.
 
   The tokens are those of `kvattn.generate` with the target alone and a
-  greedy sampler (no EOS); only the number of target calls changes.
+  greedy sampler (with the same eos_id and pad_id); only the number of target
+  calls changes.
 
   Args:
     target_step_fn: the target model, `(params, caches, tokens [B, T], mask
@@ -230,12 +259,21 @@ def speculative_generate(target_step_fn: StepFn, target_params: Any, target_cach
     draft_caches: the draft's caches, with the same room.
     prompt_tokens: int `[B, P]` prompts, padded on the left or the right.
     prompt_mask: bool `[B, P]`, True for real tokens; every row needs one.
+      None: every token is real.
     max_new_tokens: M >= 1.
     num_draft: k >= 1, the draft tokens per round.
+    eos_id: a row is done once it produces this token, or any of these
+      tokens (a list of ints); None: never. As in `kvattn.generate`.
+    pad_id: fills each row's tokens after its EOS.
 
   Returns:
-    `(tokens [B, M] int32, stats)`: the generated tokens and a `Stats`.
+    `(tokens [B, M] int32, stats)`: the generated tokens (`pad_id` after a
+    row's EOS) and a `Stats`.
   """
+  if prompt_mask is None and getattr(prompt_tokens, "ndim", None) == 2:
+    prompt_mask = np.ones(prompt_tokens.shape, bool)
+  generation.check_eos(eos_id)
+  generation.check_pad(pad_id)
   check_shape("prompt_tokens", prompt_tokens, "(B, P)", (None, None))
   b, p = prompt_tokens.shape
   if not jnp.issubdtype(prompt_tokens.dtype, jnp.integer):
@@ -243,7 +281,7 @@ def speculative_generate(target_step_fn: StepFn, target_params: Any, target_cach
   if b < 1 or p < 1:
     raise ValueError(f"prompt_tokens shape should be (B, P) with B, P >= 1: but got "
                      f"{prompt_tokens.shape}")
-  check_mask(prompt_mask, b, p)
+  check_mask(prompt_mask, b, p, name="prompt_mask")
   check_positive_ints(max_new_tokens=max_new_tokens, num_draft=num_draft)
   for name, fn in (("target_step_fn", target_step_fn), ("draft_step_fn", draft_step_fn)):
     if not callable(fn):
@@ -258,5 +296,8 @@ def speculative_generate(target_step_fn: StepFn, target_params: Any, target_cach
                 draft_caches, prompt_tokens, prompt_mask, max_new_tokens=max_new_tokens,
                 num_draft=num_draft)
   state = finish(target_step_fn, target_params, draft_step_fn, draft_params, state,
-                 num_draft=num_draft)
-  return state.tokens[:, :max_new_tokens], state.stats
+                 num_draft=num_draft, eos_id=eos_id)
+  tokens = state.tokens[:, :max_new_tokens]
+  if eos_id is not None:
+    tokens = _pad_after_eos(tokens, eos_id, jnp.asarray(pad_id, jnp.int32))
+  return tokens, state.stats

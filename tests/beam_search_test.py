@@ -106,6 +106,12 @@ def test_width_one_with_eos_and_no_length_penalty_is_greedy_decoding_with_eos():
   tokens, scores = _search(PROMPT, 1, length_penalty=0.0, eos_id=comma)
   np.testing.assert_array_equal(tokens, greedy)
   np.testing.assert_allclose(scores, _rescore(PROMPT, tokens, 0.0, comma), **TOL)
+  # A list of EOS ids, as generate takes: any of them ends a hypothesis.
+  z = int(vocab.encode("Z")[0])  # Never generated here.
+  for eos in ([z, comma], np.array([comma, z], np.int32)):
+    listed, listed_scores = _search(PROMPT, 1, length_penalty=0.0, eos_id=eos)
+    np.testing.assert_array_equal(listed, tokens)
+    np.testing.assert_allclose(listed_scores, scores, **TOL)
 
 
 def _bad(**kw):
@@ -134,7 +140,7 @@ def _bad(**kw):
     (_bad(prompt_tokens=np.ones((0,), np.int32)), ValueError,
      r"prompt_tokens should hold at least one token"),
     (_bad(length_penalty="1"), ValueError, r"length_penalty should be a real number"),
-    (_bad(eos_id=1.5), ValueError, r"eos_id should be an int or None: but got 1.5"),
+    (_bad(eos_id=1.5), ValueError, r"eos_id should be None, an int or a non-empty list of ints: but got 1.5"),
     (_bad(caches=[np.zeros((2, 6, 4, 32))]), TypeError,
      r"caches should be a KVCache or a pytree whose leaves are all in KVCaches: but got ndarray"),
 ])

@@ -105,6 +105,36 @@ def test_tokens_are_the_target_alones_greedy_tokens(kind, batch, left_pad, k):
     assert stats.acceptance_rate < 0.5
 
 
+def test_eos_ends_each_row_as_in_generate():
+  """eos_id (an int or a list) and pad_id: the tokens of generate with the target alone,
+  greedy, with the same EOS; once every row has ended, no more rounds run."""
+  params, config, vocab = _model()
+  draft_params, draft_config = _draft("one_layer")
+  tokens, mask = _prompts(3, False)
+  b, p = tokens.shape
+  greedy = _greedy(3, False)
+  # An EOS every row reaches before M: the token each row draws third.
+  eos = [int(t) for t in greedy[:, 2]]
+  want = generation.generate(
+      transformer.step_fn(config), params, transformer.init_caches(config, b, p + M - 1),
+      tokens, mask, max_new_tokens=M, eos_id=eos, pad_id=97).tokens
+  assert np.all(np.asarray(want)[:, -1] == 97)  # Every row ended early.
+  s = speculative.required_max_len(b, p, M, 2)
+  out, stats = speculative.speculative_generate(
+      transformer.step_fn(config), params, transformer.init_caches(config, b, s),
+      transformer.step_fn(draft_config), draft_params,
+      transformer.init_caches(draft_config, b, s), tokens, mask, max_new_tokens=M,
+      num_draft=2, eos_id=eos, pad_id=97)
+  np.testing.assert_array_equal(out, want)
+  assert int(stats.rounds) <= 3  # Three tokens per row at most: rounds stop with them.
+  with pytest.raises(ValueError, match=r"eos_id should be None, an int or a non-empty list"):
+    speculative.speculative_generate(
+        transformer.step_fn(config), params, transformer.init_caches(config, b, s),
+        transformer.step_fn(draft_config), draft_params,
+        transformer.init_caches(draft_config, b, s), tokens, mask, max_new_tokens=M,
+        num_draft=2, eos_id="1")
+
+
 def test_one_round_compiles_once_and_runs_from_python_as_in_the_loop():
   params, config, vocab = _model()
   draft_params, draft_config = _draft("one_layer")
