@@ -3,6 +3,7 @@ r"""Generates text with the bundled character-level model (or any char-LM checkp
   python examples/generate.py
   python examples/generate.py --prompt='def parse(' --prompt='import ' --temperature=0
   python examples/generate.py --stream --max_new_tokens=300
+  python examples/generate.py --checkpoint=charlm.npz  # One that train_charlm.py wrote.
 
 Several `--prompt`s of different lengths run as one ragged batch. The timing
 line gives compile time, prefill time and decode speed separately.
@@ -52,8 +53,11 @@ _CHUNK_SIZE = flags.DEFINE_integer("chunk_size", 8,
                                   "Tokens per call with --prefill_mode=chunked.")
 _STREAM = flags.DEFINE_bool("stream", False,
                              "Print the first prompt's text as it is generated.")
-_CHECKPOINT = flags.DEFINE_string("checkpoint", str(charlm.DEFAULT_CHECKPOINT),
-                                  "A char-LM .npz written by train_charlm.py.")
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", str(charlm.DEFAULT_CHECKPOINT),
+    "A char-LM .npz written by train_charlm.py; by default the bundled one.")
+_QUANTIZED_CACHE = flags.DEFINE_bool(
+    "quantized_cache", False, "Store the cache's k and v as int8 with float32 scales.")
 _PRINT_IDS = flags.DEFINE_bool(
     "print_ids", False, "End with a line of the first prompt's generated token ids.")
 
@@ -65,6 +69,11 @@ def _print_first_row(vocab, column):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if _MAX_NEW_TOKENS.value < 1:
+    raise app.UsageError(f"--max_new_tokens should be at least 1: but got {_MAX_NEW_TOKENS.value}")
+  if not pathlib.Path(_CHECKPOINT.value).is_file():
+    raise app.UsageError(f"--checkpoint should be a char-LM .npz file: but {_CHECKPOINT.value} "
+                         "does not exist")
   params, config, vocab = charlm.load(_CHECKPOINT.value)
   params = jax.device_put(params)  # Once, not at every call (this also starts JAX up).
   prompts = _PROMPT.value
@@ -76,7 +85,7 @@ def main(argv):
   texts, tokens, lengths, timing = charlm.generate_text(
       params, config, vocab, prompts, max_new_tokens=_MAX_NEW_TOKENS.value, sampler=sampler,
       seed=_SEED.value, prefill_mode=_PREFILL_MODE.value, chunk_size=_CHUNK_SIZE.value,
-      on_token=on_token)
+      on_token=on_token, quantized_cache=_QUANTIZED_CACHE.value)
   for i, (prompt, text) in enumerate(zip(prompts, texts)):
     if _STREAM.value and i == 0:
       print()

@@ -1,17 +1,20 @@
 r"""Runs a GPT-2 checkpoint in the Hugging Face layout on the example transformer.
 
 A checkpoint directory holds `config.json`, `model.safetensors` and, for text
-prompts, `tokenizer.json`. Weights are read with the `safetensors` package's
-numpy API and text is tokenized with `tokenizers` (the `[models]` extra; no
-torch). Nothing is downloaded: point `--checkpoint` at a local copy, e.g. of
-https://huggingface.co/openai-community/gpt2.
+prompts, `tokenizer.json`. Weights are memory-mapped and read with numpy, and
+text is tokenized with `tokenizers` (the `[models]` extra; no torch). Nothing
+is downloaded: point `--checkpoint` at a local copy, e.g. of
+https://huggingface.co/openai-community/gpt2. `kvattn.models.load` reads the
+checkpoint, so a Llama, Mistral or Qwen2 one runs too (as with llama.py).
 
   python examples/gpt2.py --checkpoint=/path/to/gpt2 --prompt='The meaning of life is'
   python examples/gpt2.py --checkpoint=/path/to/gpt2 --prompt_ids=464,3290 --print_ids
+  python examples/gpt2.py --checkpoint=/path/to/gpt2 --prompt='Hello' --quantized_cache
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import pathlib
 import sys
@@ -21,16 +24,21 @@ if __package__ in (None, ""):  # Run as a script: make the repository root impor
 
 from absl import app
 from absl import flags
+import ml_dtypes
+import numpy as np
 
-from kvattn.models import runner
-from kvattn.models import gpt2
 from kvattn import sampling
+from kvattn.models import loaders
+from kvattn.models import runner
 
 # jax logs at INFO that it found no TPU, which absl would print as the first line.
 logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
 
-_CHECKPOINT = flags.DEFINE_string("checkpoint", None, "Directory of a GPT-2 checkpoint.",
-                                  required=True)
+_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
+
+_CHECKPOINT = flags.DEFINE_string(
+    "checkpoint", None, "Directory of a GPT-2 checkpoint (or any that kvattn.models.load takes).",
+    required=True)
 _PROMPT = flags.DEFINE_string("prompt", None, "Text prompt (needs tokenizer.json).")
 _PROMPT_IDS = flags.DEFINE_list("prompt_ids", None, "Prompt as token ids: 1,2,3.")
 _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 40, "Tokens to generate.")
@@ -39,16 +47,21 @@ _TOP_K = flags.DEFINE_integer("top_k", None, "Sample from the k most likely toke
 _TOP_P = flags.DEFINE_float("top_p", None, "Sample from the nucleus of this probability.")
 _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed.")
 _PRINT_IDS = flags.DEFINE_bool("print_ids", False, "End with a line of the generated ids.")
+_DTYPE = flags.DEFINE_enum("dtype", "float32", sorted(_DTYPES),
+                           "Params and cache dtype (logits and softmax stay float32).")
+_QUANTIZED_CACHE = flags.DEFINE_bool(
+    "quantized_cache", False, "Store the cache's k and v as int8 with float32 scales.")
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   runner.main_for_checkpoint(
-      gpt2.load, checkpoint=_CHECKPOINT.value, prompt=_PROMPT.value,
-      prompt_ids=_PROMPT_IDS.value, max_new_tokens=_MAX_NEW_TOKENS.value,
+      functools.partial(loaders.load, dtype=_DTYPES[_DTYPE.value]),
+      checkpoint=_CHECKPOINT.value, prompt=_PROMPT.value, prompt_ids=_PROMPT_IDS.value,
+      max_new_tokens=_MAX_NEW_TOKENS.value,
       sampler=sampling.Sampler(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value),
-      seed=_SEED.value, print_ids=_PRINT_IDS.value)
+      seed=_SEED.value, print_ids=_PRINT_IDS.value, quantized_cache=_QUANTIZED_CACHE.value)
 
 
 if __name__ == "__main__":

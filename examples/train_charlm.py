@@ -1,8 +1,16 @@
 r"""Trains the bundled character-level LM on the Python standard library's sources.
 
 Every machine with Python has the corpus (see `kvattn.models.training` for
-the corpus, loss and optimizer). The result, 1.5 MB, is the default model of
-`kvattn.models.charlm.load()` and `examples/generate.py`.
+the corpus, loss and optimizer). The model is written to `--output`, by
+default charlm.npz in the current directory, never over the bundled model
+unless that path is given: a short trial run would otherwise turn
+`examples/generate.py`'s output into noise. Generate with the result:
+
+  python examples/train_charlm.py --time_budget_s=60
+  python examples/generate.py --checkpoint=charlm.npz
+
+The bundled model (1.5 MB), the default of `kvattn.models.charlm.load()` and
+`examples/generate.py`, is rebuilt with its path given explicitly:
 
   python examples/train_charlm.py --output=kvattn/models/data/charlm.npz
 """
@@ -26,8 +34,9 @@ from kvattn.models import transformer
 # jax logs at INFO that it found no TPU, which absl would print as the first line.
 logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
 
-_OUTPUT = flags.DEFINE_string("output", str(charlm.DEFAULT_CHECKPOINT),
-                              "Checkpoint to write.")
+_OUTPUT = flags.DEFINE_string(
+    "output", "charlm.npz",
+    "Checkpoint to write; the bundled model is overwritten only if its path is given.")
 _STEPS = flags.DEFINE_integer("steps", 2000, "Training steps (the LR schedule's length).")
 _BATCH_SIZE = flags.DEFINE_integer("batch_size", 32, "Sequences per step.")
 _SEQ_LEN = flags.DEFINE_integer("seq_len", 128, "Characters per sequence.")
@@ -61,6 +70,7 @@ def main(argv):
   charlm.save(_OUTPUT.value, params, config, vocab)
   size = pathlib.Path(_OUTPUT.value).stat().st_size
   print(f"final loss {loss:.3f} nats/char; wrote {_OUTPUT.value} ({size / 1e6:.1f} MB)")
+  print(f"generate with: python examples/generate.py --checkpoint={_OUTPUT.value}")
 
 
 if __name__ == "__main__":

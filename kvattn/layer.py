@@ -118,6 +118,7 @@ def self_attention(
   else:
     dm, _ = check_params(params, 1, 1)  # Raises: not a dict, or no wk.
   check_shape("x", x, "(B, T, DM)", (None, None, dm))
+  _check_x_dtype(x)
   b, t, _ = x.shape
   if mask is not None:
     check_mask(mask, b, t)
@@ -194,11 +195,18 @@ def _check(params, cache, x, mask, prefix_lm, rope_base, rope_scaling, implement
   """The checks of `prefill` and `decode_step`, once per call."""
   check_cache(cache, views=True)
   b, kh, h = cache.batch_size, cache.num_kv_heads, cache.head_dim
+  # The params were made for the model, the cache may be the odd one out: name it.
+  wk, wv = (getattr(params.get(name) if isinstance(params, Mapping) else None, "shape", None)
+            for name in ("wk", "wv"))
+  if wk is not None and len(wk) == 3 and wk == wv and (wk[1], wk[2]) != (kh, h):
+    raise ValueError(f"cache (K, H) should be params['wk']'s (DM, K, H)={tuple(wk)} K and H, "
+                     f"({wk[1]}, {wk[2]}): but got ({kh}, {h}) (cache.k shape {cache.k.shape})")
   dm, _ = check_params(params, kh, h)
   if decode:
     check_shape("x", x, "(B, 1, DM)", (b, 1, dm))
   else:
     check_shape("x", x, "(B, T, DM)", (b, None, dm))
+  _check_x_dtype(x)
   t = x.shape[1]
   if t < 1:
     raise ValueError(f"x shape should be (B, T, DM) with T >= 1: but got {x.shape}")
@@ -209,6 +217,13 @@ def _check(params, cache, x, mask, prefix_lm, rope_base, rope_scaling, implement
   attention.check_options(prefix_lm, implementation)
   attention.check_ring_options(cache, prefix_lm)
   _check_rope(rope_base, rope_scaling)
+
+
+def _check_x_dtype(x) -> None:
+  """x holds activations: a floating dtype (token ids go through an embedding first)."""
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"x dtype should be a floating dtype (activations, not token ids): but "
+                    f"got {x.dtype}")
 
 
 def _check_rope(rope_base, rope_scaling) -> None:

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 
 from kvattn.models import charlm
+from kvattn.models import runner
 from kvattn.models import transformer
 from kvattn import generation
 from kvattn import sampling
@@ -78,6 +79,66 @@ def test_main_prints_the_text_the_timing_and_the_ids(greedy_tokens):
   assert "ms | decode 69 tokens: " in timing and "tokens/s | compile " in timing
   printed = [int(i) for i in lines[-1].split()]
   assert printed == greedy_tokens["one_pass"][0].tolist()
+
+
+
+def _run(script, *flags, cwd=REPO):
+  return subprocess.run([sys.executable, str(REPO / "examples" / script), *flags], cwd=cwd,
+                        capture_output=True, text=True, timeout=300, check=False)
+
+
+def test_training_writes_outside_the_package_and_generate_reads_it(tmp_path):
+  """Issue 20, item 13: a trial run of train_charlm.py overwrote the bundled model.
+
+  Now --output defaults to charlm.npz in the working directory, and
+  generate.py runs it with --checkpoint (its int8 cache too).
+  """
+  bundled = charlm.DEFAULT_CHECKPOINT.read_bytes()
+  run = _run("train_charlm.py", "--steps=2", "--batch_size=2", "--seq_len=16",
+             "--num_layers=1", "--d_model=16", "--num_heads=2", cwd=tmp_path)
+  assert run.returncode == 0, run.stderr
+  assert charlm.DEFAULT_CHECKPOINT.read_bytes() == bundled
+  trained = tmp_path / "charlm.npz"
+  assert "python examples/generate.py --checkpoint=charlm.npz" in run.stdout
+  params, config, vocab = charlm.load(trained)
+  assert (config.num_layers, config.d_model) == (1, 16)
+
+  prompt = "def f("
+  run = _run("generate.py", f"--checkpoint={trained}", f"--prompt={prompt}",
+             "--max_new_tokens=6", "--temperature=0", "--print_ids", "--quantized_cache")
+  assert run.returncode == 0, run.stderr
+  _, tokens, _, _ = charlm.generate_text(params, config, vocab, [prompt], max_new_tokens=6,
+                                         sampler=GREEDY, quantized_cache=True)
+  assert [int(i) for i in run.stdout.splitlines()[-1].split()] == tokens[0].tolist()
+
+
+def test_quantized_cache_is_int8_and_keeps_the_bundled_greedy_tokens(greedy_tokens, model,
+                                                                    monkeypatch):
+  """Issue 20, item 10: `generate_text(..., quantized_cache=True)` runs on int8 caches."""
+  seen = []
+  run = runner.run
+
+  def spy(step_fn, params, caches, *args, **kwargs):
+    seen.append(caches)
+    return run(step_fn, params, caches, *args, **kwargs)
+
+  monkeypatch.setattr(runner, "run", spy)
+  _, tokens, _, _ = charlm.generate_text(*model, PROMPTS, max_new_tokens=N, sampler=GREEDY,
+                                         quantized_cache=True)
+  assert seen[0].k.dtype == np.int8 and seen[0].k_scale.dtype == np.float32
+  np.testing.assert_array_equal(tokens, greedy_tokens["one_pass"])
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--checkpoint=/no/such/charlm.npz"],
+     "--checkpoint should be a char-LM .npz file: but /no/such/charlm.npz does not exist"),
+    (["--max_new_tokens=0"], "--max_new_tokens should be at least 1: but got 0"),
+])
+def test_flag_mistakes_are_usage_errors(flags, message):
+  """Issue 20, item 12: a usage message naming the flag, not a traceback."""
+  run = _run("generate.py", *flags)
+  assert run.returncode == 1, (run.stdout, run.stderr)
+  assert "Traceback" not in run.stderr and message in run.stderr, run.stderr
 
 
 if __name__ == "__main__":

@@ -16,14 +16,17 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from kvattn.models import runner
-from kvattn.models import gpt2
-from kvattn.models import transformer
+from kvattn import models
 from kvattn import sampling
+from kvattn.models import gpt2
+from kvattn.models import loaders
+from kvattn.models import runner
+from kvattn.models import transformer
 
 HF_CONFIG = {
     "model_type": "gpt2", "n_embd": 32, "n_head": 4, "n_layer": 2, "n_positions": 40,
@@ -146,6 +149,57 @@ def test_config_mapping():
       use_bias=True, norm_eps=1e-5)
   with pytest.raises(ValueError, match="unsupported activation_function 'swish'"):
     gpt2.config_from_hf({**HF_CONFIG, "activation_function": "swish"})
+
+
+def test_load_takes_a_dtype(tmp_path):
+  """Issue 20, item 10: as llama.load, `dtype` is the params' dtype, float32 by default."""
+  weights = _random_weights(seed=4)
+  directory = _write_checkpoint(tmp_path, weights)
+  params32, config, _ = gpt2.load(directory)
+  params16, config16, _ = gpt2.load(directory, dtype=ml_dtypes.bfloat16)
+  assert config16 == config
+  assert all(a.dtype == np.float32 for a in jax.tree.leaves(params32))
+  assert all(a.dtype == ml_dtypes.bfloat16 for a in jax.tree.leaves(params16))
+  jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b.astype(ml_dtypes.bfloat16)),
+               params16, params32)
+  # The bfloat16 model runs, with bfloat16 caches, near the float64 model of its rounded weights.
+  rounded = {k: a.astype(ml_dtypes.bfloat16).astype(np.float64) for k, a in weights.items()}
+  ids = np.arange(12) % HF_CONFIG["vocab_size"]
+  logits = transformer.forward(jax.device_put(params16), jnp.asarray(ids[None], jnp.int32),
+                               config=config)
+  want = numpy_gpt2(rounded, ids)
+  np.testing.assert_allclose(np.asarray(logits[0], np.float64), want, rtol=0,
+                             atol=0.02 * np.max(np.abs(want)))
+
+
+def test_load_refuses_another_family_and_names_the_loader_that_takes_it(tmp_path):
+  """Issue 20, item 12: a Llama folder was `KeyError: 'n_embd'`."""
+  llama_config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
+                  "hidden_size": 32, "num_hidden_layers": 2, "vocab_size": 64}
+  (tmp_path / "config.json").write_text(json.dumps(llama_config))
+  match = (r"^config.json: gpt2.load takes architectures \['GPT2LMHeadModel'\] \(model_type "
+           r"\['gpt2'\]\): but got architectures \['LlamaForCausalLM'\] and model_type "
+           r"'llama'; kvattn.models.load\(directory\) picks the loader that config.json names$")
+  with pytest.raises(ValueError, match=match):
+    gpt2.load(tmp_path)
+  # With `architectures` (as transformers writes it) or without (HF_CONFIG): both GPT-2.
+  assert gpt2.config_from_hf({**HF_CONFIG, "architectures": ["GPT2LMHeadModel"]}) == (
+      gpt2.config_from_hf(HF_CONFIG))
+
+
+@pytest.mark.parametrize("architectures", [None, ["GPT2LMHeadModel"]])
+def test_models_load_picks_the_gpt2_loader(tmp_path, architectures):
+  """Issue 20, item 10: `kvattn.models.load` reads config.json and gives what gpt2.load does."""
+  hf = HF_CONFIG if architectures is None else {**HF_CONFIG, "architectures": architectures}
+  directory = _write_checkpoint(tmp_path, _random_weights(seed=5))
+  (directory / "config.json").write_text(json.dumps(hf))
+  assert loaders.family(hf).load is gpt2.load
+  for dtype in (np.float32, ml_dtypes.bfloat16):
+    params, config, got_hf = models.load(directory, dtype=dtype)
+    want, want_config, _ = gpt2.load(directory, dtype=dtype)
+    assert config == want_config and got_hf == hf
+    assert all(a.dtype == np.dtype(dtype) for a in jax.tree.leaves(params))
+    jax.tree.map(np.testing.assert_array_equal, params, want)
 
 
 def test_missing_or_misshapen_tensors_are_named(tmp_path):

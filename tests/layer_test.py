@@ -291,8 +291,12 @@ def _setup():
     (lambda p, c, x: ({**p, "wq": p["wq"][..., :4]}, c, x), r"params\['wq'\].*head_dim"),
     (lambda p, c, x: ({k: v for k, v in p.items() if k != "wv"}, c, x), r"missing \['wv'\]"),
     (lambda p, c, x: ({**p, "w_q": p["wq"]}, c, x), r"unknown keys \['w_q'\]"),
-    (lambda p, c, x: (p, kvattn.init_cache(2, 8, 1, H), x), r"params\['wk'\] shape"),
-    (lambda p, c, x: (p, kvattn.init_cache(2, 8, 2, 4), x), r"params\['wq'\]"),
+    # A cache of other kv heads or head size: the cache is blamed, not the params.
+    (lambda p, c, x: (p, kvattn.init_cache(2, 8, 1, H), x),
+     r"cache \(K, H\) should be params\['wk'\]'s \(DM, K, H\)=\(16, 2, 8\) K and H, \(2, 8\): "
+     r"but got \(1, 8\)"),
+    (lambda p, c, x: (p, kvattn.init_cache(2, 8, 2, 4), x), r"cache \(K, H\) should be .* but "
+                                                          r"got \(2, 4\)"),
     (lambda p, c, x: (p, c._replace(valid=c.valid[:1]), x), r"cache.valid shape"),
     (lambda p, c, x: (p, c._replace(index=c.index.astype(jnp.float32)), x), r"cache.index dtype"),
 ])
@@ -311,6 +315,19 @@ def test_bad_mask_raises(mask, match):
   params, cache, x = _setup()
   with pytest.raises(ValueError, match=match):
     kvattn.prefill(params, cache, x, mask)
+
+
+def test_token_ids_for_x_are_a_type_error():
+  """An int x (token ids where activations belong) used to come out cast to int."""
+  params, cache, x = _setup()
+  ids = jnp.ones(x.shape, jnp.int32)
+  with pytest.raises(TypeError, match=r"x dtype should be a floating dtype \(activations, not "
+                                      r"token ids\): but got int32"):
+    kvattn.prefill(params, cache, ids)
+  with pytest.raises(TypeError, match=r"x dtype should be a floating dtype"):
+    kvattn.decode_step(params, cache, ids[:, :1])
+  with pytest.raises(TypeError, match=r"x dtype should be a floating dtype"):
+    kvattn.self_attention(params, ids)
 
 
 def test_decode_step_needs_one_token():

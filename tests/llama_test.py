@@ -25,10 +25,13 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from kvattn.models import runner
+from kvattn import models
 from kvattn import rope
 from kvattn import sampling
+from kvattn.models import checkpoint
 from kvattn.models import llama
+from kvattn.models import loaders
+from kvattn.models import runner
 from kvattn.models import transformer
 from tests import reference
 
@@ -345,7 +348,10 @@ def test_config_mapping():
 
 
 @pytest.mark.parametrize("change, match", [
-    ({"architectures": ["GPT2LMHeadModel"]}, r"architectures should name one of"),
+    ({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"},
+     r"config.json: llama.load takes architectures \['LlamaForCausalLM', 'MistralForCausalLM', "
+     r"'Qwen2ForCausalLM'\] \(model_type \['llama', 'mistral', 'qwen2'\]\): but got "
+     r"architectures \['GPT2LMHeadModel'\] and model_type 'gpt2'; kvattn.models.load"),
     ({"hidden_act": "gelu"}, r"hidden_act should be 'silu': but got 'gelu'"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, r"'yarn'"),
 ])
@@ -353,6 +359,59 @@ def test_unsupported_configs_are_refused(change, match):
   base = LLAMA
   with pytest.raises(ValueError, match=match):
     llama.config_from_hf({**base, **change})
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2", "mistral", "qwen2_windowed"])
+def test_a_config_without_architectures_is_read_by_its_model_type(name):
+  """Issue 20, item 10: as transformers' Auto classes, model_type names the family."""
+  hf = CONFIGS[name]
+  bare = {k: v for k, v in hf.items() if k != "architectures"}
+  assert llama.config_from_hf(bare) == llama.config_from_hf(hf)
+  # An architecture the loader does not take (a head for classification) falls back too.
+  head = hf["architectures"][0].replace("CausalLM", "TokenClassification")
+  other = {**hf, "architectures": [head]}
+  assert llama.config_from_hf(other) == llama.config_from_hf(hf)
+
+
+@pytest.mark.parametrize("name", ["llama", "qwen2"])
+def test_models_load_picks_the_llama_loader(tmp_path, name):
+  """Issue 20, item 10: `kvattn.models.load` reads config.json and gives what llama.load does."""
+  hf = CONFIGS[name]
+  directory = _write_checkpoint(tmp_path, {k: v for k, v in hf.items() if k != "architectures"},
+                                _random_weights(hf, seed=10), dtype=ml_dtypes.bfloat16)
+  assert loaders.family(hf).load is llama.load
+  for dtype in (np.float32, ml_dtypes.bfloat16):
+    params, config, got_hf = models.load(directory, dtype=dtype)
+    want, want_config, _ = llama.load(directory, dtype=dtype)
+    assert config == want_config == llama.config_from_hf(hf) and got_hf["model_type"] == name
+    assert all(a.dtype == np.dtype(dtype) for a in jax.tree.leaves(params))
+    jax.tree.map(np.testing.assert_array_equal, params, want)
+
+
+@pytest.mark.parametrize("hf, found", [
+    ({"architectures": ["BertForMaskedLM"], "model_type": "bert"},
+     r"architectures \['BertForMaskedLM'\] and model_type 'bert'"),
+    ({"model_type": "qwen3"}, r"architectures \[\] and model_type 'qwen3'"),
+    ({}, r"architectures \[\] and model_type None"),
+])
+def test_models_load_refuses_a_family_it_has_no_loader_for(tmp_path, hf, found):
+  (tmp_path / "config.json").write_text(json.dumps(hf))
+  match = (r"config.json: kvattn.models.load takes architectures \['GPT2LMHeadModel', "
+           r"'LlamaForCausalLM', 'MistralForCausalLM', 'Qwen2ForCausalLM'\] \(model_type "
+           r"\['gpt2', 'llama', 'mistral', 'qwen2'\]\): but got " + found + "$")
+  with pytest.raises(ValueError, match=match):
+    models.load(tmp_path)
+
+
+def test_eos_ids_are_those_of_config_and_generation_config(tmp_path):
+  """Issue 20, item 5: generation_config.json's ids (an instruct model's end of turn) count."""
+  assert checkpoint.eos_ids({"eos_token_id": 2}) == [2]
+  assert checkpoint.eos_ids({"eos_token_id": [1, 2]}, {"eos_token_id": [7, 2]}) == [7, 2, 1]
+  assert checkpoint.eos_ids({}, {"eos_token_id": 9}) == [9]
+  assert checkpoint.eos_ids({"bos_token_id": 1}, {}) == []
+  assert checkpoint.read_generation_config(tmp_path) == {}
+  (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": [5, 6]}))
+  assert checkpoint.read_generation_config(tmp_path) == {"eos_token_id": [5, 6]}
 
 
 def test_missing_or_misshapen_tensors_are_named(tmp_path):
@@ -399,9 +458,105 @@ def test_main_runs_both_layouts_with_and_without_a_tokenizer(tmp_path):
 
   lines = main(f"--checkpoint={single}", "--prompt_ids=3,14,15", "--max_new_tokens=5",
                "--print_ids", "--dtype=bfloat16", "--temperature=0.8", "--top_k=5",
-               "--top_p=0.9", "--seed=1")
+               "--top_p=0.9", "--seed=1", "--quantized_cache")
   printed = [int(i) for i in lines[-1].split()]
   assert 1 <= len(printed) <= 5 and all(0 <= i < QWEN2["vocab_size"] for i in printed)
+
+
+def _run_example(*flags):
+  return subprocess.run([sys.executable, "examples/llama.py", *flags], cwd=REPO,
+                        capture_output=True, text=True, timeout=180, check=False)
+
+
+def test_main_stops_at_the_eos_ids_of_generation_config(tmp_path):
+  """Issue 20, item 5: an id that only generation_config.json lists ends generation."""
+  weights = _random_weights(LLAMA, seed=3)
+  directory = _write_checkpoint(tmp_path, LLAMA, weights)
+  greedy = _greedy_numpy(LLAMA, weights, [3, 14, 15], 8)
+  # The first token that is new at its place, not the first: generation must stop after it.
+  stop = next(i for i in range(1, len(greedy)) if greedy[i] not in greedy[:i])
+  (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": greedy[stop]}))
+  run = _run_example(f"--checkpoint={directory}", "--prompt_ids=3,14,15",
+                     "--max_new_tokens=8", "--print_ids")
+  assert run.returncode == 0, run.stderr
+  assert [int(i) for i in run.stdout.splitlines()[-1].split()] == greedy[:stop + 1]
+
+
+def test_main_decodes_prompt_and_continuation_together(tmp_path):
+  """Issue 20, item 6: a Metaspace (SentencePiece) tokenizer keeps the space between them."""
+  from tokenizers import Tokenizer, decoders, models as tokenizer_models, pre_tokenizers
+  weights = _random_weights(LLAMA, seed=3)
+  directory = _write_checkpoint(tmp_path, LLAMA, weights)
+  words = [f"\u2581w{i}" for i in range(LLAMA["vocab_size"])]
+  tokenizer = Tokenizer(tokenizer_models.WordLevel({w: i for i, w in enumerate(words)},
+                                                   unk_token=words[0]))
+  tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
+  tokenizer.decoder = decoders.Metaspace()
+  tokenizer.save(str(directory / "tokenizer.json"))
+  greedy = _greedy_numpy(LLAMA, weights, [3, 14, 15], 6)
+  want = " ".join(f"w{i}" for i in [3, 14, 15] + greedy)
+  # Decoded apart, the space before the first new word is lost: the old output.
+  assert tokenizer.decode([3, 14, 15]) + tokenizer.decode(greedy) != want
+
+  run = _run_example(f"--checkpoint={directory}", "--prompt=w3 w14 w15", "--max_new_tokens=6")
+  assert run.returncode == 0, run.stderr
+  assert run.stdout.splitlines()[0] == want
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--prompt_ids=3,abc"],
+     "--prompt_ids should be comma-separated integer token ids: but got 'abc' in '3,abc'"),
+    (["--prompt_ids=3,100000"],
+     "--prompt_ids should be token ids in [0, 64) (the model's vocab_size): but got [100000]"),
+    (["--prompt_ids=-1,3"],
+     "--prompt_ids should be token ids in [0, 64) (the model's vocab_size): but got [-1]"),
+    (["--prompt_ids=3", "--max_new_tokens=0"],
+     "--max_new_tokens should be at least 1: but got 0"),
+    (["--prompt_ids=3", "--checkpoint=/no/such/folder"],
+     "--checkpoint should be a checkpoint directory with a config.json: but "
+     "/no/such/folder/config.json does not exist"),
+    (["--prompt_ids=3", "--checkpoint={bert}"],
+     "config.json: kvattn.models.load takes architectures"),
+])
+def test_main_turns_flag_mistakes_into_usage_errors(tmp_path, flags, message):
+  """Issue 20, items 1 and 12: a usage message naming the flag, not a traceback or a silent run.
+
+  An id past the vocabulary would index the embedding out of bounds, which
+  jax clamps: the old main generated from a wrong prompt without a word.
+  """
+  directory = _write_checkpoint(tmp_path / "llama", LLAMA, _random_weights(LLAMA))
+  bert = tmp_path / "bert"
+  bert.mkdir()
+  (bert / "config.json").write_text(json.dumps({"architectures": ["BertModel"]}))
+  # The flags after the first two replace them.
+  run = _run_example(f"--checkpoint={directory}", "--max_new_tokens=2",
+                     *(f.format(bert=bert) for f in flags))
+  assert run.returncode == 1, (run.stdout, run.stderr)
+  assert "Traceback" not in run.stderr, run.stderr
+  assert message in run.stderr, run.stderr
+
+
+def test_quantized_caches_hold_int8_and_keep_the_greedy_tokens(tmp_path, monkeypatch):
+  """Issue 20, item 10: `generate_ids(..., quantized_cache=True)` runs on int8 caches."""
+  weights = _random_weights(LLAMA, seed=2)
+  directory = _write_checkpoint(tmp_path, LLAMA, weights)
+  seen = []
+  run = runner.run
+
+  def spy(step_fn, params, caches, *args, **kwargs):
+    seen.append(caches)
+    return run(step_fn, params, caches, *args, **kwargs)
+
+  monkeypatch.setattr(runner, "run", spy)
+  prompt = [3, 14, 15, 9, 26]
+  params, config, _ = llama.load(directory)
+  ids, _ = runner.generate_ids(params, config, prompt, max_new_tokens=8,
+                               sampler=sampling.Sampler(), eos_id=LLAMA["eos_token_id"],
+                               quantized_cache=True)
+  assert seen[0].k.dtype == jnp.int8 and seen[0].k_scale.dtype == jnp.float32
+  np.testing.assert_array_equal(ids, _greedy_numpy(LLAMA, weights, prompt, 8))
+  # bfloat16 params with an int8 cache (float32 scales): run by
+  # test_main_runs_both_layouts_with_and_without_a_tokenizer (--dtype=bfloat16 --quantized_cache).
 
 
 if __name__ == "__main__":

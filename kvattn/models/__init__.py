@@ -3,9 +3,21 @@
   * `transformer`: a pre-norm decoder as plain functions (`Config`,
     `init_params`, `init_caches`, `step_fn` for `kvattn.generate`, `forward`
     without a cache, for training), GPT-2 and Llama-family variants.
-  * `llama`, `gpt2`: Hugging Face checkpoints onto `transformer`;
-    `checkpoint`: the reader they share (the `[models]` extra).
+  * `load(directory, dtype=np.float32)`: any supported Hugging Face
+    checkpoint, its loader picked from `config.json` (`loaders`); `llama`,
+    `gpt2`: the loaders, onto `transformer`; `checkpoint`: the reader they
+    share (the `[models]` extra).
   * `charlm`: the bundled character-level model (`charlm.load()`), its
     vocabulary and checkpoint format; `training`: its training recipe
     (corpus, loss, AdamW); `runner`: timed generation for the examples.
 """
+
+
+def __getattr__(name: str):
+  # `load` is re-exported on first use: `loaders` imports the loaders, which
+  # import `transformer`, so an import here would make every
+  # `from kvattn.models import transformer` read them too (and a cycle in BUILD).
+  if name == "load":
+    from kvattn.models.loaders import load  # pylint: disable=import-outside-toplevel
+    return load
+  raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -125,11 +125,13 @@ def generate_text(params: transformer.Params, config: transformer.Config, vocab:
                   prompts: Sequence[str], *, max_new_tokens: int,
                   sampler: sampling.Sampler, seed: int = 0, prefill_mode: str = "one_pass",
                   chunk_size: int | None = None,
-                  on_token: Callable[[np.ndarray], None] | None = None
+                  on_token: Callable[[np.ndarray], None] | None = None,
+                  quantized_cache: bool = False
                   ) -> tuple[list[str], np.ndarray, np.ndarray, runner.Timing]:
   """Continues each prompt with the char-LM, the prompts as one ragged batch.
 
   `runner.run` does the work (see there for `on_token`, the streaming mode).
+  `quantized_cache` stores the caches' k and v as int8 with float32 scales.
 
   Returns:
     `(texts, tokens [B, N], lengths [B], timing)`: the continuations only.
@@ -137,7 +139,8 @@ def generate_text(params: transformer.Params, config: transformer.Config, vocab:
   tokens, mask = encode_batch(vocab, prompts)
   if not mask.any(axis=1).all():
     raise ValueError("every prompt needs at least one character")
-  caches = transformer.init_caches(config, len(prompts), tokens.shape[1] + max_new_tokens - 1)
+  caches = transformer.init_caches(config, len(prompts), tokens.shape[1] + max_new_tokens - 1,
+                                   quantized=quantized_cache)
   out, lengths, timing = runner.run(
       transformer.step_fn(config), params, caches, tokens, mask, max_new_tokens=max_new_tokens,
       sampler=sampler, seed=seed, prefill_mode=prefill_mode, chunk_size=chunk_size, on_token=on_token)

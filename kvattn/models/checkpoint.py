@@ -9,6 +9,9 @@ bytes). bfloat16 tensors are views of `ml_dtypes.bfloat16`, the dtype jax
 registers with numpy. The loaders then copy each tensor once, into its place
 in the params (transposed, stacked over layers, cast to the dtype asked for):
 one copy of the weights in memory, besides the file's pages.
+
+`generation_config.json`, when present, adds end-of-sequence ids
+(`eos_ids`); `architecture` reads which model class a config.json names.
 """
 
 from __future__ import annotations
@@ -16,13 +19,14 @@ from __future__ import annotations
 import json
 import mmap
 import pathlib
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Mapping
 
 import ml_dtypes
 import numpy as np
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
+GENERATION_CONFIG = "generation_config.json"
 
 # safetensors dtype names -> numpy dtypes.
 _DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
@@ -154,9 +158,53 @@ def read_tokenizer(directory: str | pathlib.Path):
   return Tokenizer.from_file(str(path))
 
 
-def eos_ids(hf: dict[str, Any]) -> list[int]:
-  """The end-of-sequence ids of a `config.json` (`eos_token_id`: an int, a list, or absent)."""
-  eos = hf.get("eos_token_id")
-  if eos is None:
-    return []
-  return [int(i) for i in (eos if isinstance(eos, (list, tuple)) else [eos])]
+def read_generation_config(directory: str | pathlib.Path) -> dict[str, Any]:
+  """The parsed `generation_config.json` of a checkpoint directory; {} if it has none."""
+  path = pathlib.Path(directory) / GENERATION_CONFIG
+  return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def eos_ids(hf: dict[str, Any], generation_config: dict[str, Any] | None = None) -> list[int]:
+  """The end-of-sequence ids of a checkpoint: those of `generation_config.json` and `config.json`.
+
+  Each file's `eos_token_id` is an int, a list or absent. Instruct checkpoints
+  list their end-of-turn ids (Llama 3's <|eot_id|>, Qwen2's <|im_end|>) in
+  generation_config.json only, which transformers' `generate` reads: without
+  them generation would run past the end of the answer. The union is taken,
+  generation_config.json's first, so that neither file's ids are missed.
+  """
+  ids = []
+  for source in (generation_config or {}, hf):
+    eos = source.get("eos_token_id")
+    if eos is not None:
+      ids.extend(int(i) for i in (eos if isinstance(eos, (list, tuple)) else [eos]))
+  return list(dict.fromkeys(ids))
+
+
+def architecture(hf: dict[str, Any], model_types: Mapping[str, str], loader: str) -> str:
+  """The model class of a `config.json` among those a loader takes, or a ValueError.
+
+  Args:
+    hf: the parsed config.json.
+    model_types: what the loader takes, `model_type` -> model class
+      ({"llama": "LlamaForCausalLM", ...}).
+    loader: the loader's name, for the error ("gpt2.load").
+
+  The first class of `architectures` that the loader takes wins; a config
+  naming none of them (or without `architectures`, as some older or
+  hand-written ones) is read by its `model_type`, as transformers' Auto
+  classes do.
+  """
+  classes = list(hf.get("architectures") or [])
+  for name in classes:
+    if name in model_types.values():
+      return name
+  model_type = hf.get("model_type")
+  if model_type in model_types:
+    return model_types[model_type]
+  hint = "" if loader == "kvattn.models.load" else (
+      "; kvattn.models.load(directory) picks the loader that config.json names")
+  raise ValueError(
+      f"config.json: {loader} takes architectures {sorted(set(model_types.values()))} "
+      f"(model_type {sorted(model_types)}): but got architectures {classes} and "
+      f"model_type {model_type!r}{hint}")

@@ -1,9 +1,10 @@
 """GPT-2 checkpoints in the Hugging Face layout, mapped onto `kvattn.models.transformer`.
 
-Weights are read with the `safetensors` package's numpy API (the `[models]`
-extra; no torch; see `kvattn.models.checkpoint`). GPT-2's Conv1D weights are already `[in, out]`; the fused
-`c_attn` is split into wq, wk, wv; positions are learned, the MLP uses GELU
-tanh, a final LayerNorm precedes the unembedding, which is tied to `wte`.
+Weights are memory-mapped and read with numpy (no torch; see
+`kvattn.models.checkpoint`). GPT-2's Conv1D weights are already `[in, out]`;
+the fused `c_attn` is split into wq, wk, wv; positions are learned, the MLP
+uses GELU tanh, a final LayerNorm precedes the unembedding, which is tied to
+`wte`. `kvattn.models.load` picks this loader for `GPT2LMHeadModel`.
 
 Shape legend:
   L: number of layers
@@ -25,9 +26,14 @@ import numpy as np
 from kvattn.models import checkpoint
 from kvattn.models import transformer
 
+ARCHITECTURES = ("GPT2LMHeadModel",)
+# config.json's model_type -> the class it stands for, as transformers maps them.
+MODEL_TYPES = {"gpt2": "GPT2LMHeadModel"}
+
 
 def config_from_hf(hf: dict[str, Any]) -> transformer.Config:
   """Maps a GPT-2 `config.json` onto the transformer's `Config`."""
+  checkpoint.architecture(hf, MODEL_TYPES, "gpt2.load")  # Or a ValueError naming the one found.
   dm, n = hf["n_embd"], hf["n_head"]
   if dm % n:
     raise ValueError(f"config.json: n_embd={dm} should be a multiple of n_head={n}")
@@ -45,16 +51,17 @@ def config_from_hf(hf: dict[str, Any]) -> transformer.Config:
       activation=activation, use_bias=True, norm_eps=hf.get("layer_norm_epsilon", 1e-5))
 
 
-def params_from_hf(weights: dict[str, np.ndarray], config: transformer.Config
-                   ) -> transformer.Params:
+def params_from_hf(weights: dict[str, np.ndarray], config: transformer.Config,
+                   dtype=np.float32) -> transformer.Params:
   """Maps GPT-2 weights (names with or without the "transformer." prefix) to params.
 
   GPT-2's Conv1D weights are already `[in, out]`. The fused `c_attn` `[DM, 3 DM]`
   splits into wq, wk, wv `[DM, N, H]`; `c_proj` `[N H, DM]` becomes wo
-  `[N, H, DM]`. The unembedding is tied to `wte`.
+  `[N, H, DM]`. The unembedding is tied to `wte`. `dtype` is the params'
+  numpy dtype, e.g. np.float32 or ml_dtypes.bfloat16.
   """
   w = checkpoint.Tensors({name.removeprefix("transformer."): a for name, a in weights.items()},
-                         np.float32, "model.safetensors")
+                         dtype, "model.safetensors")
   get = w.take
   dm, n, h = config.d_model, config.num_heads, config.head_dim
 
@@ -87,8 +94,16 @@ def params_from_hf(weights: dict[str, np.ndarray], config: transformer.Config
   }
 
 
-def load(directory: str | pathlib.Path) -> tuple[transformer.Params, transformer.Config, dict]:
-  """Reads `config.json` and `model.safetensors` (or its shards); returns (params, config, hf_config)."""
+def load(directory: str | pathlib.Path, dtype=np.float32
+         ) -> tuple[transformer.Params, transformer.Config, dict[str, Any]]:
+  """Reads a checkpoint directory; returns (numpy params, config, hf_config).
+
+  Args:
+    directory: holds `config.json` and `model.safetensors` or the shards of
+      `model.safetensors.index.json`.
+    dtype: the params' numpy dtype (np.float32, or ml_dtypes.bfloat16 to halve
+      their memory).
+  """
   hf = checkpoint.read_config(directory)
   config = config_from_hf(hf)
-  return params_from_hf(checkpoint.read_tensors(directory), config), config, hf
+  return params_from_hf(checkpoint.read_tensors(directory), config, dtype), config, hf

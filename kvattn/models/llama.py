@@ -41,6 +41,9 @@ from kvattn.models import checkpoint
 from kvattn.models import transformer
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
+# config.json's model_type -> the class it stands for, as transformers maps them.
+MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+               "qwen2": "Qwen2ForCausalLM"}
 
 
 def config_from_hf(hf: dict[str, Any]) -> transformer.Config:
@@ -190,9 +193,4 @@ def _windows(hf: dict[str, Any], architecture: str) -> tuple[int | None, tuple]:
 
 
 def _architecture(hf: dict[str, Any]) -> str:
-  architectures = hf.get("architectures") or []
-  known = [a for a in architectures if a in ARCHITECTURES]
-  if not known:
-    raise ValueError(f"config.json: architectures should name one of {ARCHITECTURES}: but got "
-                     f"{architectures}")
-  return known[0]
+  return checkpoint.architecture(hf, MODEL_TYPES, "llama.load")

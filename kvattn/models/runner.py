@@ -13,6 +13,7 @@ Shape legend:
 from __future__ import annotations
 
 import functools
+import pathlib
 import time
 from typing import Any, Callable, NamedTuple
 
@@ -112,49 +113,101 @@ def _lengths(tokens: np.ndarray, steps: int, eos_id) -> np.ndarray:
 
 def generate_ids(params: transformer.Params, config: transformer.Config, prompt_ids: list[int],
                  *, max_new_tokens: int, sampler: sampling.Sampler, seed: int = 0,
-                 eos_id: int | list[int] | None = None) -> tuple[np.ndarray, Timing]:
-  """Continues one prompt; returns the new ids (up to and including EOS) and timing."""
-  if config.max_positions and len(prompt_ids) + max_new_tokens - 1 > config.max_positions:
-    raise ValueError(
-        f"prompt ({len(prompt_ids)} tokens) + max_new_tokens ({max_new_tokens}) - 1 should fit "
-        f"the model's {config.max_positions} positions")
+                 eos_id: int | list[int] | None = None, quantized_cache: bool = False
+                 ) -> tuple[np.ndarray, Timing]:
+  """Continues one prompt; returns the new ids (up to and including EOS) and timing.
+
+  The caches hold k and v in the params' dtype, or with `quantized_cache` as
+  int8 with float32 scales (`transformer.init_caches(..., quantized=True)`).
+  """
+  problem = _length_problem(config, len(prompt_ids), max_new_tokens)
+  if problem:
+    raise ValueError(problem)
   tokens = np.asarray([prompt_ids], np.int32)
   mask = np.ones(tokens.shape, bool)
+  # Quantized caches dequantise to float32, the only dtype they take.
+  dtype = jax.numpy.float32 if quantized_cache else jax.numpy.dtype(params["embed"].dtype)
   caches = transformer.init_caches(config, 1, tokens.shape[1] + max_new_tokens - 1,
-                                   dtype=jax.numpy.dtype(params["embed"].dtype))
+                                   dtype=dtype, quantized=quantized_cache)
   out, lengths, timing = run(transformer.step_fn(config), params, caches, tokens,
-                                      mask, max_new_tokens=max_new_tokens, sampler=sampler,
-                                      seed=seed, eos_id=eos_id)
+                             mask, max_new_tokens=max_new_tokens, sampler=sampler,
+                             seed=seed, eos_id=eos_id)
   return out[0, :lengths[0]], timing
+
+
+def _length_problem(config: transformer.Config, prompt_len: int, max_new_tokens: int
+                    ) -> str | None:
+  """Why a prompt and max_new_tokens do not fit the model's learned positions; None if they do."""
+  if config.max_positions and prompt_len + max_new_tokens - 1 > config.max_positions:
+    return (f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) - 1 should fit "
+            f"the model's {config.max_positions} positions")
+  return None
 
 
 def main_for_checkpoint(load: Callable[[str], tuple[Any, transformer.Config, dict]], *,
                         checkpoint: str, prompt: str | None, prompt_ids: list[str] | None,
                         max_new_tokens: int, sampler: sampling.Sampler, seed: int,
-                        print_ids: bool) -> None:
+                        print_ids: bool, quantized_cache: bool = False) -> None:
   """The body of the checkpoint examples' mains (gpt2.py, llama.py): load, generate, print.
 
-  Prints the text (with a tokenizer.json), a timing line, and with
-  `print_ids` a last line of the generated ids, space separated.
+  Prints the prompt and its continuation decoded together (with a
+  tokenizer.json), a timing line, and with `print_ids` a last line of the
+  generated ids, space separated. Generation stops at the end-of-sequence ids
+  of config.json and generation_config.json. The flags' mistakes (named as
+  the flags `--checkpoint`, `--prompt`, `--prompt_ids`, `--max_new_tokens`)
+  raise `app.UsageError`.
   """
   if (prompt is None) == (prompt_ids is None):
     raise app.UsageError("give exactly one of --prompt and --prompt_ids")
-  params, config, hf = load(checkpoint)
+  if max_new_tokens < 1:
+    raise app.UsageError(f"--max_new_tokens should be at least 1: but got {max_new_tokens}")
+  if prompt_ids is not None:
+    ids_in = _parse_ids(prompt_ids)
+    if not ids_in:
+      raise app.UsageError("--prompt_ids is empty")
+  if not (pathlib.Path(checkpoint) / "config.json").is_file():
+    raise app.UsageError(f"--checkpoint should be a checkpoint directory with a config.json: "
+                         f"but {pathlib.Path(checkpoint) / 'config.json'} does not exist")
+  try:
+    params, config, hf = load(checkpoint)
+  except (ValueError, FileNotFoundError) as error:  # What the loader refuses, and why.
+    raise app.UsageError(f"--checkpoint={checkpoint}: {error}") from error
   params = jax.device_put(params)  # Once, not as part of the timed prefill.
   tokenizer = model_checkpoint.read_tokenizer(checkpoint)
   if prompt is not None:
     if tokenizer is None:
       raise app.UsageError(f"--prompt needs {checkpoint}/tokenizer.json; or pass --prompt_ids")
     ids_in = tokenizer.encode(prompt).ids
-  else:
-    ids_in = [int(i) for i in prompt_ids]
-  if not ids_in:
-    raise app.UsageError("the prompt is empty")
-  eos = model_checkpoint.eos_ids(hf)
+    if not ids_in:
+      raise app.UsageError(f"--prompt={prompt!r} encodes to no tokens")
+  outside = [i for i in ids_in if not 0 <= i < config.vocab_size]
+  if outside:
+    source = "--prompt_ids" if prompt is None else "tokenizer.json's ids for --prompt"
+    raise app.UsageError(f"{source} should be token ids in [0, {config.vocab_size}) (the "
+                         f"model's vocab_size): but got {outside}")
+  problem = _length_problem(config, len(ids_in), max_new_tokens)
+  if problem:
+    raise app.UsageError(f"--max_new_tokens: {problem}")
+  eos = model_checkpoint.eos_ids(hf, model_checkpoint.read_generation_config(checkpoint))
   ids, timing = generate_ids(params, config, ids_in, max_new_tokens=max_new_tokens,
-                             sampler=sampler, seed=seed, eos_id=eos or None)
+                             sampler=sampler, seed=seed, eos_id=eos or None,
+                             quantized_cache=quantized_cache)
   if tokenizer is not None:
-    print(tokenizer.decode(ids_in) + tokenizer.decode(ids.tolist()))
+    # Together: decoded apart, a SentencePiece (Metaspace) tokenizer drops the
+    # space that the first new token starts with ("w12" + "w449" for "w12 w449").
+    print(tokenizer.decode(ids_in + ids.tolist()))
   print(timing.line(1, len(ids_in)))
   if print_ids:
     print(" ".join(str(i) for i in ids))
+
+
+def _parse_ids(values: list[str]) -> list[int]:
+  """`--prompt_ids`' strings as ints, or a UsageError naming the first that is not one."""
+  ids = []
+  for value in values:
+    try:
+      ids.append(int(value))
+    except ValueError:
+      raise app.UsageError(f"--prompt_ids should be comma-separated integer token ids: but got "
+                           f"{value!r} in {','.join(values)!r}") from None
+  return ids
