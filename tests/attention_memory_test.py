@@ -53,6 +53,7 @@ def filled(params, cache, num_tokens):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_tokens, index", [(1, 0), (1, 5), (16, 0), (16, 5)])
+@pytest.mark.slow
 def test_donated_cache_is_not_copied(params, dtype, num_tokens, index):
   fn = kvattn.decode_step if num_tokens == 1 else kvattn.prefill
   cache = new_cache(16384, dtype)
@@ -67,6 +68,7 @@ def test_donated_cache_is_not_copied(params, dtype, num_tokens, index):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_tokens", [1, 256])
+@pytest.mark.slow
 def test_temp_memory_does_not_grow_with_max_len(params, dtype, num_tokens):
   """Temporaries are O(T * block): the same for a 16x larger cache, and far below
   the [B, N, T, S] logits of naive attention."""

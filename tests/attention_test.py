@@ -27,7 +27,9 @@ B, N, H = 3, 4, 16
 TOL = dict(rtol=1e-4, atol=1e-4)  # float32 kernel vs float64 reference.
 
 
-IMPLEMENTATIONS = sorted(kvattn.attention.IMPLEMENTATIONS)
+# The Pallas GPU kernels run in the interpreter on CPU: slow there.
+IMPLEMENTATIONS = [pytest.param(name, marks=pytest.mark.slow) if name == "pallas_gpu" else name
+                   for name in sorted(kvattn.attention.IMPLEMENTATIONS)]
 
 
 @functools.lru_cache(maxsize=None)
@@ -88,6 +90,7 @@ def tolerance(implementation, dtype):
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
 @pytest.mark.parametrize("block_q, block_kv, num_kv_heads", [
     (4, 8, N), (3, 5, 2), (128, 256, 2), (3, 5, 1)])
+@pytest.mark.slow
 def test_chunks_and_decode_match_reference(block_q, block_kv, num_kv_heads, dtype,
                                            implementation):
   total = sum(SIZES)
@@ -102,6 +105,7 @@ def test_chunks_and_decode_match_reference(block_q, block_kv, num_kv_heads, dtyp
   np.testing.assert_array_equal(cache.lengths, np.sum(mask, axis=1))
 
 
+@pytest.mark.slow
 def test_block_sizes_do_not_change_the_result():
   q, k, v = random_qkv(2, sum(SIZES), 2)
   mask = three_row_mask(sum(SIZES))
@@ -113,6 +117,7 @@ def test_block_sizes_do_not_change_the_result():
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("prefix_lm", [True, np.bool_(True), np.bool_(False)])
+@pytest.mark.slow
 def test_prefix_lm_chunks_match_reference(prefix_lm, implementation):
   # T=9 spans three query blocks of 4: a traced flag goes through lax.cond.
   sizes = [7, 9]
@@ -266,6 +271,7 @@ _EDGE_EXAMPLES = [
 @given(edge_scenarios())
 @example(_EDGE_EXAMPLES[0])
 @example(_EDGE_EXAMPLES[1])
+@pytest.mark.slow
 def test_edges_match_reference_xla(sc):
   check_edges(sc, "xla")
 
@@ -273,6 +279,7 @@ def test_edges_match_reference_xla(sc):
 @settings(max_examples=8, deadline=None)
 @given(edge_scenarios())
 @example(_EDGE_EXAMPLES[0])
+@pytest.mark.slow
 def test_edges_match_reference_pallas_gpu(sc):
   check_edges(sc, "pallas_gpu")
 

@@ -61,6 +61,7 @@ def _rescore(prompt, tokens, length_penalty, eos_id):
   return np.array(scores)
 
 
+@pytest.mark.slow
 def test_width_one_is_greedy_decoding():
   params, config, vocab = _model()
   ids = vocab.encode(PROMPT)[None]
@@ -73,6 +74,7 @@ def test_width_one_is_greedy_decoding():
   np.testing.assert_allclose(scores, _rescore(PROMPT, tokens, 0.0, None), **TOL)
 
 
+@pytest.mark.slow
 def test_scores_are_sorted_and_are_the_log_probs_of_the_beams_compiled_once():
   vocab = _model()[2]
   newline = int(vocab.encode("\n")[0])
@@ -91,6 +93,7 @@ def test_scores_are_sorted_and_are_the_log_probs_of_the_beams_compiled_once():
   assert compiled.count("jit(_search)") == 1, compiled
 
 
+@pytest.mark.slow
 def test_width_one_with_eos_and_no_length_penalty_is_greedy_decoding_with_eos():
   """A finished beam beats its live rival: with no length penalty, adding tokens only
   lowers a sum of log-probabilities."""
@@ -149,6 +152,7 @@ def test_bad_arguments_raise(call, error, match):
     call()
 
 
+@pytest.mark.slow
 def test_main_prints_each_beam_and_its_score():
   w = 3
   run = subprocess.run(

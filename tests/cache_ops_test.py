@@ -80,6 +80,7 @@ def assert_trees_equal(got, want):
     ("bfloat16", [3, 1, 2]),
     ("int8", [3, 1, 2]),
 ])
+@pytest.mark.slow
 def test_rewind_equals_a_run_that_never_saw_the_tokens(dtype, n):
   params = make_params()
   total = FED.shape[1] + CONTINUATION.shape[1] + 1
@@ -147,6 +148,7 @@ def _filled_cache(dtype="float32"):
   return cache  # lengths [9, 7, 5], index 9.
 
 
+@pytest.mark.slow
 def test_rewind_compiles_once_for_every_n():
   cache = _filled_cache()
   # Two wrappers: jit objects of one function share their compilation cache.

@@ -82,6 +82,7 @@ def test_overflow_writes_nothing_and_sets_sticky_flag(first, second):
   np.testing.assert_allclose(out, want[:, first:], rtol=1e-4, atol=1e-4)
 
 
+@pytest.mark.slow
 def test_overflow_is_sticky_even_when_the_next_write_fits():
   params = _params()
   x = jnp.ones((1, 6, DM))
@@ -114,6 +115,7 @@ def test_prompt_longer_than_cache_raises_at_trace_time():
     jax.jit(kvattn.prefill)(_params(), kvattn.init_cache(1, 8, K, H), jnp.ones((1, 9, DM)))
 
 
+@pytest.mark.slow
 def test_gradients_flow_through_a_bfloat16_cache():
   """The bfloat16 write on CPU goes through uint16 bits, which carry no derivative:
   its custom JVP writes the tangents by the same rule."""

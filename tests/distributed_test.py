@@ -17,6 +17,9 @@ import sys
 import numpy as np
 import pytest
 
+# Whole programs, models or processes: left out of `pytest -m "not slow"`.
+pytestmark = pytest.mark.slow
+
 # absolute(), not resolve(): under Bazel the file is a symlink in the runfiles tree.
 _ROOT = pathlib.Path(__file__).absolute().parents[1]
 _WORKER = _ROOT / "tests" / "distributed_worker.py"

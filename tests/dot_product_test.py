@@ -93,6 +93,7 @@ def as_f64(x):
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("num_kv_heads", [4, 2, 1])
 @pytest.mark.parametrize("block_size", [4, 8, None])
+@pytest.mark.slow
 def test_forward_matches_reference(causal, num_kv_heads, block_size):
   q, k, v, _ = random_qkv(num_kv_heads, num_kv_heads)
   mask = padded_mask()
@@ -104,6 +105,7 @@ def test_forward_matches_reference(causal, num_kv_heads, block_size):
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("num_kv_heads", [2, 1])
 @pytest.mark.parametrize("block_size", [4, None])
+@pytest.mark.slow
 def test_gradients_match_reference(causal, num_kv_heads, block_size):
   q, k, v, ct = random_qkv(10 + num_kv_heads, num_kv_heads)
   mask = padded_mask()
@@ -116,6 +118,7 @@ def test_gradients_match_reference(causal, num_kv_heads, block_size):
 
 @pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16])
 @pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.slow
 def test_16_bit_inputs_give_16_bit_outputs_and_gradients(dtype, causal):
   q, k, v, ct = random_qkv(20, 2, dtype)
   mask = padded_mask()
@@ -134,6 +137,7 @@ def test_16_bit_inputs_give_16_bit_outputs_and_gradients(dtype, causal):
 
 
 @pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.slow
 def test_check_grads(causal):
   rng = np.random.default_rng(30)
   q = jnp.asarray(rng.standard_normal((2, 6, 2, 4)), jnp.float32)
@@ -166,6 +170,7 @@ def test_padding_never_reaches_real_tokens(causal):
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.slow
 def test_matches_cached_attention_on_an_empty_cache(dtype, causal):
   """The promise: training and serving run the same numbers."""
   q, k, v, _ = random_qkv(50, 2, jnp.dtype(dtype))
@@ -191,6 +196,7 @@ def test_jit_and_vmap():
     np.testing.assert_allclose(g[0], want, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_gradients_under_shard_map():
   """Batch split over two devices: the backward's loop carries vary as their inputs do."""
   mesh = jax.make_mesh((2,), ("data",), devices=jax.devices("cpu")[:2])
@@ -211,6 +217,7 @@ def test_forward_mode_is_not_supported():
     jax.jvp(kvattn.dot_product_attention, (q, k, v), (q, k, v))
 
 
+@pytest.mark.slow
 def test_gradient_memory_is_linear_in_length():
   """Blocks of 128: 4x the tokens, about 4x the temporaries, never 16x."""
   def temp_bytes(t):
@@ -252,6 +259,7 @@ def test_bad_inputs_raise(change, error, match):
 
 
 @pytest.mark.parametrize("block_size", [4, None])
+@pytest.mark.slow
 def test_sliding_window_forward_and_gradients_match_reference(block_size):
   """window=W: positions count real tokens, so a hole does not push a key out."""
   w = 3

@@ -19,6 +19,9 @@ from kvattn.models import transformer
 from kvattn import generation
 from kvattn import sampling
 
+# Whole programs, models or processes: left out of `pytest -m "not slow"`.
+pytestmark = pytest.mark.slow
+
 REPO = pathlib.Path(__file__).absolute().parents[1]
 PROMPTS = ["def f(", "import sys\n", "class Stack:\n    def push(self, item):\n"]
 N = 24

@@ -60,6 +60,7 @@ def _generate(config, params, tokens, mask, *, sampler=GREEDY, max_new_tokens=N,
 
 @pytest.mark.parametrize("config, left_pad", [(CONFIG, False), (CONFIG, True), (LEARNED, False)],
                          ids=["rope_right_pad", "rope_left_pad", "learned_positions"])
+@pytest.mark.slow
 def test_cached_greedy_equals_recomputing_the_full_forward(config, left_pad):
   params = _params(config)
   lengths = [6, 2, 5]
@@ -149,6 +150,7 @@ def test_without_eos_every_row_runs_to_max_new_tokens():
   assert int(out.caches[0]) == 1 + 3
 
 
+@pytest.mark.slow
 def test_eos_on_the_transformer_and_in_the_stream():
   params = _params(CONFIG, seed=2)
   tokens, mask = _prompts([6, 4, 3], P, left_pad=True, seed=2)
@@ -176,6 +178,7 @@ def test_eos_on_the_transformer_and_in_the_stream():
   np.testing.assert_array_equal(np.stack(columns, 1), out.tokens[:, :len(columns)])
 
 
+@pytest.mark.slow
 def test_stream_yields_the_compiled_loops_tokens():
   params = _params(CONFIG, seed=3)
   tokens, mask = _prompts([5, 2, 6], P, left_pad=False, seed=3)
@@ -216,6 +219,7 @@ def _bad(**kw):
   return call
 
 
+@pytest.mark.slow
 def test_ten_thousand_tokens_one_compilation_flat_memory_overflow_at_capacity():
   """A long run through generate: compiled once, no live buffer left behind, no NaN,
   and the cache overflows exactly when a write passes its capacity."""
@@ -277,6 +281,7 @@ def _bucket_prompt(n):
 
 
 @pytest.mark.parametrize("prefill_mode, chunk_size", [("one_pass", None), ("chunked", 5)])
+@pytest.mark.slow
 def test_a_stream_of_prompt_lengths_compiles_once_per_bucket_with_the_same_tokens(
     prefill_mode, chunk_size):
   params = _params(CONFIG, seed=6)
@@ -297,6 +302,7 @@ def test_a_stream_of_prompt_lengths_compiles_once_per_bucket_with_the_same_token
     np.testing.assert_array_equal(out.caches.valid.sum(-1), plain.caches.valid.sum(-1))
 
 
+@pytest.mark.slow
 def test_the_stream_pads_to_the_same_bucket():
   params = _params(CONFIG, seed=6)
   tokens, mask = _bucket_prompt(9)
@@ -315,6 +321,7 @@ def test_the_stream_pads_to_the_same_bucket():
   assert not compiled  # generate's prefill for the bucket 16 served the stream.
 
 
+@pytest.mark.slow
 def test_prompts_keep_their_length_where_no_bucket_fits_the_caches():
   params = _params(CONFIG, seed=7)
   tokens, mask = _prompts([6, 2, 5], P, left_pad=False, seed=7)
@@ -347,6 +354,7 @@ def test_bad_prompt_buckets_raise(buckets):
 
 
 
+@pytest.mark.slow
 def test_buckets_count_the_slots_a_cache_already_holds():
   """A conversation going on: the bucket must fit the free slots, not max_len."""
   params = _params(CONFIG)
@@ -377,6 +385,7 @@ def test_eos_ids_as_an_array():
     np.testing.assert_array_equal(out.tokens, [[2, 3, 4, -1, -1], [8, 9, -1, -1, -1]])
 
 
+@pytest.mark.slow
 def test_a_new_temperature_or_top_p_compiles_nothing():
   """Issue 19: a Sampler's temperature and top_p are traced; only top_k is static."""
   params = _params(CONFIG)
@@ -392,6 +401,7 @@ def test_a_new_temperature_or_top_p_compiles_nothing():
   assert np.any(np.asarray(outs[0].tokens) != np.asarray(greedy.tokens))
 
 
+@pytest.mark.slow
 def test_a_plain_function_is_a_sampler_too():
   """Any callable (key, logits) -> tokens works: it is passed as a static Partial."""
   params = _params(CONFIG)
@@ -403,6 +413,7 @@ def test_a_plain_function_is_a_sampler_too():
     _generate(CONFIG, params, tokens, mask, sampler=0.7)
 
 
+@pytest.mark.slow
 def test_one_pass_prefill_asks_a_step_fn_for_the_last_logits_only():
   """A step_fn taking `logits_at` computes one column of logits per row in the prefill."""
   params = _params(CONFIG)
@@ -436,6 +447,7 @@ def test_one_pass_prefill_asks_a_step_fn_for_the_last_logits_only():
 # What a user passes is checked, honoured or refused (issue 20).
 
 
+@pytest.mark.slow
 def test_out_of_vocabulary_prompt_ids_are_refused_and_clipped_under_jit():
   """Concrete ids outside [0, V) raise in generate; traced ones are clipped, never NaN."""
   tokens, mask = _prompts([3, 2], 3, left_pad=False)
@@ -459,6 +471,7 @@ def test_out_of_vocabulary_prompt_ids_are_refused_and_clipped_under_jit():
     np.testing.assert_array_equal(got, want)
 
 
+@pytest.mark.slow
 def test_learned_positions_are_never_exceeded_silently():
   """GPT-2-like models: generate refuses to run past max_positions (counting what the
   caches hold); a step past them under jit sets the caches' overflow flag."""
@@ -493,6 +506,7 @@ def test_a_row_without_a_real_token_is_refused():
     _bad(mask=mask)()
 
 
+@pytest.mark.slow
 def test_continue_from_equals_a_fresh_run_over_the_whole_history():
   """out.caches lack each row's newest token: continue_from feeds it first, and the
   next turn's tokens equal generating from scratch over prompt + reply + turn."""
@@ -515,6 +529,7 @@ def test_continue_from_equals_a_fresh_run_over_the_whole_history():
     np.testing.assert_array_equal(second.tokens[row], alone.tokens[0])
 
 
+@pytest.mark.slow
 def test_greedy_needs_no_key_and_no_mask_and_takes_sampling_greedy():
   params, fn = _params(CONFIG), transformer.step_fn(CONFIG)
   tokens = np.array([[5, 6, 7]], np.int32)

@@ -131,6 +131,7 @@ def test_logits_match_float64_numpy_gpt2(tmp_path, prefix):
   _assert_close(jnp.concatenate(outs), want)
 
 
+@pytest.mark.slow
 def test_cached_generation_equals_uncached_greedy(tmp_path):
   weights = _random_weights(seed=2)
   params, config, hf = gpt2.load(_write_checkpoint(tmp_path, weights))
@@ -231,6 +232,7 @@ def _greedy_numpy(weights, prompt, max_new_tokens, eos_id):
   return seq[len(prompt):]
 
 
+@pytest.mark.slow
 def test_main_with_a_tokenizer_prints_text_and_ids(tmp_path):
   from tokenizers import Tokenizer, models, pre_tokenizers
   weights = _random_weights(seed=3)

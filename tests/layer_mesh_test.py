@@ -27,6 +27,7 @@ def _shardings(mesh):
   return params, cache, named("data", None, None), named("data", None)
 
 
+@pytest.mark.slow
 def test_sharded_prefill_and_decode_equal_single_device():
   assert len(jax.devices("cpu")) == 8, "tests/conftest.py should give 8 CPU devices"
   # Auto axes: the classic pjit style, where XLA's partitioner propagates

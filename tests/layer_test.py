@@ -85,6 +85,7 @@ def scenarios(draw):
 
 @settings(max_examples=30, deadline=None)
 @given(scenarios())
+@pytest.mark.slow
 def test_invariant_prefill_chunks_decode_equal_full_attention(sc):
   params = make_params(sc["num_kv_heads"], seed=sc["seed"])
   total = sc["prompt_len"] + sc["num_decode"]
@@ -141,6 +142,7 @@ def test_causal_prefill_equals_jax_dot_product_attention(num_kv_heads):
   np.testing.assert_allclose(out, want[:, :5], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_bfloat16_cache_close_to_float64():
   b, t = 2, 12
   params = make_params(2)
@@ -236,6 +238,7 @@ def test_traced_prefix_lm_flag_matches_static():
   np.testing.assert_allclose(static, traced, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_vmap_over_independent_caches():
   params = make_params(2)
   caches = jax.vmap(lambda _: kvattn.init_cache(2, 8, 2, H))(jnp.arange(3))
@@ -348,6 +351,7 @@ def test_non_cache_is_a_type_error():
     kvattn.prefill(params, {"k": 1}, x)
 
 
+@pytest.mark.slow
 def test_bad_call_leaves_cache_untouched():
   params, cache, x = _setup()
   _, cache = kvattn.prefill(params, cache, x)
@@ -357,7 +361,9 @@ def test_bad_call_leaves_cache_untouched():
   jax.tree.map(np.testing.assert_array_equal, before, jax.tree.map(np.array, cache))
 
 
-@pytest.mark.parametrize("implementation", sorted(kvattn.attention.IMPLEMENTATIONS))
+@pytest.mark.parametrize("implementation", [
+    pytest.param(name, marks=pytest.mark.slow) if name == "pallas_gpu" else name
+    for name in sorted(kvattn.attention.IMPLEMENTATIONS)])
 def test_implementation_argument_reaches_the_kernel(implementation):
   """prefill and decode_step pass `implementation` on; every one gives the reference."""
   params = make_params(2)
@@ -376,6 +382,7 @@ def test_implementation_argument_reaches_the_kernel(implementation):
 
 @pytest.mark.parametrize("poison", [np.nan, np.inf, 3e38])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+@pytest.mark.slow
 def test_garbage_at_padding_never_reaches_a_real_token(poison, dtype):
   """NaN, inf or huge values in x at padding: real outputs finite and unchanged,
   in the prefill and in the decode steps after it."""
@@ -405,6 +412,7 @@ def test_garbage_at_padding_never_reaches_a_real_token(poison, dtype):
 
 @pytest.mark.parametrize("num_kv_heads", [N, 1])
 @pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.slow
 def test_self_attention_equals_prefill_on_an_empty_cache(num_kv_heads, causal):
   """The layer without a cache: the same numbers as prefill, and a gradient."""
   params = make_params(num_kv_heads)

@@ -266,6 +266,7 @@ def test_a_damaged_safetensors_file_is_refused(tmp_path):
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen2", "mistral", "qwen2_windowed"])
+@pytest.mark.slow
 def test_cached_greedy_equals_uncached(tmp_path, name):
   hf = CONFIGS[name]
   weights = _random_weights(hf, seed=2)
@@ -277,6 +278,7 @@ def test_cached_greedy_equals_uncached(tmp_path, name):
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen2", "mistral", "qwen2_windowed"])
+@pytest.mark.slow
 def test_gradient_through_forward_matches_float64_finite_differences(name):
   """jax.grad of a loss through `transformer.forward`, under jit, against the numpy model.
 
@@ -433,6 +435,7 @@ def _write_config_only(directory):
   return directory
 
 
+@pytest.mark.slow
 def test_main_runs_both_layouts_with_and_without_a_tokenizer(tmp_path):
   from tokenizers import Tokenizer, models, pre_tokenizers
   weights = _random_weights(LLAMA, seed=3)
@@ -468,6 +471,7 @@ def _run_example(*flags):
                         capture_output=True, text=True, timeout=180, check=False)
 
 
+@pytest.mark.slow
 def test_main_stops_at_the_eos_ids_of_generation_config(tmp_path):
   """Issue 20, item 5: an id that only generation_config.json lists ends generation."""
   weights = _random_weights(LLAMA, seed=3)
@@ -482,6 +486,7 @@ def test_main_stops_at_the_eos_ids_of_generation_config(tmp_path):
   assert [int(i) for i in run.stdout.splitlines()[-1].split()] == greedy[:stop + 1]
 
 
+@pytest.mark.slow
 def test_main_decodes_prompt_and_continuation_together(tmp_path):
   """Issue 20, item 6: a Metaspace (SentencePiece) tokenizer keeps the space between them."""
   from tokenizers import Tokenizer, decoders, models as tokenizer_models, pre_tokenizers
@@ -518,6 +523,7 @@ def test_main_decodes_prompt_and_continuation_together(tmp_path):
     (["--prompt_ids=3", "--checkpoint={bert}"],
      "config.json: kvattn.models.load takes architectures"),
 ])
+@pytest.mark.slow
 def test_main_turns_flag_mistakes_into_usage_errors(tmp_path, flags, message):
   """Issue 20, items 1 and 12: a usage message naming the flag, not a traceback or a silent run.
 
@@ -536,6 +542,7 @@ def test_main_turns_flag_mistakes_into_usage_errors(tmp_path, flags, message):
   assert message in run.stderr, run.stderr
 
 
+@pytest.mark.slow
 def test_quantized_caches_hold_int8_and_keep_the_greedy_tokens(tmp_path, monkeypatch):
   """Issue 20, item 10: `generate_ids(..., quantized_cache=True)` runs on int8 caches."""
   weights = _random_weights(LLAMA, seed=2)

@@ -23,6 +23,9 @@ from kvattn import generation
 from kvattn import sampling
 from kvattn.models import transformer
 
+# Whole programs, models or processes: left out of `pytest -m "not slow"`.
+pytestmark = pytest.mark.slow
+
 B = 2
 SMALL, LARGE = 256, 4096
 MIB = 1 << 20
@@ -127,10 +130,11 @@ def test_generate_donating_equals_not_donating():
 def test_unstacked_bfloat16_model_multiplies_its_weights_as_bfloat16():
   """Per-layer bfloat16 weights (unstack_layers) reach XLA:CPU's dots unconverted.
 
-  Stacked, each weight is sliced out of the stack and XLA:CPU converts it to
-  float32 before its dot (inside `lax.scan`: a float32 copy of every layer's
-  weights per call, in the temporaries). Unstacked, the temporaries stay
-  below one layer's weights in float32, and flat in the capacity.
+  Stacked, each weight is sliced out of the stack and XLA:CPU up to jax 0.11
+  converts it to float32 before its dot (inside `lax.scan`: a float32 copy of
+  every layer's weights per call, in the temporaries); jax 0.12's XLA:CPU
+  converts no weights in either layout. Unstacked, the temporaries stay below
+  one layer's weights in float32, and flat in the capacity.
   """
   if jax.default_backend() != "cpu":
     pytest.skip("a property of XLA:CPU's compiled program")
@@ -148,7 +152,8 @@ def test_unstacked_bfloat16_model_multiplies_its_weights_as_bfloat16():
       compiled = step.lower(p, caches, jnp.zeros((rows, 1), jnp.int32), None).compile()
       temps[layout, capacity] = compiled.memory_analysis().temp_size_in_bytes
   # The measure sees the conversion where there is one.
-  assert temps["stacked", SMALL] >= c.num_layers * layer_f32, (temps, layer_f32)
+  if jax.__version_info__ < (0, 12):
+    assert temps["stacked", SMALL] >= c.num_layers * layer_f32, (temps, layer_f32)
   assert temps["unstacked", SMALL] < layer_f32 / 2, (temps, layer_f32)
   assert_flat({s: temps["unstacked", s] for s in (SMALL, LARGE)}, "unstacked bfloat16 T=1")
 

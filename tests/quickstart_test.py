@@ -7,6 +7,9 @@ import sys
 
 import pytest
 
+# Whole programs, models or processes: left out of `pytest -m "not slow"`.
+pytestmark = pytest.mark.slow
+
 ROOT = pathlib.Path(__file__).absolute().parent.parent
 
 

@@ -13,6 +13,7 @@ def _python_blocks():
   return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
 
 
+@pytest.mark.slow
 def test_usage_example_runs():
   blocks = _python_blocks()
   assert blocks, "README.md should have a ```python usage example"

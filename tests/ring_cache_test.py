@@ -66,6 +66,7 @@ def _chunk_ids(sizes):
 @pytest.mark.parametrize("sizes", [[60], [4, 17, 1, 1, 9, 28], [7] * 8 + [4], [1] * 60],
                          ids=["one_pass", "chunks_longer_and_shorter", "chunks", "steps"])
 @pytest.mark.parametrize("rewind_room", [0, 3])
+@pytest.mark.slow
 def test_ring_equals_sliding_window_attention(sizes, rewind_room):
   params = _params()
   x, mask = _inputs(3, 60)
@@ -82,6 +83,7 @@ def test_ring_equals_sliding_window_attention(sizes, rewind_room):
 
 
 @pytest.mark.parametrize("dtype, tol", [("bfloat16", 3e-2), ("int8", 3e-2)])
+@pytest.mark.slow
 def test_ring_in_bfloat16_and_int8(dtype, tol):
   params = _params(1)
   x, mask = _inputs(3, 30, seed=1)
@@ -95,6 +97,7 @@ def test_ring_in_bfloat16_and_int8(dtype, tol):
   np.testing.assert_allclose(got, want, rtol=tol, atol=tol * scale)
 
 
+@pytest.mark.slow
 def test_window_wider_than_the_sequence_is_plain_causal_attention():
   params = _params(2)
   x, mask = _inputs(3, 12, seed=2)
@@ -103,6 +106,7 @@ def test_window_wider_than_the_sequence_is_plain_causal_attention():
   np.testing.assert_allclose(ring, linear, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_positions_past_max_len_overflow_and_write_nothing():
   params = _params()
   x, mask = _inputs(2, 12)
@@ -117,6 +121,7 @@ def test_positions_past_max_len_overflow_and_write_nothing():
     np.testing.assert_array_equal(a, b)
 
 
+@pytest.mark.slow
 def test_ten_thousand_decode_steps_one_compilation_constant_memory():
   params = kvattn.init_params(jax.random.key(3), DM, N, num_kv_heads=K, head_dim=H)
   w, steps = 256, 10_000
@@ -153,6 +158,7 @@ def test_ten_thousand_decode_steps_one_compilation_constant_memory():
 
 
 @pytest.mark.parametrize("n", [2, np.array([0, 3, 1])], ids=["shared", "per_row"])
+@pytest.mark.slow
 def test_rewind_within_the_room_equals_never_seeing_the_tokens(n):
   params = _params(5)
   x, mask = _inputs(3, 40, seed=5)
@@ -174,6 +180,7 @@ def test_rewind_within_the_room_equals_never_seeing_the_tokens(n):
   assert not bool(cache.overflow)
 
 
+@pytest.mark.slow
 def test_rewind_past_the_room_raises_or_sets_overflow():
   params = _params()
   x, mask = _inputs(2, 20)
@@ -200,6 +207,7 @@ def test_reorder_equals_the_reordered_inputs():
     np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_a_second_rewind_counts_what_the_first_dropped():
   """After a rewind the ring holds fewer than S tokens: the next rewind must know."""
   params = _params()
@@ -219,8 +227,9 @@ def test_a_second_rewind_counts_what_the_first_dropped():
   assert not bool(emptied.overflow)
 
 
-@pytest.mark.parametrize("implementation, block", [("xla", 4), ("xla", None),
-                                                   ("pallas_gpu", 5)])
+@pytest.mark.parametrize("implementation, block", [
+    ("xla", 4), ("xla", None), pytest.param("pallas_gpu", 5, marks=pytest.mark.slow)])
+@pytest.mark.slow
 def test_blocks_of_the_ring_and_the_chunk(implementation, block):
   """Kernel level, small blocks: the ring's blocks (the last overlapping), block skipping
   by positions in a chunk, chunks of 8 times the ring, holes and left padding; the
@@ -258,6 +267,7 @@ def test_a_window_wider_than_max_len_takes_max_len_slots():
 
 @pytest.mark.parametrize("windows", [dict(sliding_window=4), dict(window_pattern=(4, None))],
                          ids=["all_local", "local_and_global"])
+@pytest.mark.slow
 def test_generate_and_speculative_decoding_on_rings(windows):
   """Buckets apply (padding takes no ring slot); speculative decoding rewinds exactly
   with rewind_room = k - 1, and is refused with less."""

@@ -7,6 +7,9 @@ import sys
 
 import pytest
 
+# Whole programs, models or processes: left out of `pytest -m "not slow"`.
+pytestmark = pytest.mark.slow
+
 # absolute(), not resolve(): under Bazel the file is a symlink in the runfiles tree.
 REPO = pathlib.Path(__file__).absolute().parents[1]
 

@@ -221,6 +221,7 @@ def test_make_mesh_parses_axes():
 
 # GQA with kv heads split over "model", and with kv heads replicated (K=2 < 4).
 @pytest.mark.parametrize("num_kv_heads", [4, 2], ids=["gqa", "small_gqa_replicated"])
+@pytest.mark.slow
 def test_jit_sharded_equals_single_device_and_keeps_cache_sharding(num_kv_heads):
   assert len(jax.devices("cpu")) == 8, "tests/conftest.py should give 8 CPU devices"
   want, want_cache = _reference(num_kv_heads)
@@ -302,6 +303,7 @@ def test_compiled_prefill_moves_no_cache_bytes():
 # --- shard_map -------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_shard_map_per_shard_equals_single_device():
   """Each shard runs kvattn.prefill (so cached_attention) on its rows and heads.
 
@@ -337,6 +339,7 @@ def test_shard_map_per_shard_equals_single_device():
 # --- pmap -------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_pmap_one_cache_shard_per_device_equals_single_device():
   want, want_cache = _reference(4)
   d = 2

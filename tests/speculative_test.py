@@ -90,6 +90,7 @@ def _speculative(kind, tokens, mask, k, max_len=None):
     ("same", 1, False, 3),
     ("random", 3, False, 2),
 ])
+@pytest.mark.slow
 def test_tokens_are_the_target_alones_greedy_tokens(kind, batch, left_pad, k):
   tokens, mask = _prompts(batch, left_pad)
   out, stats = _speculative(kind, tokens, mask, k)
@@ -105,6 +106,7 @@ def test_tokens_are_the_target_alones_greedy_tokens(kind, batch, left_pad, k):
     assert stats.acceptance_rate < 0.5
 
 
+@pytest.mark.slow
 def test_eos_ends_each_row_as_in_generate():
   """eos_id (an int or a list) and pad_id: the tokens of generate with the target alone,
   greedy, with the same EOS; once every row has ended, no more rounds run."""
@@ -135,6 +137,7 @@ def test_eos_ends_each_row_as_in_generate():
         num_draft=2, eos_id="1")
 
 
+@pytest.mark.slow
 def test_one_round_compiles_once_and_runs_from_python_as_in_the_loop():
   params, config, vocab = _model()
   draft_params, draft_config = _draft("one_layer")
@@ -143,6 +146,9 @@ def test_one_round_compiles_once_and_runs_from_python_as_in_the_loop():
   other = ["    return x\n", "for i in ", PROMPTS[0].replace("Stack", "Queue")]
   batches = [_prompts(3, False), charlm.encode_batch(vocab, other)]
   assert batches[0][0].shape == batches[1][0].shape
+  # test_eos_ends_each_row_as_in_generate, run before, compiles start at these
+  # shapes: without this, it would not compile here.
+  jax.clear_caches()
   with compiles.compilations() as compiled:
     for tokens, mask in batches:
       s = speculative.required_max_len(3, tokens.shape[1], M, k)
@@ -228,6 +234,7 @@ def test_different_vocabularies_raise():
         max_new_tokens=4, num_draft=2)
 
 
+@pytest.mark.slow
 def test_main_prints_the_text_the_acceptance_rate_and_the_speed_up():
   prompt = "def f("
   run = subprocess.run(

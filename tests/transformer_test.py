@@ -38,6 +38,7 @@ MIXED_WINDOWS = LLAMA_LIKE._replace(window_pattern=(3, None, 2))
 @pytest.mark.parametrize("config", [ROPE_GQA, LEARNED, LLAMA_LIKE, MIXED_WINDOWS],
                          ids=["rope_gqa", "learned", "llama_like", "mixed_windows"])
 @pytest.mark.parametrize("left_pad", [False, True], ids=["right_pad", "left_pad"])
+@pytest.mark.slow
 def test_step_in_chunks_equals_forward(config, left_pad):
   params = transformer.init_params(jax.random.key(0), config)
   b, t = 3, 10
@@ -126,6 +127,7 @@ def test_bad_configs_raise(change, match):
     transformer.step_fn(ROPE_GQA._replace(**change))
 
 
+@pytest.mark.slow
 def test_forward_trains_with_blocks_and_under_jit():
   """A gradient step through forward lowers the loss; blocks do not change the logits."""
   config = LLAMA_LIKE
@@ -149,6 +151,7 @@ def test_forward_trains_with_blocks_and_under_jit():
 
 
 @pytest.mark.parametrize("pad_id", [-100, 40], ids=["negative", "vocab_size"])
+@pytest.mark.slow
 def test_out_of_range_pad_ids_change_no_real_logit(pad_id):
   """jnp.take gives NaN embeddings for ids out of range; at padding they stay inert."""
   config = ROPE_GQA
@@ -169,6 +172,7 @@ def test_out_of_range_pad_ids_change_no_real_logit(pad_id):
 
 
 @pytest.mark.parametrize("pad_id", [-100, 40], ids=["negative", "vocab_size"])
+@pytest.mark.slow
 def test_out_of_range_pad_ids_leave_the_gradient_finite_and_unchanged(pad_id):
   """An out-of-range id embeds to NaN; at padding it must not reach a weight's gradient."""
   config = LLAMA_LIKE
@@ -188,6 +192,7 @@ def test_out_of_range_pad_ids_leave_the_gradient_finite_and_unchanged(pad_id):
 
 
 @pytest.mark.parametrize("config", [LLAMA_LIKE, MIXED_WINDOWS], ids=["llama_like", "mixed"])
+@pytest.mark.slow
 def test_unstacked_layers_give_the_same_logits_and_caches(config):
   """unstack_layers: per-layer params run unrolled, with the stacked run's numbers."""
   params = transformer.init_params(jax.random.key(0), config)

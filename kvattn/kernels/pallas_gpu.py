@@ -24,10 +24,34 @@ whose kernels also run on CPU (`interpret=True`), so CI checks this module
 against the float64 reference on every change. The kernel uses only
 `pallas_call`, `BlockSpec`s, ref slicing and `jax.numpy`, nothing
 Triton-specific but `CompilerParams`, so moving it to Mosaic GPU (upstream's
-successor to the Triton lowering, Hopper and newer) changes the call, not the
-maths. cuDNN (`jax.nn.dot_product_attention(implementation="cudnn")`) was
-set aside: it takes right padding only, while kvattn's masks may have holes
-anywhere, and it has no float32 or int8.
+successor to the Triton lowering, Hopper and newer) keeps the maths; but each
+program reads its whole key axis from a block, which Mosaic GPU would stage
+in shared memory, so the key loop has to become a pipeline of copies: a
+rewrite, to be checked on a GPU. cuDNN
+(`jax.nn.dot_product_attention(implementation="cudnn")`) was set aside: it
+takes right padding only, while kvattn's masks may have holes anywhere, and
+it has no float32 or int8.
+
+The Triton lowering's deprecation (jax 0.11): jax raises a DeprecationWarning
+each time it lowers a Pallas kernel for a GPU through Triton. kvattn keeps
+the Triton lowering and lets the warning through, unfiltered:
+
+  * it cannot be filtered around this module's `pallas_call`: the warning
+    comes when the caller's jitted function is lowered, after `_flash` has
+    returned (tracing it raises none), so only a process-wide filter would
+    catch it, and that would also hide it for the user's own Triton kernels
+    (`warnings.catch_warnings`, too, changes the filters of every thread);
+  * it is true: `implementation="pallas_gpu"` depends on a lowering that jax
+    will remove. Python's default filters show it only to those who ask for
+    warnings (it is attributed to a jax module, not `__main__`): pytest and
+    `-W error` users, who want to know;
+  * the default implementation and interpret mode (every platform but CUDA,
+    and every test that checks numbers) never lower through Triton: no
+    warning. tests/kernels_pallas_gpu_test.py expects it where it lowers for
+    CUDA and fails on it anywhere else, so that the day jax turns it into an
+    error or drops the lowering, CI says so.
+
+Mosaic GPU is the way forward, once a GPU is at hand to check the rewrite.
 
 Precision: bfloat16 and float16 caches are multiplied in their own dtype with
 float32 accumulation (queries and probabilities cast to it), as flash
