@@ -18,9 +18,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 import jax
-import numpy as np
 
-from kvattn._checks import is_concrete
 from kvattn.cache import KVCache
 
 # k is [..., B, S, K, H]: the axes before these four are stacking axes (layers).
@@ -95,14 +93,12 @@ def check_caches(name: str, caches: Any, batch: int, needed: int, why: str,
 
 def _check_ring(name: str, cache: KVCache, needed: int, why: str, rewind: int) -> None:
   """The room of a ring cache: its max_positions and, to rewind, its rewind_room."""
-  if not (is_concrete(cache.max_positions) and is_concrete(cache.window)):
-    return  # Under an outer jit: the sticky overflow flag will tell.
-  max_positions = int(np.min(np.asarray(cache.max_positions)))
+  max_positions = cache.max_positions
   if max_positions < needed:
     raise ValueError(f"{name} max_len (a ring's max_positions) should be at least {why} = "
                      f"{needed}: but got {max_positions}")
   slots = cache.k.shape[-3]
-  room = slots - int(np.max(np.asarray(cache.window)))
+  room = slots - cache.window
   # A ring that never wraps (slots >= max_positions) rewinds any count exactly.
   if rewind and slots < max_positions and room < rewind - 1:
     raise ValueError(f"{name} is a ring cache: its rewind_room should be at least {rewind - 1} "

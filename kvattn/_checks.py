@@ -93,6 +93,12 @@ def check_cache(cache: Any, views: bool = False) -> None:
                      f"{getattr(cache.v, 'dtype', None)}")
   ring = [name for name, field in layout.CACHE.items()
           if field.feature == "window" and getattr(cache, name) is not None]
+  ring += [name for name in layout.CACHE_STATIC if getattr(cache, name) is not None]
+  for name in layout.CACHE_STATIC:  # A ring's static ints: both, positive, or neither.
+    x = getattr(cache, name)
+    if ring and not (isinstance(x, int) and not isinstance(x, bool) and x >= 1):
+      raise ValueError(f"cache.{name} should be a positive int in a ring cache (one with "
+                       f"{ring}): but got {x!r}")
   for name, field in layout.CACHE.items():
     x = getattr(cache, name)
     if field.feature == "int8":  # The scales: present exactly when k is int8.

@@ -26,7 +26,9 @@ class KVCache(NamedTuple):
   """Keys and values written so far, with the bookkeeping a ragged batch needs.
 
   Every leaf is an array, so the cache passes through `jax.jit`, `lax.scan`,
-  `vmap` and buffer donation. It is never mutated: functions return a new one,
+  `vmap` and buffer donation. A ring's `window` and `max_positions` are
+  static ints, part of the pytree's structure (not leaves): settings that code
+  paths and checks depend on, known under jit too. It is never mutated: functions return a new one,
   and `cache._replace(...)` builds a modified copy.
 
   Slots are shared by the batch: slot `j` of every row was written by the same
@@ -48,10 +50,10 @@ class KVCache(NamedTuple):
       slot; None for a linear cache. In a ring (`init_cache(..., window=W)`)
       S is the number of ring slots, a real token at position p lives in slot
       p % S of its row, and padding takes no slot.
-    window: [] int32, a ring cache's W: a token at position p sees the real
+    window: static int, a ring cache's W: a token at position p sees the real
       tokens of its row at positions p - W + 1 .. p. None for a linear cache.
-    max_positions: [] int32, a ring cache's bound on positions (its max_len):
-      a write past it sets `overflow`. None for a linear cache.
+    max_positions: static int, a ring cache's bound on positions (its
+      max_len): a write past it sets `overflow`. None for a linear cache.
     layer: None, except in a layer view (`layer_view`): an int32 scalar, and
       every other leaf then has a leading L axis (a stack of L layers'
       caches) of which this cache is layer `layer`. Attention reads and
@@ -79,7 +81,12 @@ class KVCache(NamedTuple):
 
   @property
   def max_len(self) -> int:
-    """S, the slots per row (a ring cache's positions are bounded by `max_positions`)."""
+    """S, the slots per row (`num_slots`); a ring's positions are bounded by `max_positions`."""
+    return self.k.shape[-3]
+
+  @property
+  def num_slots(self) -> int:
+    """S, the slots per row: max_len for a linear cache, W + rewind_room for a ring."""
     return self.k.shape[-3]
 
   @property
@@ -170,8 +177,7 @@ def init_cache(
       for name, field in layout.CACHE.items()})
   if window is None:
     return cache
-  return cache._replace(window=jnp.array(window, jnp.int32),
-                        max_positions=jnp.array(max_len, jnp.int32))
+  return cache._replace(window=int(window), max_positions=int(max_len))
 
 
 def overflowed(cache: Any) -> jax.Array:
@@ -193,6 +199,24 @@ def overflowed(cache: Any) -> jax.Array:
 
 def _is_cache(x) -> bool:
   return isinstance(x, KVCache)
+
+
+_LEAVES = tuple(name for name in KVCache._fields if name not in layout.CACHE_STATIC)
+
+
+def _flatten(cache: KVCache):
+  children = tuple((jax.tree_util.GetAttrKey(name), getattr(cache, name)) for name in _LEAVES)
+  return children, (cache.window, cache.max_positions)
+
+
+def _unflatten(static, children) -> KVCache:
+  window, max_positions = static
+  return KVCache(**dict(zip(_LEAVES, children)), window=window, max_positions=max_positions)
+
+
+# A NamedTuple (positional and keyword construction, `_replace`) whose static
+# fields are the treedef's, not leaves.
+jax.tree_util.register_pytree_with_keys(KVCache, _flatten, _unflatten)
 
 
 def token_positions(cache: KVCache, mask: jax.Array | None = None,
@@ -260,7 +284,7 @@ def leaf(cache: KVCache, name: str) -> jax.Array | None:
   those block by block with `read_slots`.
   """
   x = getattr(cache, name)
-  if x is None or cache.layer is None:
+  if x is None or cache.layer is None or name in layout.CACHE_STATIC:
     return x
   return lax.dynamic_index_in_dim(x, cache.layer, 0, keepdims=False)
 

@@ -218,8 +218,7 @@ def _layers(caches: list[KVCache]) -> list[KVCache]:
       def at(x, i=i):
         return x if x is None or isinstance(x, jax.ShapeDtypeStruct) else np.asarray(x)[i]
       out.append(small._replace(**{f: at(getattr(small, f)) for f in
-                                   ("valid", "lengths", "index", "overflow", "positions",
-                                    "window", "max_positions")}))
+                                   ("valid", "lengths", "index", "overflow", "positions")}))
   return out
 
 

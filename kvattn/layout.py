@@ -67,8 +67,14 @@ CACHE: dict[str, Field] = {
     "v_scale": Field(("B", "S", "K"), "float32", optional=True, feature="int8"),
     # Ring caches only (init_cache(..., window=W)): S is then the ring's slots.
     "positions": Field(("B", "S"), "int32", optional=True, feature="window"),
-    "window": Field((), "int32", optional=True, feature="window"),
-    "max_positions": Field((), "int32", optional=True, feature="window"),
+}
+
+# The KVCache's static fields: Python ints (None for a linear cache), part of
+# the pytree's structure rather than leaves, so that code paths and checks may
+# depend on them under jit. A ring cache has both.
+CACHE_STATIC: dict[str, str] = {
+    "window": "W, the ring's sliding window",
+    "max_positions": "the bound on a ring's positions (init_cache's max_len)",
 }
 
 # The attention params (see kvattn.params): Flax DenseGeneral kernels and biases.

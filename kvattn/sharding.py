@@ -140,6 +140,9 @@ def cache_logical_axes(cache: KVCache) -> KVCache:
     raise ValueError(f"cache.k shape should be (..., B, S, K, H): but got {cache.k.shape}")
   axes = {}
   for name, leaf in cache._asdict().items():
+    if name in layout.CACHE_STATIC:  # Static ints, part of the treedef: kept as they are.
+      axes[name] = leaf
+      continue
     if leaf is None:
       axes[name] = None
       continue
