@@ -34,11 +34,20 @@ def check_shape(name: str, x: Any, legend: str, expected: tuple[int | None, ...]
         f"{name} shape should be {legend}={tuple(expected)}: but got {actual}")
 
 
+def is_int(x: Any) -> bool:
+  """A Python or numpy integer, not a bool: the one test of "an int" in the package."""
+  return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
+
+
+def is_real(x: Any) -> bool:
+  """A Python or numpy real number, not a bool."""
+  return isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_))
+
+
 def check_positive_ints(**values: Any) -> None:
   """Raises ValueError naming the first value that is not a positive int (bools excluded)."""
   for name, value in values.items():
-    if (not isinstance(value, numbers.Integral) or isinstance(value, (bool, np.bool_))
-        or value < 1):
+    if not is_int(value) or value < 1:
       raise ValueError(f"{name} should be a positive int: but got {value!r}")
 
 
@@ -96,7 +105,7 @@ def check_cache(cache: Any, views: bool = False) -> None:
   ring += [name for name in layout.CACHE_STATIC if getattr(cache, name) is not None]
   for name in layout.CACHE_STATIC:  # A ring's static ints: both, positive, or neither.
     x = getattr(cache, name)
-    if ring and not (isinstance(x, int) and not isinstance(x, bool) and x >= 1):
+    if ring and not (is_int(x) and x >= 1):
       raise ValueError(f"cache.{name} should be a positive int in a ring cache (one with "
                        f"{ring}): but got {x!r}")
   for name, field in layout.CACHE.items():

@@ -35,20 +35,18 @@ Shape legend:
 from __future__ import annotations
 
 import functools
-import numbers
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import lax
-import numpy as np
 
 from kvattn import cache_ops
 from kvattn import generation
 from kvattn._cache_tree import check_caches, map_caches
-from kvattn._checks import check_positive_ints
+from kvattn._checks import check_positive_ints, is_real
 
-StepFn = Callable[[Any, Any, jax.Array, "jax.Array | None"], tuple[jax.Array, Any]]
+StepFn = generation.StepFn
 
 
 class _Beams(NamedTuple):
@@ -99,7 +97,7 @@ def beam_search(step_fn: StepFn, params: Any, caches: Any, prompt_tokens: Any, *
     raise TypeError(f"step_fn should be callable: but got {type(step_fn).__name__}")
   prompt = _check_prompt(prompt_tokens)
   check_positive_ints(beam_width=beam_width, max_new_tokens=max_new_tokens)
-  if not isinstance(length_penalty, numbers.Real) or _is_bool(length_penalty):
+  if not is_real(length_penalty):
     raise ValueError(f"length_penalty should be a real number: but got {length_penalty!r}")
   generation.check_eos(eos_id)
   generation.check_pad(pad_id)
@@ -179,10 +177,6 @@ def _select(beams: _Beams, logp: jax.Array, i, *, length_penalty, eos_id):
   beams = _Beams(alive_tokens=seqs[keep], alive_scores=alive_scores, done_tokens=done_tokens,
                  done_scores=done_scores)
   return beams, token[keep], parent[keep]
-
-
-def _is_bool(x) -> bool:
-  return isinstance(x, (bool, np.bool_))
 
 
 def _check_prompt(prompt_tokens) -> jax.Array:

@@ -18,8 +18,9 @@ import jax.numpy as jnp
 from jax import lax
 
 from kvattn import layout
+from kvattn import masks
 from kvattn import quant
-from kvattn._checks import check_mask, check_positive_ints
+from kvattn._checks import check_mask, check_positive_ints, is_int
 
 
 class KVCache(NamedTuple):
@@ -160,8 +161,7 @@ def init_cache(
         f"and dequantised to float32): but got {dtype}")
   if window is not None:
     check_positive_ints(window=window)
-  if not (isinstance(rewind_room, int) and not isinstance(rewind_room, bool)
-          and rewind_room >= 0):
+  if not (is_int(rewind_room) and rewind_room >= 0):
     raise ValueError(f"rewind_room should be a non-negative int: but got {rewind_room!r}")
   if rewind_room and window is None:
     raise ValueError(f"rewind_room should be 0 without a window: but got {rewind_room}")
@@ -239,9 +239,7 @@ def token_positions(cache: KVCache, mask: jax.Array | None = None,
     mask = jnp.ones((cache.batch_size, t), jnp.bool_)
   else:
     check_mask(mask, cache.batch_size, None)
-  m = mask.astype(jnp.int32)
-  before = jnp.cumsum(m, axis=1) - m
-  return leaf(cache, "lengths")[:, None] + before
+  return leaf(cache, "lengths")[:, None] + masks.real_before(mask)
 
 
 def layer_view(stack: KVCache, layer: int | jax.Array) -> KVCache:
@@ -407,10 +405,9 @@ def _append_ring(cache: KVCache, k, v, mask):
   stored, k, v = _storage(cache, k, v, mask)
   b, t = mask.shape
   s = cache.max_len
-  m = mask.astype(jnp.int32)
   old_lengths, index, overflow = (leaf(cache, n) for n in ("lengths", "index", "overflow"))
-  position = old_lengths[:, None] + jnp.cumsum(m, axis=1) - m  # [B, T]
-  lengths = old_lengths + jnp.sum(m, axis=1)
+  position = old_lengths[:, None] + masks.real_before(mask)  # [B, T]
+  lengths = old_lengths + jnp.sum(mask, axis=1, dtype=jnp.int32)
   fits = jnp.all(lengths <= leaf(cache, "max_positions")) & ~overflow
   keep = mask & (position >= lengths[:, None] - s) & fits
   slot = position % s

@@ -141,8 +141,7 @@ def _attention(q, k, v, mask, window, causal: bool, block: int) -> jax.Array:
 
 def _positions(mask):
   """int32 `[B, T]`: real tokens before each token (a padding token: the next one's)."""
-  m = mask.astype(jnp.int32)
-  return jnp.cumsum(m, axis=1) - m
+  return masks.real_before(mask)
 
 
 def _forward(q, k, v, mask, window, causal: bool, block: int):

@@ -40,10 +40,10 @@ import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
+from kvattn import masks
 from kvattn import sampling
 from kvattn._cache_tree import caches_in
-from kvattn._checks import check_mask, check_positive_ints, check_shape, is_concrete
-from kvattn.cache import KVCache
+from kvattn._checks import check_mask, check_positive_ints, check_shape, is_concrete, is_int
 
 StepFn = Callable[[Any, Any, jax.Array, "jax.Array | None"], tuple[jax.Array, Any]]
 Sampler = Callable[[jax.Array, jax.Array], jax.Array]
@@ -119,8 +119,7 @@ def start(step_fn: StepFn, params: Any, caches: Any, prompt_tokens: jax.Array,
   b, p = _check_args(caches, prompt_tokens, prompt_mask, max_new_tokens, prefill_mode, chunk_size)
   check_eos(eos_id)
   prompt_tokens = prompt_tokens.astype(jnp.int32)
-  # Each row's last real prompt token (not column P - 1 under right padding).
-  last = p - 1 - jnp.argmax(prompt_mask[:, ::-1], axis=1).astype(jnp.int32)
+  last = masks.last_real(prompt_mask)  # Not column P - 1 under right padding.
   if prefill_mode == "one_pass":
     if _takes_logits_at(step_fn):  # Only the last real token's logits are computed.
       logits, caches = step_fn(params, caches, prompt_tokens, prompt_mask, logits_at=last)
@@ -568,8 +567,7 @@ def _check_buckets(buckets):
     return
   ok = (isinstance(buckets, collections.abc.Sequence) and not isinstance(buckets, str)
         and len(buckets) > 0
-        and all(isinstance(b, numbers.Integral) and not isinstance(b, (bool, np.bool_)) and b >= 1
-                for b in buckets)
+        and all(is_int(b) and b >= 1 for b in buckets)
         and all(a < b for a, b in zip(buckets, buckets[1:])))
   if not ok:
     raise ValueError("prompt_buckets should be None or a non-empty sequence of ascending "
@@ -585,28 +583,23 @@ def _room(caches) -> tuple[int | None, int | None, bool]:
   slot, so rings never limit the bucket. known is False when there is no
   KVCache at all, or when a leaf it needs is traced (under an outer jit).
   """
-  slots, positions, found = [], [], False
-  for cache in jax.tree.leaves(caches, is_leaf=lambda x: isinstance(x, KVCache)):
-    if not isinstance(cache, KVCache):
-      continue
-    found = True
+  slots, positions = [], []
+  found = bool(caches_in(caches))
+  for cache in caches_in(caches):
     if cache.ring:
-      if not (is_concrete(cache.max_positions) and is_concrete(cache.lengths)):
+      if not is_concrete(cache.lengths):
         return None, None, False
-      positions.append(int(np.min(np.asarray(cache.max_positions))
-                           - np.max(np.asarray(cache.lengths))))
+      positions.append(cache.max_positions - int(np.max(np.asarray(cache.lengths))))
     else:
       if not is_concrete(cache.index):
         return None, None, False
-      slots.append(cache.k.shape[-3] - int(np.max(np.asarray(cache.index))))
+      slots.append(cache.num_slots - int(np.max(np.asarray(cache.index))))
   return min(slots, default=None), min(positions, default=None), found
 
 
 def _max_len(caches) -> int | None:
   """The smallest max_len S of the linear `KVCache`s among caches; None if there are none."""
-  sizes = [cache.k.shape[-3]  # k is [..., B, S, K, H] (stacked caches have leading axes).
-           for cache in jax.tree.leaves(caches, is_leaf=lambda x: isinstance(x, KVCache))
-           if isinstance(cache, KVCache) and not cache.ring]
+  sizes = [cache.num_slots for cache in caches_in(caches) if not cache.ring]
   return min(sizes, default=None)
 
 
@@ -619,8 +612,7 @@ def is_eos(tokens: jax.Array, eos_id: Any) -> jax.Array:
 
 def check_pad(pad_id) -> None:
   """pad_id: an int, or an integer scalar array (traced or not)."""
-  if not ((isinstance(pad_id, numbers.Integral) and not isinstance(pad_id, (bool, np.bool_)))
-          or (getattr(pad_id, "shape", None) == ()
+  if not (is_int(pad_id) or (getattr(pad_id, "shape", None) == ()
               and jnp.issubdtype(pad_id.dtype, jnp.integer))):
     raise ValueError(f"pad_id should be an int: but got {pad_id!r}")
 
@@ -638,8 +630,7 @@ def check_eos(eos_id) -> None:
                      f"{eos_id!r}")
   leaves = jax.tree.leaves(eos_id)
   ok = bool(leaves) and all(
-      (isinstance(i, numbers.Integral) and not isinstance(i, (bool, np.bool_)))
-      or (len(getattr(i, "shape", (0, 0))) <= 1 and jnp.issubdtype(i.dtype, jnp.integer)
+      is_int(i) or (len(getattr(i, "shape", (0, 0))) <= 1 and jnp.issubdtype(i.dtype, jnp.integer)
           and np.prod(i.shape) > 0)
       for i in leaves)
   if not ok:
@@ -659,8 +650,7 @@ def _check_args(caches, tokens, mask, max_new_tokens, prefill_mode, chunk_size):
   check_positive_ints(max_new_tokens=max_new_tokens)
   if prefill_mode not in PREFILL_MODES:
     raise ValueError(f"prefill_mode should be one of {PREFILL_MODES}: but got {prefill_mode!r}")
-  if prefill_mode == "chunked" and (not isinstance(chunk_size, int) or isinstance(chunk_size, bool)
-                                    or chunk_size < 1):
+  if prefill_mode == "chunked" and not (is_int(chunk_size) and chunk_size >= 1):
     raise ValueError(f"chunk_size should be a positive int with prefill_mode='chunked': "
                      f"but got {chunk_size!r}")
   needed = p + max_new_tokens - 1

@@ -19,6 +19,7 @@ import jax.numpy as jnp
 
 from kvattn import attention
 from kvattn import dot_product
+from kvattn import masks
 from kvattn import rope
 from kvattn._checks import check_cache, check_mask, check_shape
 from kvattn.cache import KVCache, token_positions
@@ -132,8 +133,7 @@ def _self_attention(params, x, mask, *, causal, window, rope_base, rope_scaling,
   if mask is None:
     positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
   else:
-    m = mask.astype(jnp.int32)
-    positions = jnp.cumsum(m, axis=1) - m  # As token_positions on an empty cache.
+    positions = masks.real_before(mask)  # As token_positions on an empty cache.
     x = jnp.where(mask[:, :, None], x, jnp.zeros_like(x))  # No NaN at padding in the grads.
   q, k, v = project_qkv(params, x, positions, rope_base, rope_scaling)
   o = dot_product.dot_product_attention(q, k, v, mask, causal=causal, window=window,

@@ -19,6 +19,28 @@ from jax import lax
 from kvattn._checks import check_positive_ints
 
 
+def real_before(mask: jax.Array) -> jax.Array:
+  """int32 `[B, T]`: the real tokens before each token of its row (mask bool `[B, T]`).
+
+  A token's position in its own sequence, counting real tokens only (left
+  padding does not shift it); a padding token gets the next real token's.
+  The one place this count is written: positions for RoPE and learned
+  embeddings, ring slots and windows all start from it.
+  """
+  m = mask.astype(jnp.int32)
+  return jnp.cumsum(m, axis=1) - m
+
+
+def last_real(mask: jax.Array) -> jax.Array:
+  """int32 `[B]`: the column of each row's last real token (mask bool `[B, T]`).
+
+  Not column T - 1 under right padding. A row without a real token gets
+  T - 1 (callers refuse such rows where they can).
+  """
+  t = mask.shape[1]
+  return t - 1 - jnp.argmax(mask[:, ::-1], axis=1).astype(jnp.int32)
+
+
 def _positions(num_queries: int, num_keys: int, offset) -> tuple[jax.Array, jax.Array]:
   """Query and key positions as broadcastable `[T, S]` int32 grids."""
   check_positive_ints(num_queries=num_queries, num_keys=num_keys)

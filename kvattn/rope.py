@@ -10,14 +10,13 @@ Shape legend:
 from __future__ import annotations
 
 import math
-import numbers
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kvattn._checks import check_shape
+from kvattn._checks import check_shape, is_real
 
 SCALING_KINDS = ("linear", "llama3")
 
@@ -89,8 +88,7 @@ def check_base(base, name: str = "rope_base") -> None:
       raise TypeError(f"{name} should be a positive float: but got dtype {base.dtype}")
     return
   if not _positive_number(base):
-    raise (ValueError if isinstance(base, numbers.Real) and not isinstance(base, bool)
-           else TypeError)(f"{name} should be a positive float: but got {base!r}")
+    raise (ValueError if is_real(base) else TypeError)(f"{name} should be a positive float: but got {base!r}")
 
 
 def check_scaling(scaling, name: str = "rope_scaling") -> None:
@@ -141,5 +139,4 @@ def rotate(x: jax.Array, positions: jax.Array, base: float,
 
 
 def _positive_number(value) -> bool:
-  return (isinstance(value, numbers.Real) and not isinstance(value, (bool, np.bool_))
-          and value > 0)
+  return is_real(value) and value > 0

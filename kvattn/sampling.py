@@ -19,12 +19,20 @@ import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
-from kvattn._checks import check_shape
+from kvattn._checks import check_shape, is_int
 
 
 def greedy(logits: jax.Array) -> jax.Array:
-  """Returns int32 `[B]`: the most likely token of each row (the first, on ties)."""
-  _check_logits(logits)
+  """Returns int32 `[B]`: the most likely token of each row (the first, on ties).
+
+  logits may have more axes, `[B, ..., V]` -> `[B, ...]` (the greedy choice
+  after every token of a call, as speculative decoding verifies drafts).
+  """
+  if getattr(logits, "ndim", 0) < 2:
+    raise ValueError(f"logits shape should be (B, V) or (B, ..., V): but got "
+                     f"{getattr(logits, 'shape', None)}")
+  if not jnp.issubdtype(logits.dtype, jnp.floating):
+    raise ValueError(f"logits dtype should be floating: but got {logits.dtype}")
   return jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
 
@@ -36,7 +44,7 @@ def top_k_logits(logits: jax.Array, k: int) -> jax.Array:
   """
   _check_logits(logits)
   v = logits.shape[-1]
-  if not isinstance(k, int) or isinstance(k, bool) or k < 1:
+  if not is_int(k) or k < 1:
     raise ValueError(f"k should be a positive int: but got {k!r}")
   logits = logits.astype(jnp.float32)
   if k >= v:
@@ -131,8 +139,7 @@ class Sampler:
     t, p, k = self.temperature, self.top_p, self.top_k
     if not _is_number(t) or (isinstance(t, numbers.Number) and not t >= 0):
       raise ValueError(f"temperature should be a number >= 0: but got {t!r}")
-    if k is not None and (not isinstance(k, numbers.Integral) or isinstance(k, (bool, np.bool_))
-                          or k < 1):
+    if k is not None and not (is_int(k) and k >= 1):
       raise ValueError(f"top_k should be a positive int or None: but got {k!r}")
     if p is not None and (not _is_number(p)
                           or (isinstance(p, numbers.Number) and not 0.0 < p <= 1.0)):

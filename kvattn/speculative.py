@@ -44,7 +44,7 @@ Shape legend:
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -53,10 +53,12 @@ import numpy as np
 
 from kvattn import cache_ops
 from kvattn import generation
+from kvattn import masks
+from kvattn import sampling
 from kvattn._cache_tree import check_caches, map_caches
 from kvattn._checks import check_mask, check_positive_ints, check_shape
 
-StepFn = Callable[[Any, Any, jax.Array, "jax.Array | None"], tuple[jax.Array, Any]]
+StepFn = generation.StepFn
 
 
 class Stats(NamedTuple):
@@ -117,9 +119,7 @@ def required_max_len(batch_size: int, prompt_len: int, max_new_tokens: int,
   return prompt_len + (max_new_tokens - 1) * (num_draft + 1)
 
 
-def _greedy(logits: jax.Array) -> jax.Array:
-  """int32 argmax over the last axis (the first on ties, as `kvattn.sampling.greedy`)."""
-  return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+_greedy = sampling.greedy
 
 
 @functools.partial(jax.jit, static_argnames=("target_step_fn", "draft_step_fn",
@@ -135,8 +135,7 @@ def start(target_step_fn: StepFn, target_params: Any, target_caches: Any,
   """
   b, p = prompt_tokens.shape
   tokens = prompt_tokens.astype(jnp.int32)
-  # Each row's last real prompt token (not column P - 1 under right padding).
-  last_index = p - 1 - jnp.argmax(prompt_mask[:, ::-1], axis=1).astype(jnp.int32)  # [B]
+  last_index = masks.last_real(prompt_mask)  # [B], not column P - 1 under right padding.
   logits, target_caches = target_step_fn(target_params, target_caches, tokens, prompt_mask)
   first = _greedy(jnp.take_along_axis(logits, last_index[:, None, None], axis=1)[:, 0])
   prev = jnp.take_along_axis(tokens, last_index[:, None], axis=1)[:, 0]
@@ -230,8 +229,7 @@ def _running(state: SpecState, m: int, eos_id) -> jax.Array:
 @jax.jit
 def _pad_after_eos(tokens: jax.Array, eos_id: Any, pad_id: jax.Array) -> jax.Array:
   """tokens `[B, M]` with every column after a row's first EOS set to pad_id."""
-  eos = generation.is_eos(tokens, eos_id).astype(jnp.int32)
-  after = (jnp.cumsum(eos, axis=1) - eos) > 0  # An EOS strictly before.
+  after = masks.real_before(generation.is_eos(tokens, eos_id)) > 0  # An EOS strictly before.
   return jnp.where(after, pad_id, tokens)
 
 

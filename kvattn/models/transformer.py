@@ -350,8 +350,7 @@ def forward(params: Params, tokens: jax.Array, mask: jax.Array | None = None, *,
     raise ValueError(f"tokens should have at most the model's max_positions="
                      f"{config.max_positions} columns: but got shape {tokens.shape}")
   real = jnp.ones(tokens.shape, jnp.bool_) if mask is None else mask
-  m = real.astype(jnp.int32)
-  h = _embed(params, tokens, jnp.cumsum(m, axis=1) - m, config, mask)
+  h = _embed(params, tokens, kvattn.masks.real_before(real), config, mask)
 
   def body(window, h, p):
     a = kvattn.self_attention(
