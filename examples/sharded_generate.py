@@ -52,8 +52,8 @@ from kvattn.models import transformer
 # jax logs at INFO that it found no TPU, which absl would print as the first line.
 logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
 
-# The transformer's own leaves beyond the attention params: vocabulary and MLP width.
-RULES = sharding.DEFAULT_RULES + (("vocab", None), ("mlp", "model"))
+# The rules of the transformer's leaves: kvattn's, plus vocabulary and MLP width.
+RULES = transformer.RULES
 
 _MESH = flags.DEFINE_string("mesh", "data:2,model:4",
                             "Mesh axes and sizes; they multiply to the number of devices.")
@@ -76,25 +76,6 @@ _KV_HEADS = flags.DEFINE_integer("kv_heads", 4, "Key/value heads.")
 _VOCAB = flags.DEFINE_integer("vocab", 256, "Vocabulary size.")
 _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed of the random model and prompts.")
 _COMPARE = flags.DEFINE_bool("compare", True, "Also run on one device and compare the tokens.")
-
-
-def params_logical_axes(params: transformer.Params) -> dict:
-  """The logical axes of every leaf of `transformer.init_params`'s params."""
-  names = {"embed": ("vocab", "embed"), "pos_embed": (None, "embed"),
-           "unembed": ("embed", "vocab"), "scale": ("embed",), "bias": ("embed",),
-           "w_in": ("embed", "mlp"), "b_in": ("mlp",), "w_out": ("mlp", "embed"),
-           "b_out": ("embed",)}
-
-  def axes(path, leaf):
-    keys = [k.key for k in path]
-    if "attn" in keys:
-      return None  # Filled in below by kvattn.sharding.
-    lead = ("layers",) if keys[0] == "layers" else ()
-    return PartitionSpec(*lead, *names[keys[-1]])
-
-  out = jax.tree_util.tree_map_with_path(axes, params)
-  out["layers"]["attn"] = sharding.params_logical_axes(params["layers"]["attn"])
-  return out
 
 
 def prompts(seed: int, batch: int, prompt_len: int, vocab: int):
@@ -140,7 +121,8 @@ def generate(config, key, tokens, mask, max_new_tokens, mesh=None):
   if mesh is not None:
     params_shape = jax.eval_shape(init_params, key)
     p_shard = sharding.named(sharding.tree_specs(
-        params_shape, params_logical_axes(params_shape), mesh, RULES, name="params"), mesh)
+        params_shape, transformer.params_logical_axes(params_shape), mesh, RULES,
+        name="params"), mesh)
     c_shard = sharding.cache_shardings(jax.eval_shape(init_caches), mesh, RULES)
     rows, replicated = NamedSharding(mesh, PartitionSpec("data", None)), NamedSharding(mesh, PartitionSpec())
     tokens, mask = sharding.put((tokens, mask), (rows, rows))

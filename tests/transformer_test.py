@@ -211,5 +211,33 @@ def test_unstacked_layers_give_the_same_logits_and_caches(config):
                              forward(params, tokens, mask, config=config), rtol=1e-6, atol=1e-6)
 
 
+@pytest.mark.parametrize("config", [ROPE_GQA, LEARNED, LLAMA_LIKE], ids=["untied", "learned",
+                                                                        "llama_like"])
+@pytest.mark.parametrize("unstacked", [False, True], ids=["stacked", "unstacked"])
+def test_params_logical_axes_shard_every_leaf_on_a_mesh(config, unstacked):
+  """Every param has logical axes (MLP and vocabulary too, gated or not, stacked or per
+  layer), and the specs they give under the model's rules place each leaf on a mesh."""
+  params = jax.eval_shape(lambda: transformer.init_params(jax.random.key(0), config))
+  if unstacked:
+    params = jax.eval_shape(transformer.unstack_layers, params)
+  axes = transformer.params_logical_axes(params)
+  flat = jax.tree.leaves(params)
+  specs = jax.tree.leaves(axes, is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))
+  assert len(specs) == len(flat)
+  for leaf, spec in zip(flat, specs):
+    assert len(spec) == leaf.ndim, (leaf.shape, spec)
+  mesh = kvattn.sharding.make_mesh("data:2,model:4", jax.devices("cpu")[:8])
+  shardings = kvattn.sharding.named(kvattn.sharding.tree_specs(
+      params, axes, mesh, transformer.RULES, name="params"), mesh)
+  layer_shardings = shardings["layers"][0] if unstacked else shardings["layers"]
+  lead = () if unstacked else (None,)
+  assert layer_shardings["mlp"]["w_in"].spec == jax.sharding.PartitionSpec(*lead, None, "model")
+  assert layer_shardings["attn"]["wq"].spec == jax.sharding.PartitionSpec(
+      *lead, None, "model", None)
+  assert shardings["embed"].spec == jax.sharding.PartitionSpec(None, None)
+  with pytest.raises(ValueError, match=r"params\['extra'\] should be one of the transformer's"):
+    transformer.params_logical_axes({**params, "extra": params["embed"]})
+
+
 if __name__ == "__main__":
   sys.exit(pytest.main([__file__]))

@@ -40,6 +40,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.sharding import PartitionSpec
 
 import kvattn
 from kvattn._checks import check_heads, check_positive_ints
@@ -163,6 +164,49 @@ def layer_runs(config: Config) -> tuple[tuple[int | None, int, int], ...]:
     else:
       runs.append((w, i, i + 1))
   return tuple(runs)
+
+
+# The logical axes of the params beyond attention (whose own come from
+# kvattn.sharding), by leaf name: "vocab" and "mlp" are this model's own.
+PARAM_AXES: dict[str, tuple[str | None, ...]] = {
+    "embed": ("vocab", "embed"), "pos_embed": (None, "embed"), "unembed": ("embed", "vocab"),
+    "scale": ("embed",), "bias": ("embed",),
+    "w_in": ("embed", "mlp"), "b_in": ("mlp",), "w_gate": ("embed", "mlp"), "b_gate": ("mlp",),
+    "w_out": ("mlp", "embed"), "b_out": ("embed",),
+}
+
+# kvattn.sharding's rules plus this model's axes: the vocabulary replicated,
+# the MLP's hidden width split over "model" (as the heads are).
+RULES = kvattn.sharding.DEFAULT_RULES + (("vocab", None), ("mlp", "model"))
+
+
+def params_logical_axes(params: Params) -> Params:
+  """The logical axes of every leaf of the params (stacked or per-layer), as PartitionSpecs.
+
+  The same structure as `params`; with `kvattn.sharding.tree_specs(params,
+  params_logical_axes(params), mesh, RULES)` they give the params' shardings.
+  Stacked layers get a leading "layers" axis; the attention params take
+  `kvattn.sharding.params_logical_axes`.
+  """
+  def axes(path, leaf):
+    keys = [getattr(k, "key", getattr(k, "idx", None)) for k in path]
+    name = keys[-1]
+    if name not in PARAM_AXES:
+      raise ValueError(f"params{''.join(f'[{k!r}]' for k in keys)} should be one of the "
+                       f"transformer's params {sorted(PARAM_AXES)}: but got {name!r}")
+    lead = ("layers",) * (leaf.ndim - len(PARAM_AXES[name]))
+    return PartitionSpec(*lead, *PARAM_AXES[name])
+
+  def one_layer(layer):
+    out = {k: jax.tree_util.tree_map_with_path(axes, v) for k, v in layer.items() if k != "attn"}
+    return {**out, "attn": kvattn.sharding.params_logical_axes(layer["attn"])}
+
+  layers = params["layers"]
+  others = {k: v for k, v in params.items() if k != "layers"}
+  out = jax.tree_util.tree_map_with_path(axes, others)
+  out["layers"] = (tuple(one_layer(layer) for layer in layers)
+                   if isinstance(layers, (list, tuple)) else one_layer(layers))
+  return out
 
 
 def _qkv_bias(config: Config) -> bool:
