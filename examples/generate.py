@@ -77,7 +77,12 @@ def main(argv):
   params, config, vocab = charlm.load(_CHECKPOINT.value)
   params = jax.device_put(params)  # Once, not at every call (this also starts JAX up).
   prompts = _PROMPT.value
-  sampler = sampling.Sampler(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
+  if not all(prompts):
+    raise app.UsageError(f"--prompt should not be empty: but got {prompts!r}")
+  try:
+    sampler = sampling.Sampler(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value)
+  except ValueError as e:  # The message names the setting: --temperature, --top_k, --top_p.
+    raise app.UsageError(f"--{e}") from None
   on_token = None
   if _STREAM.value:
     print(f"--- prompt 1 (streaming)\n{prompts[0]}", end="", flush=True)

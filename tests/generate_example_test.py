@@ -136,6 +136,9 @@ def test_quantized_cache_is_int8_and_keeps_the_bundled_greedy_tokens(greedy_toke
     (["--checkpoint=/no/such/charlm.npz"],
      "--checkpoint should be a char-LM .npz file: but /no/such/charlm.npz does not exist"),
     (["--max_new_tokens=0"], "--max_new_tokens should be at least 1: but got 0"),
+    (["--prompt="], "--prompt should not be empty: but got ['']"),
+    (["--top_p=1.5"], "--top_p should be in (0, 1] or None: but got 1.5"),
+    (["--temperature=-1"], "--temperature should be a number >= 0: but got -1.0"),
 ])
 def test_flag_mistakes_are_usage_errors(flags, message):
   """Issue 20, item 12: a usage message naming the flag, not a traceback."""
