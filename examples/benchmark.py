@@ -1,4 +1,4 @@
-"""Benchmarks kvattn on this machine and prints the tables of the README.
+"""Benchmarks kvattn on this machine and prints the tables of docs/performance.md.
 
 Everything is timed side by side in one process: the variants of a table run
 interleaved, round after round, and each cell is the median over rounds (the

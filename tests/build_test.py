@@ -179,14 +179,15 @@ def dep_problems(root: pathlib.Path, build_text: str) -> list[str]:
 
 
 def readme_problems(root: pathlib.Path, build_text: str) -> list[str]:
-  """Modules the README's ```python blocks import that :readme_test lacks in data.
+  """Modules the ```python blocks of the README and docs/ import that :readme_test lacks in data.
 
   tests/readme_test.py runs those blocks, so their imports are runtime deps:
   targets in its data.
   """
   targets = {t["name"]: t for t in parse_targets(build_text)}
-  blocks = re.findall(r"```python\n(.*?)```", (root / "README.md").read_text(encoding="utf-8"),
-                      flags=re.DOTALL)
+  blocks = [block for page in [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+            for block in re.findall(r"```python\n(.*?)```", page.read_text(encoding="utf-8"),
+                                    flags=re.DOTALL)]
   modules = set()
   for block in blocks:
     modules |= imported_files(root, block)[0]

@@ -1,4 +1,4 @@
-"""The README's usage example runs as written, and its quick start stays true."""
+"""The README's and docs/'s code runs as written, and the quick start stays true."""
 
 import pathlib
 import re
@@ -6,19 +6,33 @@ import sys
 
 import pytest
 
-README = pathlib.Path(__file__).absolute().parent.parent / "README.md"
+ROOT = pathlib.Path(__file__).absolute().parent.parent
+README = ROOT / "README.md"
+DOCS = sorted((ROOT / "docs").glob("*.md"))
 
 
-def _python_blocks():
-  return re.findall(r"```python\n(.*?)```", README.read_text(), flags=re.DOTALL)
+def _python_blocks(path):
+  return re.findall(r"```python\n(.*?)```", path.read_text(), flags=re.DOTALL)
 
 
 @pytest.mark.slow
-def test_usage_example_runs():
-  blocks = _python_blocks()
-  assert blocks, "README.md should have a ```python usage example"
+@pytest.mark.parametrize("path", [README] + DOCS, ids=lambda p: p.name)
+def test_code_blocks_run(path):
+  """Every ```python block, each in a fresh namespace (```py blocks are shown, not run)."""
+  blocks = _python_blocks(path)
+  if path == README:
+    assert blocks, "README.md should have a ```python usage example"
   for block in blocks:
-    exec(compile(block, str(README), "exec"), {"__name__": "readme"})
+    exec(compile(block, str(path), "exec"), {"__name__": "readme"})
+
+
+def test_docs_exist_and_the_readme_links_every_one():
+  assert DOCS, "docs/ should hold the reference pages"
+  text = README.read_text()
+  for doc in DOCS:
+    assert f"(docs/{doc.name})" in text, doc.name
+  for link in re.findall(r"\]\((docs/[^)#]+)", text):
+    assert (ROOT / link).exists(), link
 
 
 def test_quick_start_is_two_one_line_commands():
