@@ -113,8 +113,8 @@ def copy_bandwidth(mib: int, rounds: int) -> tuple[float, float]:
     state["x"] = add(state["x"])
     return state["x"]
 
-  t = timing.time_interleaved({"copy": timing.Stateful(copy), "read": timing.Stateful(lambda: total(state["x"]))},
-                       rounds)
+  t = timing.time_interleaved({"copy": timing.Stateful(copy),
+                              "read": timing.Stateful(lambda: total(state["x"]))}, rounds)
   nbytes = n * 4
   return 2 * nbytes / t["copy"][0] / 1e6, nbytes / t["read"][0] / 1e6
 

@@ -223,7 +223,7 @@ def generate_suite():
   torch.manual_seed(0)
   hf = hf_config(_NUM_LAYERS.value)
   cfg = config(_NUM_LAYERS.value)
-  rows, loads, agree = [], {}, {}
+  loads = {}
   with tempfile.TemporaryDirectory() as tmp:
     cases = {}
     for name in ("float32", "bfloat16"):

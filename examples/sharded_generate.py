@@ -124,7 +124,8 @@ def generate(config, key, tokens, mask, max_new_tokens, mesh=None):
         params_shape, transformer.params_logical_axes(params_shape), mesh, RULES,
         name="params"), mesh)
     c_shard = sharding.cache_shardings(jax.eval_shape(init_caches), mesh, RULES)
-    rows, replicated = NamedSharding(mesh, PartitionSpec("data", None)), NamedSharding(mesh, PartitionSpec())
+    rows = NamedSharding(mesh, PartitionSpec("data", None))
+    replicated = NamedSharding(mesh, PartitionSpec())
     tokens, mask = sharding.put((tokens, mask), (rows, rows))
     token_shape = jax.ShapeDtypeStruct((b, 1), jnp.int32, sharding=replicated)
     kw = {"init_params": dict(out_shardings=p_shard),

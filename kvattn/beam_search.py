@@ -2,13 +2,13 @@
 
 The model is a `step_fn`, as for `kvattn.generate`: `(params, caches, tokens
 [B, T], mask [B, T] | None) -> (logits [B, T, V], caches)`, run here at batch
-W, one row per beam. The prompt is prefilled once, repeated W times; then each
+BW, one row per beam. The prompt is prefilled once, repeated BW times; then each
 step scores every continuation of every live beam, beam score + log p(token),
 keeps the best, gathers the caches' rows to follow each survivor's parent beam
 (`kvattn.reorder`) and feeds the chosen tokens. Everything runs in one
 compiled function (a `lax.fori_loop` over the steps), once per shape and
-static setting (step_fn, W, M); the length penalty, eos_id and pad_id are
-traced. The reorder gathers whole cache rows, O(W S) per layer and step, as
+static setting (step_fn, BW, M); the length penalty, eos_id and pad_id are
+traced. The reorder gathers whole cache rows, O(BW S) per layer and step, as
 any beam search over an explicit cache does.
 
 Scores and the length penalty follow the form of Hugging Face's `length_penalty`:
@@ -18,18 +18,18 @@ the plain sum (favouring short hypotheses), 1 by the mean log-probability,
 more than 1 favours long ones. Live beams are ranked by the plain sum while
 they grow, as in Hugging Face; the penalty decides between finished ones.
 
-With `eos_id`, each step considers the best C = 2W continuations: one ending
-in EOS is finished (as in Hugging Face, only when it ranks among the best W),
-and the best W that do not end stay alive, so W beams keep growing after some
-finish. The W best finished hypotheses are kept; after M steps the live beams
-count as finished too, and the best W of all are returned.
+With `eos_id`, each step considers the best BC = 2 BW continuations: one ending
+in EOS is finished (as in Hugging Face, only when it ranks among the best BW),
+and the best BW that do not end stay alive, so BW beams keep growing after some
+finish. The BW best finished hypotheses are kept; after M steps the live beams
+count as finished too, and the best BW of all are returned.
 
 Shape legend:
   P: prompt length
-  W: beam width (the batch the model runs at)
+  BW: beam width (the batch the model runs at)
   V: vocabulary size
   M: max_new_tokens
-  C: continuations considered per step, min(2W, W V)
+  BC: continuations considered per step, min(2 BW, BW V)
 """
 
 from __future__ import annotations
@@ -53,10 +53,10 @@ class _Beams(NamedTuple):
   """The loop's carry.
 
   Fields:
-    alive_tokens: int32 `[W, M]` the live beams; `pad_id` past the current step.
-    alive_scores: float32 `[W]` their summed log-probabilities; -inf for none.
-    done_tokens: int32 `[W, M]` the best finished hypotheses; `pad_id` after EOS.
-    done_scores: float32 `[W]` their penalised scores, descending; -inf for none.
+    alive_tokens: int32 `[BW, M]` the live beams; `pad_id` past the current step.
+    alive_scores: float32 `[BW]` their summed log-probabilities; -inf for none.
+    done_tokens: int32 `[BW, M]` the best finished hypotheses; `pad_id` after EOS.
+    done_scores: float32 `[BW]` their penalised scores, descending; -inf for none.
   """
 
   alive_tokens: jax.Array
@@ -69,16 +69,16 @@ def beam_search(step_fn: StepFn, params: Any, caches: Any, prompt_tokens: Any, *
                 beam_width: int, max_new_tokens: int, length_penalty: float = 1.0,
                 eos_id: int | Sequence[int] | None = None,
                 pad_id: int = 0) -> tuple[jax.Array, jax.Array]:
-  """Returns the W best continuations of one prompt and their scores.
+  """Returns the BW best continuations of one prompt and their scores.
 
   Args:
-    step_fn: the model, `(params, caches, tokens [W, T], mask [W, T] | None) ->
-      (logits [W, T, V], caches)`. Static: pass the same object each call.
+    step_fn: the model, `(params, caches, tokens [BW, T], mask [BW, T] | None) ->
+      (logits [BW, T, V], caches)`. Static: pass the same object each call.
     params: the model's params (any pytree).
-    caches: the model's caches for batch W: a pytree of `KVCache`s (stacked
+    caches: the model's caches for batch BW: a pytree of `KVCache`s (stacked
       ones too) with max_len >= P + M - 1.
     prompt_tokens: int `[P]` or `[1, P]`, one prompt, every token real.
-    beam_width: W >= 1. W = 1 is greedy decoding (without EOS, or with
+    beam_width: BW >= 1. BW = 1 is greedy decoding (without EOS, or with
       length_penalty 0).
     max_new_tokens: M >= 1.
     length_penalty: the exponent of the length in the score (see the module
@@ -89,9 +89,9 @@ def beam_search(step_fn: StepFn, params: Any, caches: Any, prompt_tokens: Any, *
     pad_id: fills `tokens` after a hypothesis's EOS.
 
   Returns:
-    `(tokens [W, M] int32, scores [W] float32)`, best first: score = summed
-    log-probability / (generated tokens) ** length_penalty. Where fewer than W
-    hypotheses exist (W > V at the first step), the rest score -inf.
+    `(tokens [BW, M] int32, scores [BW] float32)`, best first: score = summed
+    log-probability / (generated tokens) ** length_penalty. Where fewer than BW
+    hypotheses exist (BW > V at the first step), the rest score -inf.
   """
   if not callable(step_fn):
     raise TypeError(f"step_fn should be callable: but got {type(step_fn).__name__}")
@@ -120,8 +120,8 @@ def _search(step_fn, params, caches, prompt, length_penalty, eos_id, pad_id, *, 
   logits, caches = step_fn(params, caches, tokens, None)
   none = jnp.full((w,), -jnp.inf, jnp.float32)
   empty = jnp.full((w, m), pad_id, jnp.int32)
-  # Every row holds the same prompt: only beam 0 may start, or the W beams
-  # would be W copies of the best one.
+  # Every row holds the same prompt: only beam 0 may start, or the BW beams
+  # would be BW copies of the best one.
   beams = _Beams(alive_tokens=empty, alive_scores=none.at[0].set(0.0), done_tokens=empty,
                  done_scores=none)
   select = functools.partial(_select, length_penalty=length_penalty, eos_id=eos_id)
@@ -143,7 +143,7 @@ def _search(step_fn, params, caches, prompt, length_penalty, eos_id, pad_id, *, 
 
 
 def _log_probs(logits):
-  """float32 log-softmax of `[W, V]` logits."""
+  """float32 log-softmax of `[BW, V]` logits."""
   return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
 
 
@@ -153,21 +153,21 @@ def _length_factor(n, length_penalty):
 
 
 def _select(beams: _Beams, logp: jax.Array, i, *, length_penalty, eos_id):
-  """Column i from the live beams' next-token log-probs `[W, V]`.
+  """Column i from the live beams' next-token log-probs `[BW, V]`.
 
-  Returns (beams, chosen [W], parents [W]): the new beams, each survivor's
+  Returns (beams, chosen [BW], parents [BW]): the new beams, each survivor's
   token and the old beam it extends.
   """
   w, v = logp.shape
   c = min(2 * w, w * v)
-  scores, flat = lax.top_k((beams.alive_scores[:, None] + logp).reshape(-1), c)  # [C]
+  scores, flat = lax.top_k((beams.alive_scores[:, None] + logp).reshape(-1), c)  # [BC]
   parent, token = flat // v, flat % v
-  seqs = lax.dynamic_update_index_in_dim(beams.alive_tokens[parent], token, i, axis=1)  # [C, M]
+  seqs = lax.dynamic_update_index_in_dim(beams.alive_tokens[parent], token, i, axis=1)  # [BC, M]
   if eos_id is None:
     ended = jnp.zeros((c,), jnp.bool_)
   else:
     ended = generation.is_eos(token, eos_id)
-  # A continuation ending in EOS is finished if it ranks among the best W (as in
+  # A continuation ending in EOS is finished if it ranks among the best BW (as in
   # Hugging Face); it then competes with the finished ones on its penalised score.
   finished = jnp.where(ended & (jnp.arange(c) < w),
                        scores / _length_factor(i + 1, length_penalty), -jnp.inf)

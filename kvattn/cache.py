@@ -331,9 +331,9 @@ def append(cache: KVCache, k: jax.Array, v: jax.Array,
   `kvattn.cached_attention` checks them once, then calls it.
 
   Keys and values are first cast to the cache's dtype (quantised, for an int8
-  cache), and padding tokens are stored as zeros. The returned copies are what attention must use for the new tokens,
-  so that attending to them now gives the same numbers as attending to them
-  from the cache later.
+  cache), and padding tokens are stored as zeros. The returned copies are
+  what attention must use for the new tokens, so that attending to them now
+  gives the same numbers as attending to them from the cache later.
 
   XLA's dynamic_update_slice clamps an out-of-range start, which would
   silently overwrite the newest entries. So the start is clamped here

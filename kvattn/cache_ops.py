@@ -80,9 +80,9 @@ def rewind(cache: Any, n: Any) -> Any:
   The tokens actually dropped are `cache.lengths - rewind(cache, n).lengths`;
   compare them with n to detect a clamp.
 
-  A ring cache (`init_cache(..., window=W, rewind_room=R)`) drops the tokens
-  by position and keeps its `index` (its slots are reused). It holds S = W + R
-  slots, so from a row that filled them it can drop up to R + 1 tokens and
+  A ring cache (`init_cache(..., window=W, rewind_room=...)`) drops the tokens
+  by position and keeps its `index` (its slots are reused). It holds S = W + rewind_room
+  slots, so from a row that filled them it can drop up to rewind_room + 1 tokens and
   still hold every token the next one must see. More raises when n and the
   lengths are concrete; traced, it sets the sticky `overflow` flag: the
   cache can no longer give exact results.

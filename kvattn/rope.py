@@ -88,7 +88,8 @@ def check_base(base, name: str = "rope_base") -> None:
       raise TypeError(f"{name} should be a positive float: but got dtype {base.dtype}")
     return
   if not _positive_number(base):
-    raise (ValueError if is_real(base) else TypeError)(f"{name} should be a positive float: but got {base!r}")
+    error = ValueError if is_real(base) else TypeError
+    raise error(f"{name} should be a positive float: but got {base!r}")
 
 
 def check_scaling(scaling, name: str = "rope_scaling") -> None:

@@ -106,7 +106,8 @@ def parse_mesh_axes(text: str) -> dict[str, int]:
   return sizes
 
 
-def logical_to_mesh_axes(logical: Sequence[str | None], rules: Rules = DEFAULT_RULES) -> PartitionSpec:
+def logical_to_mesh_axes(logical: Sequence[str | None],
+                         rules: Rules = DEFAULT_RULES) -> PartitionSpec:
   """Returns the PartitionSpec that `rules` give the logical axes of one array.
 
   A logical axis of None is replicated. Raises ValueError if an axis is not in
@@ -210,7 +211,10 @@ def cache_specs(cache: KVCache, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> KVC
 
 def params_specs(params: Mapping[str, Any], mesh: Mesh,
                  rules: Rules = DEFAULT_RULES) -> dict[str, PartitionSpec]:
-  """Returns a dict of PartitionSpecs for attention params, e.g. wq `PartitionSpec(None, "model", None)`."""
+  """Returns a dict of PartitionSpecs for attention params.
+
+  E.g. wq `PartitionSpec(None, "model", None)` under `DEFAULT_RULES`.
+  """
   return tree_specs(params, params_logical_axes(params), mesh, rules, name="params")
 
 

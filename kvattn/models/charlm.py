@@ -7,7 +7,7 @@ float arrays named by their path ("layers/attn/wq"), plus two JSON strings,
 Shape legend:
   B: batch size (number of prompts)
   T: number of characters
-  N: max_new_tokens
+  M: max_new_tokens
 """
 
 from __future__ import annotations
@@ -134,7 +134,7 @@ def generate_text(params: transformer.Params, config: transformer.Config, vocab:
   `quantized_cache` stores the caches' k and v as int8 with float32 scales.
 
   Returns:
-    `(texts, tokens [B, N], lengths [B], timing)`: the continuations only.
+    `(texts, tokens [B, M], lengths [B], timing)`: the continuations only.
   """
   tokens, mask = encode_batch(vocab, prompts)
   if not mask.any(axis=1).all():
@@ -143,6 +143,7 @@ def generate_text(params: transformer.Params, config: transformer.Config, vocab:
                                    quantized=quantized_cache)
   out, lengths, timing = runner.run(
       transformer.step_fn(config), params, caches, tokens, mask, max_new_tokens=max_new_tokens,
-      sampler=sampler, seed=seed, prefill_mode=prefill_mode, chunk_size=chunk_size, on_token=on_token)
+      sampler=sampler, seed=seed, prefill_mode=prefill_mode, chunk_size=chunk_size,
+      on_token=on_token)
   texts = [vocab.decode(row[:n]) for row, n in zip(out, lengths)]
   return texts, out, lengths, timing

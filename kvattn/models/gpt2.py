@@ -9,7 +9,7 @@ uses GELU tanh, a final LayerNorm precedes the unembedding, which is tied to
 Shape legend:
   L: number of layers
   V: vocabulary size
-  W: number of learned positions
+  MP: number of learned positions
   DM: model width
   F: MLP hidden width
   N: number of heads

@@ -7,7 +7,7 @@ each new column to a callback.
 Shape legend:
   B: batch size
   P: padded prompt length
-  N: max_new_tokens
+  M: max_new_tokens
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ def run(step_fn: Callable, params: Any, caches: Any, tokens: np.ndarray, mask: n
   prefill and one decode step.
 
   Returns:
-    `(tokens [B, N], lengths [B], Timing)`, numpy.
+    `(tokens [B, M], lengths [B], Timing)`, numpy.
   """
   key = jax.random.key(seed)
   # The keyword arguments of generation.generate and generate_stream, so that

@@ -24,7 +24,7 @@ Shape legend:
   S: cache capacity (max_len)
   L: number of layers
   V: vocabulary size
-  W: number of learned positions (max_positions)
+  MP: number of learned positions (max_positions)
   DM: model width
   F: MLP hidden width
   N: number of query heads
@@ -68,7 +68,7 @@ class Config(NamedTuple):
     num_kv_heads: K (N must be a multiple of K).
     head_dim: H.
     d_ff: F.
-    max_positions: W learned position embeddings; 0 for none.
+    max_positions: MP learned position embeddings; 0 for none.
     rope_base: None for no RoPE; else the RoPE base.
     tie_embeddings: unembed with the token embedding's transpose.
     activation: one of "gelu_tanh", "gelu", "relu", "silu".
@@ -219,7 +219,7 @@ def init_params(key: jax.Array, config: Config, dtype=jnp.float32) -> Params:
   """Returns random params: embeddings N(0, 0.02), kernels LeCun normal, zero biases.
 
   Layout (leading L on every layer leaf):
-    embed [V, DM]; pos_embed [W, DM] if W; unembed [DM, V] if untied;
+    embed [V, DM]; pos_embed [MP, DM] if MP; unembed [DM, V] if untied;
     ln_f {scale [DM], bias [DM] (layer_norm only)};
     layers: ln1, ln2 {scale, bias} [L, DM]; attn (kvattn params) wq [L, DM, N, H],
       wk/wv [L, DM, K, H], wo [L, N, H, DM], biases bq [L, N, H], bk/bv [L, K, H]
