@@ -33,7 +33,7 @@ from kvattn.layer import self_attention
 from kvattn.params import init_params
 from kvattn.stack import scan_layers
 
-__version__ = "0.2.0"
+__version__ = "0.3.0"
 
 __all__ = [
     "Generation",

@@ -45,8 +45,8 @@ from kvattn import cache_ops
 from kvattn import generation
 from kvattn._cache_tree import check_caches, map_caches
 from kvattn._checks import check_positive_ints, is_real
+from kvattn.generation import StepFn
 
-StepFn = generation.StepFn
 
 
 class _Beams(NamedTuple):

@@ -49,6 +49,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 import numpy as np
 
 from kvattn import layout
+from kvattn._cache_tree import check_tree
 from kvattn.cache import KVCache
 
 MeshAxes = str | tuple[str, ...] | None
@@ -127,15 +128,18 @@ def logical_to_mesh_axes(logical: Sequence[str | None],
   return PartitionSpec(*spec)
 
 
-def cache_logical_axes(cache: KVCache) -> KVCache:
+def cache_logical_axes(cache: Any) -> Any:
   """Returns a KVCache whose leaves are the logical axes (a PartitionSpec of names) of cache's.
 
   `cache` may hold arrays or `jax.ShapeDtypeStruct`s, and may be stacked with
-  leading L axes (named "layers"). Fields that are None stay None. A field
-  not listed here takes k's logical axes for as many dimensions as it has.
+  leading L axes (named "layers"); it may also be any pytree of caches (a
+  model's tuple of stacks), giving the same pytree of such KVCaches. Fields
+  that are None stay None. A field not listed here takes k's logical axes for
+  as many dimensions as it has.
   """
   if not isinstance(cache, KVCache):
-    raise TypeError(f"cache should be a kvattn.KVCache: but got {type(cache).__name__}")
+    check_tree("cache", cache)
+    return jax.tree.map(cache_logical_axes, cache, is_leaf=lambda x: isinstance(x, KVCache))
   lead = _ndim("cache.k", cache.k) - len(_CACHE_AXES["k"])
   if lead < 0:
     raise ValueError(f"cache.k shape should be (..., B, S, K, H): but got {cache.k.shape}")
@@ -204,8 +208,11 @@ def tree_specs(tree: Any, logical: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES
   return jax.tree_util.tree_map_with_path(one, logical, tree, is_leaf=_is_spec)
 
 
-def cache_specs(cache: KVCache, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> KVCache:
-  """Returns a KVCache of PartitionSpecs, e.g. k `PartitionSpec("data", None, "model", None)`."""
+def cache_specs(cache: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
+  """Returns a KVCache of PartitionSpecs, e.g. k `PartitionSpec("data", None, "model", None)`.
+
+  For any pytree of caches, the same pytree of such KVCaches.
+  """
   return tree_specs(cache, cache_logical_axes(cache), mesh, rules, name="cache")
 
 
@@ -224,8 +231,8 @@ def named(specs: Any, mesh: Mesh) -> Any:
                       is_leaf=_is_spec)
 
 
-def cache_shardings(cache: KVCache, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> KVCache:
-  """Returns a KVCache of NamedShardings (for `jax.jit` in/out_shardings)."""
+def cache_shardings(cache: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
+  """Returns a KVCache of NamedShardings (for `jax.jit` in/out_shardings); a pytree for a pytree."""
   return named(cache_specs(cache, mesh, rules), mesh)
 
 

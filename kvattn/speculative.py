@@ -57,8 +57,8 @@ from kvattn import masks
 from kvattn import sampling
 from kvattn._cache_tree import check_caches, map_caches
 from kvattn._checks import check_mask, check_positive_ints, check_shape
+from kvattn.generation import StepFn
 
-StepFn = generation.StepFn
 
 
 class Stats(NamedTuple):

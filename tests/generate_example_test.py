@@ -128,7 +128,7 @@ def test_quantized_cache_is_int8_and_keeps_the_bundled_greedy_tokens(greedy_toke
   monkeypatch.setattr(runner, "run", spy)
   _, tokens, _, _ = charlm.generate_text(*model, PROMPTS, max_new_tokens=N, sampler=GREEDY,
                                          quantized_cache=True)
-  assert seen[0].k.dtype == np.int8 and seen[0].k_scale.dtype == np.float32
+  assert seen[0][0].k.dtype == np.int8 and seen[0][0].k_scale.dtype == np.float32
   np.testing.assert_array_equal(tokens, greedy_tokens["one_pass"])
 
 

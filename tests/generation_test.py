@@ -166,7 +166,7 @@ def test_eos_on_the_transformer_and_in_the_stream():
     np.testing.assert_array_equal(out.tokens[b, stop:], 0)
     assert int(out.lengths[b]) == stop
   # One cache slot per decode step, and the loop ran until the last row stopped.
-  np.testing.assert_array_equal(out.caches.index,
+  np.testing.assert_array_equal(out.caches[0].index,
                                 [P + int(np.max(out.lengths)) - 1] * CONFIG.num_layers)
 
   # The stream stops at the same point and yields the same columns.
@@ -242,7 +242,7 @@ def test_ten_thousand_tokens_one_compilation_flat_memory_overflow_at_capacity():
       compiled[0] + 1, compiled[1] + 1)
   assert int(out.lengths[0]) == new_tokens and np.all((out.tokens >= 0) & (out.tokens < 16))
   assert not bool(kvattn.overflowed(out.caches).any())
-  np.testing.assert_array_equal(out.caches.index, [3 + new_tokens - 1])
+  np.testing.assert_array_equal(out.caches[0].index, [3 + new_tokens - 1])
   # Exactly full: one more token does not fit, and is reported.
   step = jax.jit(step_fn)
   logits, full = step(params, out.caches, out.tokens[:, -1:], None)
@@ -296,10 +296,10 @@ def test_a_stream_of_prompt_lengths_compiles_once_per_bucket_with_the_same_token
     np.testing.assert_array_equal(out.tokens, plain.tokens, err_msg=f"P={n}")
     # The padding takes cache slots, not positions: the same real tokens, further on.
     bucket = 16 if n <= 16 else 32
-    np.testing.assert_array_equal(out.caches.index, [bucket + BUCKET_N - 1] * CONFIG.num_layers)
-    np.testing.assert_array_equal(plain.caches.index, [n + BUCKET_N - 1] * CONFIG.num_layers)
-    np.testing.assert_array_equal(out.caches.lengths, plain.caches.lengths)
-    np.testing.assert_array_equal(out.caches.valid.sum(-1), plain.caches.valid.sum(-1))
+    np.testing.assert_array_equal(out.caches[0].index, [bucket + BUCKET_N - 1] * CONFIG.num_layers)
+    np.testing.assert_array_equal(plain.caches[0].index, [n + BUCKET_N - 1] * CONFIG.num_layers)
+    np.testing.assert_array_equal(out.caches[0].lengths, plain.caches[0].lengths)
+    np.testing.assert_array_equal(out.caches[0].valid.sum(-1), plain.caches[0].valid.sum(-1))
 
 
 @pytest.mark.slow
@@ -310,7 +310,7 @@ def test_the_stream_pads_to_the_same_bucket():
   with compiles.compilations("start") as compiled:
     out = _generate(CONFIG, params, tokens, mask, max_new_tokens=n, max_len=BUCKET_MAX_LEN)
   assert len(compiled) == 1
-  np.testing.assert_array_equal(out.caches.index, [16 + n - 1] * CONFIG.num_layers)
+  np.testing.assert_array_equal(out.caches[0].index, [16 + n - 1] * CONFIG.num_layers)
   caches = transformer.init_caches(CONFIG, 2, BUCKET_MAX_LEN)
   with compiles.compilations("start") as compiled:
     # jax arrays are padded with jax (numpy ones stay numpy); the same compilation.
@@ -330,7 +330,7 @@ def test_prompts_keep_their_length_where_no_bucket_fits_the_caches():
   for buckets, width in [(generation.DEFAULT_PROMPT_BUCKETS, P), ((4, 8, 12), 8), ((4, 16), P)]:
     out = _generate(CONFIG, params, tokens, mask, max_len=max_len, prompt_buckets=buckets)
     np.testing.assert_array_equal(out.tokens, plain.tokens, err_msg=str(buckets))
-    np.testing.assert_array_equal(out.caches.index, [width + N - 1] * CONFIG.num_layers)
+    np.testing.assert_array_equal(out.caches[0].index, [width + N - 1] * CONFIG.num_layers)
     assert not bool(kvattn.overflowed(out.caches).any())
 
 
@@ -368,7 +368,7 @@ def test_buckets_count_the_slots_a_cache_already_holds():
                              prompt_buckets=None, **kw)
   got = generation.generate(transformer.step_fn(CONFIG), params, caches, tokens, mask, **kw)
   np.testing.assert_array_equal(got.tokens, want.tokens)
-  assert not np.any(np.asarray(got.caches.overflow))
+  assert not np.any(np.asarray(got.caches[0].overflow))
   with pytest.raises(ValueError, match=r"caches have 15 free slots .* too few for P \+ "
                      r"max_new_tokens - 1 = 5 \+ 12 - 1 = 16"):
     generation.generate(transformer.step_fn(CONFIG), params, caches, tokens, mask,

@@ -560,7 +560,7 @@ def test_quantized_caches_hold_int8_and_keep_the_greedy_tokens(tmp_path, monkeyp
   ids, _ = runner.generate_ids(params, config, prompt, max_new_tokens=8,
                                sampler=sampling.Sampler(), eos_id=LLAMA["eos_token_id"],
                                quantized_cache=True)
-  assert seen[0].k.dtype == jnp.int8 and seen[0].k_scale.dtype == jnp.float32
+  assert seen[0][0].k.dtype == jnp.int8 and seen[0][0].k_scale.dtype == jnp.float32
   np.testing.assert_array_equal(ids, _greedy_numpy(LLAMA, weights, prompt, 8))
   # bfloat16 params with an int8 cache (float32 scales): run by
   # test_main_runs_both_layouts_with_and_without_a_tokenizer (--dtype=bfloat16 --quantized_cache).

@@ -124,7 +124,7 @@ def test_generate_donating_equals_not_donating():
   donated = kvattn.generate(transformer.step_fn(c), params, caches, prompts, prompts != 0,
                             donate_caches=True, **kw)
   np.testing.assert_array_equal(donated.tokens, plain.tokens)
-  assert caches.k.is_deleted()
+  assert caches[0].k.is_deleted()
 
 
 def test_unstacked_bfloat16_model_multiplies_its_weights_as_bfloat16():

@@ -188,8 +188,15 @@ def test_dimensions_that_do_not_divide_raise():
 
 def test_malformed_trees_raise_naming_the_argument():
   mesh = _mesh()
-  with pytest.raises(TypeError, match="cache should be a kvattn.KVCache: but got tuple"):
+  with pytest.raises(TypeError, match="cache should be a KVCache or a pytree whose leaves are "
+                                      "all in KVCaches: but got ndarray"):
     sharding.cache_specs((np.zeros((B, S, 4, H)),), mesh)
+  # A pytree of caches (a model's tuple of stacks) gives the same pytree of specs.
+  one = kvattn.init_cache(B, S, 4, H)
+  ring = kvattn.init_cache(B, S, 4, H, window=4)
+  specs = sharding.cache_specs((one, {"local": ring}), mesh)
+  assert specs[0] == sharding.cache_specs(one, mesh)
+  assert specs[1]["local"] == sharding.cache_specs(ring, mesh) and specs[1]["local"].window == 4
   with pytest.raises(ValueError, match=r"cache.k shape should be \(..., B, S, K, H\)"):
     sharding.cache_specs(kvattn.init_cache(B, S, 4, H)._replace(k=np.zeros((B, S, 4))), mesh)
   with pytest.raises(ValueError, match=r"params has unknown keys \['w_in'\]"):

@@ -81,8 +81,9 @@ def test_init_shapes_and_stacked_caches():
   assert layers["mlp"]["w_in"].shape == (3, 32, 64)
   assert params["unembed"].shape == (32, 40) and "pos_embed" not in params
   assert "bq" not in layers["attn"] and "b_in" not in layers["mlp"]
-  caches = transformer.init_caches(ROPE_GQA, 2, 9)
-  assert caches.k.shape == (3, 2, 9, 2, 8) and caches.index.shape == (3,)
+  caches = transformer.init_caches(ROPE_GQA, 2, 9)  # One run of layers: a tuple of one stack.
+  assert len(caches) == 1
+  assert caches[0].k.shape == (3, 2, 9, 2, 8) and caches[0].index.shape == (3,)
   assert transformer.step_fn(ROPE_GQA) is transformer.step_fn(ROPE_GQA)
 
 

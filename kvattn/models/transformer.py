@@ -268,15 +268,16 @@ def init_params(key: jax.Array, config: Config, dtype=jnp.float32) -> Params:
 @functools.partial(jax.jit, static_argnames=("config", "batch", "max_len", "dtype",
                                              "rewind_room", "quantized"))
 def init_caches(config: Config, batch: int, max_len: int, dtype=jnp.float32,
-                rewind_room: int = 0, quantized: bool = False
-                ) -> kvattn.KVCache | tuple[kvattn.KVCache, ...]:
-  """Returns one `KVCache` for all layers: every leaf has a leading L axis.
+                rewind_room: int = 0, quantized: bool = False) -> tuple[kvattn.KVCache, ...]:
+  """Returns a tuple of stacked `KVCache`s, one per run of layers sharing a window.
 
-  k, v are `[L, B, S, K, H]`, valid `[L, B, S]`, lengths `[L, B]`, index and
-  overflow `[L]`. With `config.sliding_window` = W they are ring caches of
-  S = W + rewind_room slots, max_len bounding the positions. With a mixed
-  `window_pattern`, a tuple of such caches, one per run of layers sharing a
-  window (`layer_runs`), each with the run's layers on its leading axis.
+  Always a tuple (of one stack, for a model whose layers share one window):
+  `caches[i]` is the stack of run i of `layer_runs(config)`, every leaf with
+  that run's layers on a leading axis: k, v `[L, B, S, K, H]`, valid
+  `[L, B, S]`, lengths `[L, B]`, index and overflow `[L]`. Layers with a
+  window W (`sliding_window`, `window_pattern`) get ring caches of
+  S = W + rewind_room slots, max_len bounding the positions; global layers
+  linear caches of S = max_len.
   `quantized=True` stores k and v as int8 with float32 scales (dtype must
   then be float32; see `kvattn.init_cache`). `step` updates every stack in
   place (`kvattn.scan_layers`).
@@ -287,21 +288,19 @@ def init_caches(config: Config, batch: int, max_len: int, dtype=jnp.float32,
                             rewind_room=rewind_room if window else 0)
     return jax.tree.map(lambda a: jnp.stack([a] * count), one)
 
-  runs = layer_runs(config)
-  if len(runs) == 1:
-    return stack(runs[0][0], config.num_layers)
-  return tuple(stack(window, stop - start) for window, start, stop in runs)
+  return tuple(stack(window, stop - start) for window, start, stop in layer_runs(config))
 
 
-def step(params: Params, caches: kvattn.KVCache, tokens: jax.Array,
+def step(params: Params, caches: Any, tokens: jax.Array,
          mask: jax.Array | None, *, config: Config,
-         logits_at: jax.Array | None = None) -> tuple[jax.Array, kvattn.KVCache]:
+         logits_at: jax.Array | None = None) -> tuple[jax.Array, Any]:
   """Runs T new tokens through the model with caches: the `step_fn` of `kvattn.generate`.
 
   Args:
     params: see `init_params`.
-    caches: from `init_caches` (leading L axis; a tuple of stacks, one per run
-      of layers, for a mixed `window_pattern`).
+    caches: `init_caches`' tuple of stacks (one per run of layers sharing a
+      window); a single stack is taken too where there is one run, and
+      returned as such.
     tokens: int `[B, T]` token ids in [0, V) (any id at padding). Ids out of
       range cannot raise under jit: they are clipped to [0, V - 1] (never NaN);
       `kvattn.generate` refuses them in concrete prompts.
@@ -315,13 +314,17 @@ def step(params: Params, caches: kvattn.KVCache, tokens: jax.Array,
 
   Returns:
     `(logits [B, T, V] float32, new caches)`; logits are zeros at padding.
-    With learned positions (`max_positions` W), a real token at position W or
-    later gets position W - 1's embedding and sets every cache's sticky
+    With learned positions (`max_positions` MP), a real token at position MP
+    or later gets position MP - 1's embedding and sets every cache's sticky
     `overflow` flag (`kvattn.overflowed`): its logits are not the model's.
   """
   b, t = _check_tokens(tokens, mask)
   runs = layer_runs(config)
-  stacks = (caches,) if len(runs) == 1 else tuple(caches)
+  single = isinstance(caches, kvattn.KVCache)  # One stack, as init_caches made before 0.3.
+  stacks = (caches,) if single else tuple(caches)
+  if len(stacks) != len(runs):
+    raise ValueError(f"caches should be init_caches' tuple of {len(runs)} stacks (one per run "
+                     f"of layers sharing a window): but got {len(stacks)}")
   positions = kvattn.token_positions(kvattn.layer_view(stacks[0], 0), mask,
                                      num_tokens=t)  # [B, T]
   h = _embed(params, tokens, positions, config, mask)
@@ -338,7 +341,7 @@ def step(params: Params, caches: kvattn.KVCache, tokens: jax.Array,
     # The stack is carried and each layer's slots read and written in place.
     h, stack = kvattn.scan_layers(body, h, layers, stack)
     new.append(stack)
-  caches = new[0] if len(runs) == 1 else tuple(new)
+  caches = new[0] if single else tuple(new)
   if config.max_positions:  # Past the learned positions: reported as an overflow.
     real = jnp.ones((b, t), jnp.bool_) if mask is None else mask
     past = jnp.any(real & (positions >= config.max_positions))
