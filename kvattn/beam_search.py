@@ -104,6 +104,8 @@ def beam_search(step_fn: StepFn, params: Any, caches: Any, prompt_tokens: Any, *
   p = prompt.shape[1]
   check_caches("caches", caches, beam_width, p + max_new_tokens - 1,
                f"P + M - 1 = {p} + {max_new_tokens} - 1")
+  generation.check_prompt_values(step_fn, caches, prompt, jnp.ones(prompt.shape, jnp.bool_),
+                                 max_new_tokens)
   eos = None if eos_id is None else jnp.concatenate(
       [jnp.asarray(i, jnp.int32).reshape(-1) for i in jax.tree.leaves(eos_id)])
   return _search(step_fn, params, caches, prompt, jnp.asarray(length_penalty, jnp.float32), eos,

@@ -430,7 +430,7 @@ def _prepare(step_fn, caches, tokens, mask, *, sampler, key, eos_id, pad_id, max
                        f"draws at random: but got None with sampler={sampler!r}")
     key = jax.random.key(0)  # Never used: greedy draws nothing.
   if is_concrete(tokens) and is_concrete(mask):
-    _check_prompt_values(step_fn, found, np.asarray(tokens), np.asarray(mask), max_new_tokens)
+    check_prompt_values(step_fn, caches, tokens, mask, max_new_tokens)
   return tokens, mask, sampler, key
 
 
@@ -446,8 +446,17 @@ def _as_array(name, x):
   return x
 
 
-def _check_prompt_values(step_fn, caches, tokens, mask, max_new_tokens):
-  """Refuses concrete prompts the model cannot run: empty rows, ids past V, too many positions."""
+def check_prompt_values(step_fn, caches, tokens, mask, max_new_tokens) -> None:
+  """Refuses concrete prompts the model cannot run: empty rows, ids past V, too many positions.
+
+  The rule of every decoding loop: ids are checked against the step_fn's
+  `vocab_size` and the positions against its `max_positions`, where it has
+  them. Traced prompts are not checked (nothing can raise under jit).
+  """
+  if not (is_concrete(tokens) and is_concrete(mask)):
+    return
+  tokens, mask = np.asarray(tokens), np.asarray(mask)
+  caches = caches_in(caches)
   empty = np.flatnonzero(~mask.any(axis=1))
   if empty.size:
     raise ValueError(f"prompt_mask should mark at least one real token in every row: but "

@@ -290,6 +290,8 @@ def speculative_generate(target_step_fn: StepFn, target_params: Any, target_cach
          else f"P + (M - 1)(k + 1) = {p} + {m - 1} * {k + 1}")
   check_caches("target_caches", target_caches, b, needed, why, rewind=num_draft)
   check_caches("draft_caches", draft_caches, b, needed, why, rewind=num_draft)
+  for step_fn, caches in ((target_step_fn, target_caches), (draft_step_fn, draft_caches)):
+    generation.check_prompt_values(step_fn, caches, prompt_tokens, prompt_mask, max_new_tokens)
   state = start(target_step_fn, target_params, target_caches, draft_step_fn, draft_params,
                 draft_caches, prompt_tokens, prompt_mask, max_new_tokens=max_new_tokens,
                 num_draft=num_draft)

@@ -143,6 +143,8 @@ def _bad(**kw):
     (_bad(prompt_tokens=np.ones((0,), np.int32)), ValueError,
      r"prompt_tokens should hold at least one token"),
     (_bad(length_penalty="1"), ValueError, r"length_penalty should be a real number"),
+    (_bad(prompt_tokens=np.array([1, -1, 2], np.int32)), ValueError,
+     r"prompt_tokens should be ids in \[0, V\)=\[0, 98\): but got -1 at row 0, column 1"),
     (_bad(eos_id=1.5), ValueError, r"eos_id should be None, an int or a non-empty list of ints: but got 1.5"),
     (_bad(caches=[np.zeros((2, 6, 4, 32))]), TypeError,
      r"caches should be a KVCache or a pytree whose leaves are all in KVCaches: but got ndarray"),

@@ -215,6 +215,11 @@ def _bad(**kw):
      r"target_caches max_len should be at least P \+ \(M - 1\)\(k \+ 1\) = 3 \+ 29 \* 3 = 90: "
      r"but got S=40"),
     (_bad(draft_step_fn=None), TypeError, r"draft_step_fn should be callable: but got NoneType"),
+    # The prompt rules of generate: ids within the vocabulary, a real token in every row.
+    (_bad(prompt_tokens=np.array([[1, 2, 3], [4, 5, 98]], np.int32)), ValueError,
+     r"prompt_tokens should be ids in \[0, V\)=\[0, 98\): but got 98 at row 1, column 2"),
+    (_bad(prompt_mask=np.array([[1, 1, 1], [0, 0, 0]], bool)), ValueError,
+     r"prompt_mask should mark at least one real token in every row: but rows \[1\]"),
     (_bad(target_caches={"k": np.zeros((2, 40, 1, 8))}), TypeError,
      r"target_caches should be a KVCache or a pytree whose leaves are all in KVCaches"),
 ])
