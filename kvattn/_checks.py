@@ -30,8 +30,9 @@ def check_shape(name: str, x: Any, legend: str, expected: tuple[int | None, ...]
   ok = actual is not None and len(actual) == len(expected) and all(
       e is None or a == e for a, e in zip(actual, expected))
   if not ok:
-    raise ValueError(
-        f"{name} shape should be {legend}={tuple(expected)}: but got {actual}")
+    got = (f"a Python {type(x).__name__} (pass an array, e.g. np.asarray({name}))"
+           if isinstance(x, (list, tuple)) else actual)
+    raise ValueError(f"{name} shape should be {legend}={tuple(expected)}: but got {got}")
 
 
 def is_int(x: Any) -> bool:

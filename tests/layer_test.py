@@ -286,6 +286,8 @@ def _setup():
     (lambda p, c, x: (p, c, jnp.ones((3, 3, DM))), r"x shape should be \(B, T, DM\)=\(2,"),
     (lambda p, c, x: (p, c, jnp.ones((2, 0, DM))), r"T >= 1"),
     (lambda p, c, x: (p, c, jnp.ones((2, DM))), r"x shape"),
+    (lambda p, c, x: (p, c, [[[1.0] * DM] * 3] * 2),
+     r"x shape should be \(B, T, DM\)=\(2, None, 16\): but got a Python list \(pass an array"),
     (lambda p, c, x: (p, c, jnp.ones((2, 9, DM))), r"max_len S=8"),
     (lambda p, c, x: ({**p, "wk": p["wk"][:, :1]}, c, x), r"params\['wk'\] shape should be"),
     (lambda p, c, x: ({**p, "wo": p["wo"][:, :, :3]}, c, x), r"params\['wo'\] shape should be"),
