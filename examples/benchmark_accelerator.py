@@ -83,7 +83,7 @@ def tables(cfg, fills, rounds, copy_gbs) -> list[tuple]:
   b, n, kv_heads, h, s, t, dtype = cfg
   device = jax.devices()[0]
   spec = hbm_spec(device)
-  implementations = sorted(kvattn.attention.IMPLEMENTATIONS)
+  implementations = sorted(kvattn.attention.BACKENDS)
   goals = []
   for kh in kv_heads:
     goals += _decode_kernel_table(b, n, kh, h, s, fills, dtype, rounds, copy_gbs, spec,

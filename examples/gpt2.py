@@ -56,12 +56,15 @@ _QUANTIZED_CACHE = flags.DEFINE_bool(
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  runner.main_for_checkpoint(
-      functools.partial(loaders.load, dtype=_DTYPES[_DTYPE.value]),
-      checkpoint=_CHECKPOINT.value, prompt=_PROMPT.value, prompt_ids=_PROMPT_IDS.value,
-      max_new_tokens=_MAX_NEW_TOKENS.value,
-      sampler=sampling.Sampler(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value),
-      seed=_SEED.value, print_ids=_PRINT_IDS.value, quantized_cache=_QUANTIZED_CACHE.value)
+  try:
+    runner.main_for_checkpoint(
+        functools.partial(loaders.load, dtype=_DTYPES[_DTYPE.value]),
+        checkpoint=_CHECKPOINT.value, prompt=_PROMPT.value, prompt_ids=_PROMPT_IDS.value,
+        max_new_tokens=_MAX_NEW_TOKENS.value,
+        sampler=sampling.Sampler(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value),
+        seed=_SEED.value, print_ids=_PRINT_IDS.value, quantized_cache=_QUANTIZED_CACHE.value)
+  except runner.UsageError as error:
+    raise app.UsageError(str(error)) from error
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ int32, so each function compiles once and serves every position.
 """
 
 from kvattn import beam_search
+from kvattn import decoding
 from kvattn import generation
 from kvattn import masks
 from kvattn import quant
@@ -15,6 +16,7 @@ from kvattn import sampling
 from kvattn import sharding
 from kvattn import speculative
 from kvattn.attention import cached_attention
+from kvattn.attention import dot_product_attention
 from kvattn.cache import KVCache
 from kvattn.cache import init_cache
 from kvattn.cache import layer_view
@@ -23,7 +25,6 @@ from kvattn.cache import stack_of
 from kvattn.cache import token_positions
 from kvattn.cache_ops import reorder
 from kvattn.cache_ops import rewind
-from kvattn.dot_product import dot_product_attention
 from kvattn.generation import Generation
 from kvattn.generation import generate
 from kvattn.generation import generate_stream
@@ -41,6 +42,7 @@ __all__ = [
     "beam_search",
     "cached_attention",
     "decode_step",
+    "decoding",
     "dot_product_attention",
     "generate",
     "generate_stream",

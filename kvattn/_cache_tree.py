@@ -15,7 +15,7 @@ Shape legend:
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 
@@ -32,6 +32,44 @@ def _is_cache(x: Any) -> bool:
 def caches_in(caches: Any) -> list[KVCache]:
   """The `KVCache`s in a pytree, in leaf order."""
   return [c for c in jax.tree.leaves(caches, is_leaf=_is_cache) if _is_cache(c)]
+
+
+class Room(NamedTuple):
+  """One `KVCache`'s room: what a row can take, and the counters of what it has taken.
+
+  Fields:
+    batch: B, the cache's rows.
+    ring: True for a ring cache.
+    capacity: the tokens a row can take: S slots of a linear cache, a ring's
+      `max_positions` (its slots are reused). Static.
+    used: the counter of `capacity` taken: int32 `index` `[]` (slots written)
+      of a linear cache, `lengths` `[B]` (positions) of a ring; with the
+      stacking axes in front. Maybe traced.
+    lengths: int32 `[B]` real tokens per row, with the stacking axes in
+      front. Maybe traced.
+  """
+
+  batch: int
+  ring: bool
+  capacity: int
+  used: Any
+  lengths: Any
+
+
+def rooms(caches: Any) -> list[Room]:
+  """The `Room` of each `KVCache` in a pytree, in leaf order.
+
+  The one walk of the decoding loops over their caches' room: `check_caches`
+  here, and `kvattn.decoding.capacity` and `max_len` for `kvattn.generate`.
+  """
+  return [_room(c) for c in caches_in(caches)]
+
+
+def _room(cache: KVCache) -> Room:
+  ring = cache.ring
+  return Room(batch=cache.batch_size, ring=ring,
+              capacity=cache.max_positions if ring else cache.num_slots,
+              used=cache.lengths if ring else cache.index, lengths=cache.lengths)
 
 
 def map_caches(edit: Callable[[KVCache, Any], KVCache], caches: Any, arg: Any) -> Any:
@@ -81,25 +119,23 @@ def check_caches(name: str, caches: Any, batch: int, needed: int, why: str,
   `rewind` tokens exactly (`rewind_room >= rewind - 1`).
   """
   for cache in check_tree(name, caches):
-    shape = cache.k.shape
-    b, s = shape[-4], shape[-3]
-    if b != batch:
-      raise ValueError(f"{name} batch size should be B={batch}: but got {b} (k shape {shape})")
-    if cache.ring:
-      _check_ring(name, cache, needed, why, rewind)
-    elif s < needed:
-      raise ValueError(f"{name} max_len should be at least {why} = {needed}: but got S={s}")
+    room = _room(cache)
+    if room.batch != batch:
+      raise ValueError(f"{name} batch size should be B={batch}: but got {room.batch} (k shape "
+                       f"{cache.k.shape})")
+    if room.capacity < needed:
+      what = "max_len (a ring's max_positions)" if room.ring else "max_len"
+      got = room.capacity if room.ring else f"S={room.capacity}"
+      raise ValueError(f"{name} {what} should be at least {why} = {needed}: but got {got}")
+    if room.ring:
+      _check_rewind(name, cache, rewind)
 
 
-def _check_ring(name: str, cache: KVCache, needed: int, why: str, rewind: int) -> None:
-  """The room of a ring cache: its max_positions and, to rewind, its rewind_room."""
-  max_positions = cache.max_positions
-  if max_positions < needed:
-    raise ValueError(f"{name} max_len (a ring's max_positions) should be at least {why} = "
-                     f"{needed}: but got {max_positions}")
-  slots = cache.k.shape[-3]
+def _check_rewind(name: str, cache: KVCache, rewind: int) -> None:
+  """A ring cache's rewind_room, enough to rewind `rewind` tokens exactly."""
+  slots = cache.num_slots
   room = slots - cache.window
   # A ring that never wraps (slots >= max_positions) rewinds any count exactly.
-  if rewind and slots < max_positions and room < rewind - 1:
+  if rewind and slots < cache.max_positions and room < rewind - 1:
     raise ValueError(f"{name} is a ring cache: its rewind_room should be at least {rewind - 1} "
                      f"to rewind {rewind} tokens exactly: but got {room}")

@@ -1,10 +1,11 @@
 """Beam search for one prompt with any model whose attention keeps kvattn caches.
 
-The model is a `step_fn`, as for `kvattn.generate`: `(params, caches, tokens
-[B, T], mask [B, T] | None) -> (logits [B, T, V], caches)`, run here at batch
-BW, one row per beam. The prompt is prefilled once, repeated BW times; then each
-step scores every continuation of every live beam, beam score + log p(token),
-keeps the best, gathers the caches' rows to follow each survivor's parent beam
+The model is a `step_fn`, the contract of `kvattn.decoding` (as for
+`kvattn.generate`): `(params, caches, tokens [B, T], mask [B, T] | None) ->
+(logits [B, T, V], caches)`, run here at batch BW, one row per beam. The
+prompt is prefilled once, repeated BW times; then each step scores every
+continuation of every live beam, beam score + log p(token), keeps the best,
+gathers the caches' rows to follow each survivor's parent beam
 (`kvattn.reorder`) and feeds the chosen tokens. Everything runs in one
 compiled function (a `lax.fori_loop` over the steps), once per shape and
 static setting (step_fn, BW, M); the length penalty, eos_id and pad_id are
@@ -42,11 +43,10 @@ import jax.numpy as jnp
 from jax import lax
 
 from kvattn import cache_ops
-from kvattn import generation
+from kvattn import decoding
 from kvattn._cache_tree import check_caches, map_caches
 from kvattn._checks import check_positive_ints, is_real
-from kvattn.generation import StepFn
-
+from kvattn.decoding import StepFn
 
 
 class _Beams(NamedTuple):
@@ -93,21 +93,18 @@ def beam_search(step_fn: StepFn, params: Any, caches: Any, prompt_tokens: Any, *
     log-probability / (generated tokens) ** length_penalty. Where fewer than BW
     hypotheses exist (BW > V at the first step), the rest score -inf.
   """
-  if not callable(step_fn):
-    raise TypeError(f"step_fn should be callable: but got {type(step_fn).__name__}")
-  prompt = _check_prompt(prompt_tokens)
+  decoding.check_step_fn(step_fn)
+  prompt, mask = _check_prompt(prompt_tokens)
   check_positive_ints(beam_width=beam_width, max_new_tokens=max_new_tokens)
   if not is_real(length_penalty):
     raise ValueError(f"length_penalty should be a real number: but got {length_penalty!r}")
-  generation.check_eos(eos_id)
-  generation.check_pad(pad_id)
+  decoding.check_eos(eos_id)
+  decoding.check_pad(pad_id)
   p = prompt.shape[1]
   check_caches("caches", caches, beam_width, p + max_new_tokens - 1,
                f"P + M - 1 = {p} + {max_new_tokens} - 1")
-  generation.check_prompt_values(step_fn, caches, prompt, jnp.ones(prompt.shape, jnp.bool_),
-                                 max_new_tokens)
-  eos = None if eos_id is None else jnp.concatenate(
-      [jnp.asarray(i, jnp.int32).reshape(-1) for i in jax.tree.leaves(eos_id)])
+  decoding.check_prompt_values(step_fn, caches, prompt, mask, max_new_tokens)
+  eos = None if eos_id is None else decoding.eos_ids(eos_id)
   return _search(step_fn, params, caches, prompt, jnp.asarray(length_penalty, jnp.float32), eos,
                  jnp.asarray(pad_id, jnp.int32), beam_width=beam_width,
                  max_new_tokens=max_new_tokens)
@@ -168,7 +165,7 @@ def _select(beams: _Beams, logp: jax.Array, i, *, length_penalty, eos_id):
   if eos_id is None:
     ended = jnp.zeros((c,), jnp.bool_)
   else:
-    ended = generation.is_eos(token, eos_id)
+    ended = decoding.is_eos(token, eos_id)
   # A continuation ending in EOS is finished if it ranks among the best BW (as in
   # Hugging Face); it then competes with the finished ones on its penalised score.
   finished = jnp.where(ended & (jnp.arange(c) < w),
@@ -181,13 +178,16 @@ def _select(beams: _Beams, logp: jax.Array, i, *, length_penalty, eos_id):
   return beams, token[keep], parent[keep]
 
 
-def _check_prompt(prompt_tokens) -> jax.Array:
-  """prompt_tokens `[P]` or `[1, P]`, integer, P >= 1 -> `[1, P]`."""
+def _check_prompt(prompt_tokens) -> tuple[jax.Array, jax.Array]:
+  """prompt_tokens `[P]` or `[1, P]`, integer, P >= 1 -> (tokens `[1, P]`, mask `[1, P]`).
+
+  One prompt, every token real; past its shape, the prompt rules of every
+  decoding loop (`kvattn.decoding.check_prompts`).
+  """
   shape = getattr(prompt_tokens, "shape", None)
   if shape is None or not (len(shape) == 1 or (len(shape) == 2 and shape[0] == 1)):
     raise ValueError(f"prompt_tokens shape should be (P,) or (1, P): but got {shape}")
-  if not jnp.issubdtype(prompt_tokens.dtype, jnp.integer):
-    raise ValueError(f"prompt_tokens dtype should be an integer: but got {prompt_tokens.dtype}")
-  if shape[-1] < 1:
-    raise ValueError(f"prompt_tokens should hold at least one token: but got shape {shape}")
-  return jnp.asarray(prompt_tokens).reshape(1, shape[-1])
+  prompt = prompt_tokens.reshape(1, shape[-1])
+  mask = jnp.ones(prompt.shape, jnp.bool_)
+  decoding.check_prompts(prompt, mask)
+  return jnp.asarray(prompt), mask

@@ -151,7 +151,7 @@ def init_cache(
   check_positive_ints(batch=batch, max_len=max_len, num_kv_heads=num_kv_heads,
                       head_dim=head_dim)
   if not isinstance(quantized, bool):
-    raise TypeError(f"quantized should be a bool: but got {quantized!r}")
+    raise ValueError(f"quantized should be a bool: but got {quantized!r}")
   dtype = jnp.dtype(dtype)
   if not jnp.issubdtype(dtype, jnp.floating):
     raise ValueError(f"dtype should be a floating dtype: but got {dtype}")

@@ -255,5 +255,5 @@ def _as_int_array(name: str, x: Any):
   if not hasattr(x, "dtype"):
     x = np.asarray(x)
   if x.dtype == jnp.bool_ or not jnp.issubdtype(x.dtype, jnp.integer):
-    raise TypeError(f"{name} dtype should be an integer dtype such as int32: but got {x.dtype}")
+    raise ValueError(f"{name} dtype should be an integer dtype such as int32: but got {x.dtype}")
   return x

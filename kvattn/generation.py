@@ -1,15 +1,18 @@
 """A generation loop for any model whose attention keeps kvattn caches.
 
 The model is a function `step_fn(params, caches, tokens [B, T], mask [B, T] or
-None) -> (logits [B, T, V], caches)`: any pytree of caches, any number of
-tokens per call. A step_fn that also takes a keyword `logits_at` (int32
-`[B]`, one column per row) and then returns only those columns' logits
-`[B, 1, V]` gets it in the one-pass prefill, which needs only each row's
-last real token's logits (`kvattn.models.transformer.step` does). A
-step_fn may also carry int attributes `vocab_size` (V) and `max_positions`
-(the positions the model has, for learned position embeddings; None for
-none); `generate` then refuses concrete prompts with ids outside [0, V) and
-prompts that would run past the positions (`transformer.step_fn` has both).
+None) -> (logits [B, T, V], caches)`, the contract every decoding loop shares
+(`kvattn.decoding`, whose `StepFn`, `Sampler`, `is_eos`, `check_eos`,
+`check_pad` and `check_prompt_values` are importable from here too): any
+pytree of caches, any number of tokens per call. A step_fn that also takes a
+keyword `logits_at` (int32 `[B]`, one column per row) and then returns only
+those columns' logits `[B, 1, V]` gets it in the one-pass prefill, which
+needs only each row's last real token's logits (`kvattn.models.transformer.step`
+does). A step_fn may also carry int attributes `vocab_size` (V) and
+`max_positions` (the positions the model has, for learned position
+embeddings; None for none); `generate` then refuses concrete prompts with ids
+outside [0, V) and prompts that would run past the positions
+(`transformer.step_fn` has both).
 Generation is one prefill of a ragged batch of prompts, then decode steps in
 a `lax.while_loop` that stops each row at `eos_id` and stops altogether once
 every row is done. `generate_stream` runs the same steps from
@@ -33,20 +36,19 @@ import collections.abc
 import functools
 import inspect
 import numbers
-from typing import Any, Callable, Iterator, NamedTuple, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 import numpy as np
 
-from kvattn import masks
+from kvattn import decoding
 from kvattn import sampling
 from kvattn._cache_tree import caches_in
-from kvattn._checks import check_mask, check_positive_ints, check_shape, is_concrete, is_int
-
-StepFn = Callable[[Any, Any, jax.Array, "jax.Array | None"], tuple[jax.Array, Any]]
-Sampler = Callable[[jax.Array, jax.Array], jax.Array]
+from kvattn._checks import check_positive_ints, check_shape, is_concrete, is_int
+# The decoding contract, importable from here as before it moved to kvattn.decoding.
+from kvattn.decoding import Sampler, StepFn, check_eos, check_pad, check_prompt_values, is_eos
 
 PREFILL_MODES = ("one_pass", "chunked", "forced")
 
@@ -119,14 +121,14 @@ def start(step_fn: StepFn, params: Any, caches: Any, prompt_tokens: jax.Array,
   b, p = _check_args(caches, prompt_tokens, prompt_mask, max_new_tokens, prefill_mode, chunk_size)
   check_eos(eos_id)
   prompt_tokens = prompt_tokens.astype(jnp.int32)
-  last = masks.last_real(prompt_mask)  # Not column P - 1 under right padding.
+  last = decoding.last_real(prompt_mask)  # Not column P - 1 under right padding.
   if prefill_mode == "one_pass":
-    if _takes_logits_at(step_fn):  # Only the last real token's logits are computed.
+    if decoding.takes_logits_at(step_fn):  # Only the last real token's logits are computed.
       logits, caches = step_fn(params, caches, prompt_tokens, prompt_mask, logits_at=last)
       last_logits = logits[:, 0]
     else:
       logits, caches = step_fn(params, caches, prompt_tokens, prompt_mask)
-      last_logits = _take(logits, last)
+      last_logits = decoding.take_at(logits, last)
   else:
     size = 1 if prefill_mode == "forced" else chunk_size
     last_logits, caches = _chunked_prefill(step_fn, params, caches, prompt_tokens, prompt_mask,
@@ -327,14 +329,6 @@ def bucket_length(p: int, buckets: Sequence[int] | None, room: int | None = None
   return bucket if room is None or bucket <= room else p
 
 
-def _takes_logits_at(step_fn) -> bool:
-  """Whether step_fn takes `logits_at` (as transformers' generate checks for logits_to_keep)."""
-  try:
-    return "logits_at" in inspect.signature(step_fn).parameters
-  except (TypeError, ValueError):  # No signature to read (some builtins): assume not.
-    return False
-
-
 def _traceable(sampler):
   """The sampler as a jit argument: a `Sampler` (a pytree) as it is, else a leafless Partial.
 
@@ -407,12 +401,8 @@ def _prepare(step_fn, caches, tokens, mask, *, sampler, key, eos_id, pad_id, max
   Returns (tokens [B, P], mask [B, P], the traceable sampler, key): lists
   become arrays, a mask of None all True, a key of None (greedy) a fixed one.
   """
-  if not callable(step_fn):
-    raise TypeError(f"step_fn should be callable: but got {type(step_fn).__name__}")
-  tokens = _as_array("prompt_tokens", tokens)
-  if getattr(tokens, "ndim", None) == 2 and mask is None:
-    mask = np.ones(tokens.shape, bool)
-  mask = _as_array("prompt_mask", mask)
+  decoding.check_step_fn(step_fn)
+  tokens, mask = decoding.as_prompts(tokens, mask)
   check_shape("prompt_tokens", tokens, "(B, P)", (None, None))
   b = tokens.shape[0]
   found = caches_in(caches)
@@ -434,53 +424,6 @@ def _prepare(step_fn, caches, tokens, mask, *, sampler, key, eos_id, pad_id, max
   return tokens, mask, sampler, key
 
 
-def _as_array(name, x):
-  """Nested lists as a numpy array (so that the shape checks see a shape); arrays as they are."""
-  if isinstance(x, (list, tuple)):
-    try:
-      return np.asarray(x)
-    except ValueError as e:  # Ragged lists.
-      raise ValueError(f"{name} should be a rectangular array (pad rows to one length and "
-                       f"mark real tokens in prompt_mask): but got lists of different "
-                       f"lengths ({e})") from None
-  return x
-
-
-def check_prompt_values(step_fn, caches, tokens, mask, max_new_tokens) -> None:
-  """Refuses concrete prompts the model cannot run: empty rows, ids past V, too many positions.
-
-  The rule of every decoding loop: ids are checked against the step_fn's
-  `vocab_size` and the positions against its `max_positions`, where it has
-  them. Traced prompts are not checked (nothing can raise under jit).
-  """
-  if not (is_concrete(tokens) and is_concrete(mask)):
-    return
-  tokens, mask = np.asarray(tokens), np.asarray(mask)
-  caches = caches_in(caches)
-  empty = np.flatnonzero(~mask.any(axis=1))
-  if empty.size:
-    raise ValueError(f"prompt_mask should mark at least one real token in every row: but "
-                     f"rows {empty.tolist()} have none")
-  vocab_size = getattr(step_fn, "vocab_size", None)
-  if vocab_size is not None:
-    bad = mask & ((tokens < 0) | (tokens >= vocab_size))
-    if bad.any():
-      row, col = (int(i[0]) for i in np.nonzero(bad))
-      raise ValueError(f"prompt_tokens should be ids in [0, V)=[0, {vocab_size}): but got "
-                       f"{int(tokens[row, col])} at row {row}, column {col}")
-  max_positions = getattr(step_fn, "max_positions", None)
-  if max_positions:
-    held = max((int(np.max(np.asarray(c.lengths))) for c in caches
-                if is_concrete(c.lengths)), default=0)
-    longest = int(mask.sum(axis=1).max())
-    needed = held + longest + max_new_tokens - 1
-    if needed > max_positions:
-      raise ValueError(
-          f"the model has {max_positions} positions (learned position embeddings): too few "
-          f"for the tokens cached + the longest prompt + max_new_tokens - 1 = {held} + "
-          f"{longest} + {max_new_tokens} - 1 = {needed}")
-
-
 def _record(state: DecodeState, logits, sampler, eos_id, pad_id) -> DecodeState:
   """Draws column `state.step` from logits `[B, V]` for the rows not done."""
   token = sampler(jax.random.fold_in(state.key, state.step), logits).astype(jnp.int32)
@@ -489,11 +432,6 @@ def _record(state: DecodeState, logits, sampler, eos_id, pad_id) -> DecodeState:
   lengths = jnp.where(state.done, state.lengths, state.step + 1)
   done = state.done if eos_id is None else state.done | is_eos(token, eos_id)
   return state._replace(tokens=tokens, lengths=lengths, done=done, step=state.step + 1)
-
-
-def _take(logits, index):
-  """logits `[B, T, V]` at each row's `index [B]` -> `[B, V]`."""
-  return jnp.take_along_axis(logits, index[:, None, None], axis=1)[:, 0]
 
 
 def _chunked_prefill(step_fn, params, caches, tokens, mask, last, size):
@@ -510,7 +448,7 @@ def _chunked_prefill(step_fn, params, caches, tokens, mask, last, size):
     lo, tok, msk = chunk
     logits, caches = step_fn(params, caches, tok, msk)
     here = (last >= lo) & (last < lo + tok.shape[1])
-    picked = _take(logits, jnp.clip(last - lo, 0, tok.shape[1] - 1))
+    picked = decoding.take_at(logits, jnp.clip(last - lo, 0, tok.shape[1] - 1))
     if last_logits is None:  # The first chunk fixes the logits' shape and dtype.
       last_logits = jnp.zeros_like(picked)
     return (caches, jnp.where(here[:, None], picked, last_logits)), None
@@ -541,7 +479,7 @@ def _pad_to_bucket(caches, tokens, mask, *, max_new_tokens, pad_id, prefill_mode
   """
   _check_buckets(prompt_buckets)
   _, p = _check_args(caches, tokens, mask, max_new_tokens, prefill_mode, chunk_size)
-  free, positions, known = _room(caches)
+  free, positions, _, known = decoding.capacity(caches)
   if not known:  # No KVCache, or a traced leaf: the room for padding is unknown.
     return tokens, mask
   needed = p + max_new_tokens - 1
@@ -549,8 +487,7 @@ def _pad_to_bucket(caches, tokens, mask, *, max_new_tokens, pad_id, prefill_mode
     raise ValueError(
         f"caches have {free} free slots (max_len minus the slots already written), too few "
         f"for P + max_new_tokens - 1 = {p} + {max_new_tokens} - 1 = {needed} tokens")
-  real = (p if not is_concrete(mask)
-          else int(np.max(np.sum(np.asarray(mask), axis=1)))) + max_new_tokens - 1
+  real = (decoding.longest_prompt(mask) if is_concrete(mask) else p) + max_new_tokens - 1
   if positions is not None and positions < real:
     raise ValueError(
         f"ring caches have {positions} positions left (max_len minus the longest row), too "
@@ -583,79 +520,9 @@ def _check_buckets(buckets):
                      f"positive ints: but got {buckets!r}")
 
 
-def _room(caches) -> tuple[int | None, int | None, bool]:
-  """What the caches have room for: (free slots, free positions, known).
-
-  Free slots: the fewest slots not yet written among the linear `KVCache`s
-  (None without any). Free positions: the fewest positions left before a
-  ring cache's `max_positions` (None without rings); padding takes no ring
-  slot, so rings never limit the bucket. known is False when there is no
-  KVCache at all, or when a leaf it needs is traced (under an outer jit).
-  """
-  slots, positions = [], []
-  found = bool(caches_in(caches))
-  for cache in caches_in(caches):
-    if cache.ring:
-      if not is_concrete(cache.lengths):
-        return None, None, False
-      positions.append(cache.max_positions - int(np.max(np.asarray(cache.lengths))))
-    else:
-      if not is_concrete(cache.index):
-        return None, None, False
-      slots.append(cache.num_slots - int(np.max(np.asarray(cache.index))))
-  return min(slots, default=None), min(positions, default=None), found
-
-
-def _max_len(caches) -> int | None:
-  """The smallest max_len S of the linear `KVCache`s among caches; None if there are none."""
-  sizes = [cache.num_slots for cache in caches_in(caches) if not cache.ring]
-  return min(sizes, default=None)
-
-
-def is_eos(tokens: jax.Array, eos_id: Any) -> jax.Array:
-  """bool, tokens' shape: True where a token is `eos_id`, or one of them (a list or an array)."""
-  eos = jnp.concatenate([jnp.asarray(i, jnp.int32).reshape(-1)
-                         for i in jax.tree.leaves(eos_id)])  # [E]
-  return jnp.any(tokens[..., None] == eos.reshape((1,) * tokens.ndim + eos.shape), axis=-1)
-
-
-def check_pad(pad_id) -> None:
-  """pad_id: an int, or an integer scalar array (traced or not)."""
-  if not (is_int(pad_id) or (getattr(pad_id, "shape", None) == ()
-              and jnp.issubdtype(pad_id.dtype, jnp.integer))):
-    raise ValueError(f"pad_id should be an int: but got {pad_id!r}")
-
-
-def check_eos(eos_id) -> None:
-  """eos_id: None, an int, or a non-empty list or 1-D array of ints (traced or not).
-
-  The rule of every decoding loop (`generate`, `generate_stream`,
-  `speculative_generate`, `beam_search`).
-  """
-  if eos_id is None:
-    return
-  if isinstance(eos_id, str) or any(isinstance(i, str) for i in jax.tree.leaves(eos_id)):
-    raise ValueError(f"eos_id should be None, an int or a non-empty list of ints: but got "
-                     f"{eos_id!r}")
-  leaves = jax.tree.leaves(eos_id)
-  ok = bool(leaves) and all(
-      is_int(i) or (len(getattr(i, "shape", (0, 0))) <= 1 and jnp.issubdtype(i.dtype, jnp.integer)
-          and np.prod(i.shape) > 0)
-      for i in leaves)
-  if not ok:
-    raise ValueError(f"eos_id should be None, an int or a non-empty list of ints: but got "
-                     f"{eos_id!r}")
-
-
 def _check_args(caches, tokens, mask, max_new_tokens, prefill_mode, chunk_size):
   """Static checks; returns (B, P)."""
-  check_shape("prompt_tokens", tokens, "(B, P)", (None, None))
-  b, p = tokens.shape
-  if not jnp.issubdtype(tokens.dtype, jnp.integer):
-    raise ValueError(f"prompt_tokens dtype should be an integer: but got {tokens.dtype}")
-  if p < 1:
-    raise ValueError(f"prompt_tokens shape should be (B, P) with P >= 1: but got {tokens.shape}")
-  check_mask(mask, b, p, name="prompt_mask")
+  b, p = decoding.check_prompts(tokens, mask)
   check_positive_ints(max_new_tokens=max_new_tokens)
   if prefill_mode not in PREFILL_MODES:
     raise ValueError(f"prefill_mode should be one of {PREFILL_MODES}: but got {prefill_mode!r}")
@@ -663,7 +530,7 @@ def _check_args(caches, tokens, mask, max_new_tokens, prefill_mode, chunk_size):
     raise ValueError(f"chunk_size should be a positive int with prefill_mode='chunked': "
                      f"but got {chunk_size!r}")
   needed = p + max_new_tokens - 1
-  s = _max_len(caches)
+  s = decoding.max_len(caches)
   if s is not None and s < needed:
     raise ValueError(
         f"caches have max_len S={s}, too small for P + max_new_tokens - 1 = "

@@ -18,7 +18,6 @@ import jax
 import jax.numpy as jnp
 
 from kvattn import attention
-from kvattn import dot_product
 from kvattn import masks
 from kvattn import rope
 from kvattn._checks import check_cache, check_mask, check_shape
@@ -136,7 +135,7 @@ def _self_attention(params, x, mask, *, causal, window, rope_base, rope_scaling,
     positions = masks.real_before(mask)  # As token_positions on an empty cache.
     x = jnp.where(mask[:, :, None], x, jnp.zeros_like(x))  # No NaN at padding in the grads.
   q, k, v = project_qkv(params, x, positions, rope_base, rope_scaling)
-  o = dot_product.dot_product_attention(q, k, v, mask, causal=causal, window=window,
+  o = attention.dot_product_attention(q, k, v, mask, causal=causal, window=window,
                                         block_size=block_size)
   return project_out(params, o, mask, x.dtype)
 
@@ -222,8 +221,8 @@ def _check(params, cache, x, mask, prefix_lm, rope_base, rope_scaling, implement
 def _check_x_dtype(x) -> None:
   """x holds activations: a floating dtype (token ids go through an embedding first)."""
   if not jnp.issubdtype(x.dtype, jnp.floating):
-    raise TypeError(f"x dtype should be a floating dtype (activations, not token ids): but "
-                    f"got {x.dtype}")
+    raise ValueError(f"x dtype should be a floating dtype (activations, not token ids): "
+                     f"but got {x.dtype}")
 
 
 def _check_rope(rope_base, rope_scaling) -> None:

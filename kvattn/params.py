@@ -59,7 +59,7 @@ def init_params(
                       head_dim=head_dim)
   check_heads(num_heads, num_kv_heads)
   if not isinstance(use_bias, bool):
-    raise TypeError(f"use_bias should be a bool: but got {use_bias!r}")
+    raise ValueError(f"use_bias should be a bool: but got {use_bias!r}")
   sizes = dict(DM=d_model, N=num_heads, K=num_kv_heads, H=head_dim)
   kernels = {name: f for name, f in layout.PARAMS.items() if not f.optional}
   # One draw for all kernels, then split: one random-number kernel to compile

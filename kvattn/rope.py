@@ -77,7 +77,7 @@ def apply_rope(x: jax.Array, positions: jax.Array, base: float = 10_000.0,
 
 
 def check_base(base, name: str = "rope_base") -> None:
-  """Raises TypeError/ValueError unless the RoPE base is a positive number.
+  """Raises ValueError unless the RoPE base is a positive number.
 
   A Python or numpy number is checked; a jax scalar (traced, perhaps) is
   taken as it is.
@@ -85,11 +85,10 @@ def check_base(base, name: str = "rope_base") -> None:
   if getattr(base, "shape", None) == () and hasattr(base, "dtype") and not isinstance(
       base, np.generic):
     if not jnp.issubdtype(base.dtype, jnp.number):
-      raise TypeError(f"{name} should be a positive float: but got dtype {base.dtype}")
+      raise ValueError(f"{name} should be a positive float: but got dtype {base.dtype}")
     return
   if not _positive_number(base):
-    error = ValueError if is_real(base) else TypeError
-    raise error(f"{name} should be a positive float: but got {base!r}")
+    raise ValueError(f"{name} should be a positive float: but got {base!r}")
 
 
 def check_scaling(scaling, name: str = "rope_scaling") -> None:

@@ -1,7 +1,9 @@
 """Greedy speculative decoding: a small draft model proposes, the target verifies.
 
-Both models are `step_fn`s, as for `kvattn.generate`: `(params, caches,
-tokens [B, T], mask [B, T] | None) -> (logits [B, T, V], caches)`. Each round:
+Both models are `step_fn`s, the contract of `kvattn.decoding` (as for
+`kvattn.generate`): `(params, caches, tokens [B, T], mask [B, T] | None) ->
+(logits [B, T, V], caches)`; the prompts, eos_id and pad_id follow its rules
+too. Each round:
 
   1. The draft proposes k tokens d1..dk greedily, in k calls: the first feeds
      the two newest tokens (prev, last), each next one the draft before it.
@@ -49,16 +51,14 @@ from typing import Any, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 from jax import lax
-import numpy as np
 
 from kvattn import cache_ops
-from kvattn import generation
+from kvattn import decoding
 from kvattn import masks
 from kvattn import sampling
 from kvattn._cache_tree import check_caches, map_caches
-from kvattn._checks import check_mask, check_positive_ints, check_shape
-from kvattn.generation import StepFn
-
+from kvattn._checks import check_positive_ints
+from kvattn.decoding import StepFn
 
 
 class Stats(NamedTuple):
@@ -119,9 +119,6 @@ def required_max_len(batch_size: int, prompt_len: int, max_new_tokens: int,
   return prompt_len + (max_new_tokens - 1) * (num_draft + 1)
 
 
-_greedy = sampling.greedy
-
-
 @functools.partial(jax.jit, static_argnames=("target_step_fn", "draft_step_fn",
                                              "max_new_tokens", "num_draft"))
 def start(target_step_fn: StepFn, target_params: Any, target_caches: Any,
@@ -135,10 +132,10 @@ def start(target_step_fn: StepFn, target_params: Any, target_caches: Any,
   """
   b, p = prompt_tokens.shape
   tokens = prompt_tokens.astype(jnp.int32)
-  last_index = masks.last_real(prompt_mask)  # [B], not column P - 1 under right padding.
+  last_index = decoding.last_real(prompt_mask)  # [B], not column P - 1 under right padding.
   logits, target_caches = target_step_fn(target_params, target_caches, tokens, prompt_mask)
-  first = _greedy(jnp.take_along_axis(logits, last_index[:, None, None], axis=1)[:, 0])
-  prev = jnp.take_along_axis(tokens, last_index[:, None], axis=1)[:, 0]
+  first = sampling.greedy(decoding.take_at(logits, last_index))
+  prev = decoding.take_at(tokens, last_index)
   column = lax.broadcasted_iota(jnp.int32, (b, p), 1)
   draft_logits, draft_caches = draft_step_fn(draft_params, draft_caches, tokens,
                                              prompt_mask & (column != last_index[:, None]))
@@ -166,12 +163,12 @@ def advance(target_step_fn: StepFn, target_params: Any, draft_step_fn: StepFn,
   # 1. Draft: [prev, last] -> d1, then d_i -> d_{i+1}.
   logits, draft_caches = draft_step_fn(
       draft_params, state.draft_caches, jnp.stack([state.prev, state.last], axis=1), None)
-  first = _greedy(logits[:, -1])
+  first = sampling.greedy(logits[:, -1])
 
   def draft_one(carry, _):
     caches, token = carry
     logits, caches = draft_step_fn(draft_params, caches, token[:, None], None)
-    token = _greedy(logits[:, 0])
+    token = sampling.greedy(logits[:, 0])
     return (caches, token), token
 
   (draft_caches, _), rest = lax.scan(draft_one, (draft_caches, first), None, length=k - 1)
@@ -179,7 +176,7 @@ def advance(target_step_fn: StepFn, target_params: Any, draft_step_fn: StepFn,
   # 2. Target: one call over [last, d1..dk] -> its choices g0..gk.
   verify = jnp.concatenate([state.last[:, None], drafts], axis=1)  # [B, k + 1]
   logits, target_caches = target_step_fn(target_params, state.target_caches, verify, None)
-  chosen = _greedy(logits)  # [B, k + 1]
+  chosen = sampling.greedy(logits)  # [B, k + 1]
   # 3. Accept the longest agreeing prefix: n drafts, then g_n.
   agree = (drafts == chosen[:, :k]).astype(jnp.int32)
   n = jnp.sum(jnp.cumprod(agree, axis=1), axis=1)  # [B] in [0, k]
@@ -192,8 +189,8 @@ def advance(target_step_fn: StepFn, target_params: Any, draft_step_fn: StepFn,
   return SpecState(
       tokens=jnp.where(active[:, None], written, state.tokens),
       count=state.count + jnp.where(active, n + 1, 0),
-      prev=jnp.take_along_axis(verify, n[:, None], axis=1)[:, 0],
-      last=jnp.take_along_axis(chosen, n[:, None], axis=1)[:, 0],
+      prev=decoding.take_at(verify, n),
+      last=decoding.take_at(chosen, n),
       target_caches=map_caches(cache_ops.rewind, target_caches, rejected),
       draft_caches=map_caches(cache_ops.rewind, draft_caches, rejected),
       stats=Stats(rounds=stats.rounds + 1,
@@ -222,14 +219,14 @@ def _running(state: SpecState, m: int, eos_id) -> jax.Array:
   if eos_id is None:
     return running
   column = lax.broadcasted_iota(jnp.int32, state.tokens.shape, 1)
-  ended = generation.is_eos(state.tokens, eos_id) & (column < state.count[:, None])
+  ended = decoding.is_eos(state.tokens, eos_id) & (column < state.count[:, None])
   return running & ~jnp.any(ended, axis=1)
 
 
 @jax.jit
 def _pad_after_eos(tokens: jax.Array, eos_id: Any, pad_id: jax.Array) -> jax.Array:
   """tokens `[B, M]` with every column after a row's first EOS set to pad_id."""
-  after = masks.real_before(generation.is_eos(tokens, eos_id)) > 0  # An EOS strictly before.
+  after = masks.real_before(decoding.is_eos(tokens, eos_id)) > 0  # An EOS strictly before.
   return jnp.where(after, pad_id, tokens)
 
 
@@ -255,7 +252,8 @@ def speculative_generate(target_step_fn: StepFn, target_params: Any, target_cach
     draft_step_fn: the draft model, the same contract and vocabulary.
     draft_params: the draft's params.
     draft_caches: the draft's caches, with the same room.
-    prompt_tokens: int `[B, P]` prompts, padded on the left or the right.
+    prompt_tokens: int `[B, P]` prompts, padded on the left or the right (an
+      array, or nested lists of ints, as for `kvattn.generate`).
     prompt_mask: bool `[B, P]`, True for real tokens; every row needs one.
       None: every token is real.
     max_new_tokens: M >= 1.
@@ -268,22 +266,13 @@ def speculative_generate(target_step_fn: StepFn, target_params: Any, target_cach
     `(tokens [B, M] int32, stats)`: the generated tokens (`pad_id` after a
     row's EOS) and a `Stats`.
   """
-  if prompt_mask is None and getattr(prompt_tokens, "ndim", None) == 2:
-    prompt_mask = np.ones(prompt_tokens.shape, bool)
-  generation.check_eos(eos_id)
-  generation.check_pad(pad_id)
-  check_shape("prompt_tokens", prompt_tokens, "(B, P)", (None, None))
-  b, p = prompt_tokens.shape
-  if not jnp.issubdtype(prompt_tokens.dtype, jnp.integer):
-    raise ValueError(f"prompt_tokens dtype should be an integer: but got {prompt_tokens.dtype}")
-  if b < 1 or p < 1:
-    raise ValueError(f"prompt_tokens shape should be (B, P) with B, P >= 1: but got "
-                     f"{prompt_tokens.shape}")
-  check_mask(prompt_mask, b, p, name="prompt_mask")
+  prompt_tokens, prompt_mask = decoding.as_prompts(prompt_tokens, prompt_mask)
+  decoding.check_eos(eos_id)
+  decoding.check_pad(pad_id)
+  b, p = decoding.check_prompts(prompt_tokens, prompt_mask)
   check_positive_ints(max_new_tokens=max_new_tokens, num_draft=num_draft)
-  for name, fn in (("target_step_fn", target_step_fn), ("draft_step_fn", draft_step_fn)):
-    if not callable(fn):
-      raise TypeError(f"{name} should be callable: but got {type(fn).__name__}")
+  decoding.check_step_fn(target_step_fn, "target_step_fn")
+  decoding.check_step_fn(draft_step_fn, "draft_step_fn")
   needed = required_max_len(b, p, max_new_tokens, num_draft)
   m, k = max_new_tokens, num_draft
   why = (f"P + M + k - 1 = {p} + {m} + {k} - 1" if b == 1
@@ -291,7 +280,7 @@ def speculative_generate(target_step_fn: StepFn, target_params: Any, target_cach
   check_caches("target_caches", target_caches, b, needed, why, rewind=num_draft)
   check_caches("draft_caches", draft_caches, b, needed, why, rewind=num_draft)
   for step_fn, caches in ((target_step_fn, target_caches), (draft_step_fn, draft_caches)):
-    generation.check_prompt_values(step_fn, caches, prompt_tokens, prompt_mask, max_new_tokens)
+    decoding.check_prompt_values(step_fn, caches, prompt_tokens, prompt_mask, max_new_tokens)
   state = start(target_step_fn, target_params, target_caches, draft_step_fn, draft_params,
                 draft_caches, prompt_tokens, prompt_mask, max_new_tokens=max_new_tokens,
                 num_draft=num_draft)

@@ -8,8 +8,6 @@ every storage dtype. (XLA:CPU computes bfloat16 in float32, and used to
 convert a whole bfloat16 cache on every call.)
 """
 
-import sys
-
 import jax
 import jax.numpy as jnp
 import pytest
@@ -87,7 +85,3 @@ def test_without_donation_the_cache_is_copied(params):
   stats = memory(kvattn.decode_step, params, cache, jnp.ones((B, 1, DM)), donate=False)
   assert stats.alias_size_in_bytes == 0
   assert extra_bytes(stats) >= cache_bytes(cache)
-
-
-if __name__ == "__main__":
-  sys.exit(pytest.main([__file__]))

@@ -2,7 +2,7 @@
 
 The oracles are the float64 reference (tests/reference.py) and
 `jax.nn.dot_product_attention` over the full sequence. Each implementation in
-`kvattn.attention.IMPLEMENTATIONS` is driven directly, with small block sizes,
+`kvattn.attention.BACKENDS` is driven directly, with small block sizes,
 so that every path runs: block sizes that do and do not divide T and S, a cache index that is
 not a multiple of the block, ragged rows, GQA/MQA, both the matmul path
 (T * G > 8) and the fused path of a decode step, and prefix-LM static or
@@ -11,7 +11,6 @@ traced. The layer tests (tests/layer_test.py) cover the default blocks.
 
 import functools
 import re
-import sys
 
 from hypothesis import example, given, settings, strategies as st
 import jax
@@ -29,7 +28,7 @@ TOL = dict(rtol=1e-4, atol=1e-4)  # float32 kernel vs float64 reference.
 
 # The Pallas GPU kernels run in the interpreter on CPU: slow there.
 IMPLEMENTATIONS = [pytest.param(name, marks=pytest.mark.slow) if name == "pallas_gpu" else name
-                   for name in sorted(kvattn.attention.IMPLEMENTATIONS)]
+                   for name in sorted(kvattn.attention.BACKENDS)]
 
 
 @functools.lru_cache(maxsize=None)
@@ -337,5 +336,75 @@ def test_bad_shapes_raise(shapes, match):
     kvattn.cached_attention(q, k, v, kvattn.init_cache(1, 4, 2, H))
 
 
-if __name__ == "__main__":
-  sys.exit(pytest.main([__file__]))
+# --- The dispatcher: one table of backends, one place that decides ------------
+
+
+def _spy_backend(calls, unsupported=None, **record):
+  """A backend that runs the XLA kernels and records which entry point ran."""
+  from kvattn.kernels import Backend, xla
+
+  def attend(*args, **kwargs):
+    calls.append("attend")
+    return xla.attend(*args, **kwargs)
+
+  def attend_ring(*args, **kwargs):
+    calls.append("attend_ring")
+    return xla.attend_ring(*args, **kwargs)
+
+  return Backend("spy", attend, attend_ring, unsupported=unsupported or (lambda h, s: None),
+                 **record)
+
+
+@pytest.mark.parametrize("window", [None, 3])
+def test_platform_default_runs_and_falls_back_to_xla(monkeypatch, window):
+  q, k, v = random_qkv(5, 4, 2)
+  cache = kvattn.init_cache(B, 8, 2, H, window=window)
+  want, _ = kvattn.cached_attention(q, k, v, cache, implementation="xla")
+  calls = []
+  monkeypatch.setitem(kvattn.attention.BACKENDS, "spy", _spy_backend(calls, platforms=("cpu",)))
+  monkeypatch.setitem(kvattn.attention.DEFAULTS, "cpu", "spy")
+  o, _ = kvattn.cached_attention(q, k, v, cache)
+  assert calls == ["attend" if window is None else "attend_ring"]
+  np.testing.assert_array_equal(o, want)
+  calls.clear()  # A default that cannot take the shapes: XLA runs instead, silently.
+  monkeypatch.setitem(kvattn.attention.BACKENDS, "spy", _spy_backend(
+      calls, platforms=("cpu",), unsupported=lambda h, s: "too small"))
+  o, _ = kvattn.cached_attention(q, k, v, cache)
+  assert calls == []
+  np.testing.assert_array_equal(o, want)
+
+
+def test_named_backend_that_cannot_run_raises(monkeypatch):
+  q, k, v = random_qkv(6, 4, 2)
+  cache = kvattn.init_cache(B, 8, 2, H)
+  monkeypatch.setitem(kvattn.attention.BACKENDS, "spy", _spy_backend([], platforms=("tpu",)))
+  with pytest.raises(ValueError, match=r"implementation='spy' cannot run on cpu: it compiles "
+                     r"for tpu"):
+    kvattn.cached_attention(q, k, v, cache, implementation="spy")
+  # Named, it never falls back: a platform it neither compiles for nor
+  # interprets on, or shapes its compiled kernel cannot take, raise.
+  monkeypatch.setattr(kvattn.attention, "current_platform", lambda: "tpu")
+  with pytest.raises(ValueError, match=r"'pallas_gpu' cannot run on tpu: it compiles for cuda "
+                     r"and runs interpreted on cpu"):
+    kvattn.cached_attention(q, k, v, cache, implementation="pallas_gpu")
+  monkeypatch.setattr(kvattn.attention, "current_platform", lambda: "cuda")
+  q8, k8, v8 = (x[..., :8] for x in (q, k, v))
+  with pytest.raises(ValueError, match=r"'pallas_gpu' cannot run on cuda: head dimension H=8 "
+                     r"is not a power of two >= 16"):
+    kvattn.cached_attention(q8, k8, v8, kvattn.init_cache(B, 8, 2, 8),
+                            implementation="pallas_gpu")
+
+
+def test_named_backend_interprets_only_where_its_record_says(monkeypatch):
+  """Interpreted on CPU by its record; without CPU there, naming it on CPU raises."""
+  import dataclasses
+  q, k, v = random_qkv(7, 4, 2)
+  cache = kvattn.init_cache(B, 8, 2, H)
+  want, _ = kvattn.cached_attention(q, k, v, cache, implementation="xla")
+  o, _ = kvattn.cached_attention(q, k, v, cache, implementation="pallas_gpu")
+  np.testing.assert_allclose(o, want, rtol=1e-5, atol=1e-5)
+  compiled_only = dataclasses.replace(kvattn.attention.BACKENDS["pallas_gpu"],
+                                      interpret_platforms=())
+  monkeypatch.setitem(kvattn.attention.BACKENDS, "pallas_gpu", compiled_only)
+  with pytest.raises(ValueError, match=r"cannot run on cpu: it compiles for cuda$"):
+    kvattn.cached_attention(q, k, v, cache, implementation="pallas_gpu")

@@ -171,7 +171,3 @@ def test_main_prints_each_beam_and_its_score():
   texts = re.split(r"^--- beam \d+: score -?\d+\.\d+\n", run.stdout, flags=re.MULTILINE)[1:]
   vocab = _model()[2]
   assert texts == [PROMPT + vocab.decode(row) + "\n" for row in tokens]
-
-
-if __name__ == "__main__":
-  sys.exit(pytest.main([__file__]))

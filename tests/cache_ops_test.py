@@ -5,8 +5,6 @@ same cache and the same outputs as a run in which those tokens were padding
 (never seen); reordering rows gives the cache of the reordered inputs.
 """
 
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -219,9 +217,9 @@ def test_rewind_and_reorder_take_any_pytree_of_caches():
     (jnp.ones((2,), jnp.int32), ValueError, r"n shape should be \(\) or \(B,\)=\(3,\): "
                                             r"but got \(2,\)"),
     (jnp.ones((3, 1), jnp.int32), ValueError, r"n shape should be \(\) or \(B,\)"),
-    (1.0, TypeError, r"n dtype should be an integer dtype such as int32: but got float"),
-    (jnp.ones((3,), jnp.float32), TypeError, r"n dtype should be an integer dtype"),
-    (True, TypeError, r"n dtype should be an integer dtype such as int32: but got bool"),
+    (1.0, ValueError, r"n dtype should be an integer dtype such as int32: but got float"),
+    (jnp.ones((3,), jnp.float32), ValueError, r"n dtype should be an integer dtype"),
+    (True, ValueError, r"n dtype should be an integer dtype such as int32: but got bool"),
 ])
 def test_rewind_bad_n_raises_and_leaves_the_cache(n, error, match):
   cache = _filled_cache()
@@ -287,7 +285,7 @@ def test_traced_indices_are_clamped():
     (jnp.array([0, 1], jnp.int32), ValueError, r"indices shape should be \(B,\)=\(3,\): "
                                                r"but got \(2,\)"),
     (0, ValueError, r"indices shape should be \(B,\)=\(3,\): but got \(\)"),
-    (jnp.zeros((3,), jnp.float32), TypeError, r"indices dtype should be an integer dtype"),
+    (jnp.zeros((3,), jnp.float32), ValueError, r"indices dtype should be an integer dtype"),
 ])
 def test_reorder_bad_indices_raise(indices, error, match):
   cache = _filled_cache()
@@ -295,7 +293,3 @@ def test_reorder_bad_indices_raise(indices, error, match):
   with pytest.raises(error, match=match):
     kvattn.reorder(cache, indices)
   assert_trees_equal(cache, before)
-
-
-if __name__ == "__main__":
-  sys.exit(pytest.main([__file__]))

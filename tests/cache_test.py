@@ -1,7 +1,5 @@
 """The cache pytree: construction, positions, and overflow that loses nothing."""
 
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -144,7 +142,3 @@ def test_a_cache_of_integers_other_than_int8_is_refused():
   with pytest.raises(ValueError, match="q dtype should be a floating dtype: but got int32"):
     kvattn.cached_attention(jnp.ones((1, 1, K, H), jnp.int32), jnp.ones((1, 1, K, H)),
                             jnp.ones((1, 1, K, H)), cache)
-
-
-if __name__ == "__main__":
-  sys.exit(pytest.main([__file__]))

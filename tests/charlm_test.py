@@ -1,6 +1,6 @@
 """Tests of kvattn/models/charlm.py: vocabulary and checkpoint (generation: generate_example_test)."""
 
-import sys
+import json
 
 import jax
 import numpy as np
@@ -42,12 +42,28 @@ def test_checkpoint_round_trip(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, loaded, jax.tree.map(np.asarray, params))
 
 
+@pytest.mark.parametrize("old_fields, window_pattern", [
+    (dict(sliding_window=4, window_pattern=[]), (4,)),
+    (dict(sliding_window=None, window_pattern=[4, None]), (4, None)),
+    (dict(sliding_window=None), ()),
+    (dict(sliding_window=3), (3,)),  # Written before window_pattern existed.
+])
+def test_checkpoints_with_the_old_sliding_window_field_load(tmp_path, old_fields,
+                                                             window_pattern):
+  vocab = charlm.Vocab.from_text("hello world")
+  config = TINY._replace(vocab_size=len(vocab))
+  path = tmp_path / "lm.npz"
+  charlm.save(path, transformer.init_params(jax.random.key(0), config), config, vocab)
+  with np.load(path) as f:
+    arrays = dict(f)
+  fields = {k: v for k, v in config._asdict().items() if k != "window_pattern"}
+  arrays["config"] = np.array(json.dumps({**fields, **old_fields}))
+  np.savez(path, **arrays)
+  assert charlm.load(path)[1] == config._replace(window_pattern=window_pattern)
+
+
 def test_bundled_checkpoint_is_small_and_loads():
   assert charlm.DEFAULT_CHECKPOINT.stat().st_size < 5e6
   params, config, vocab = charlm.load()
   assert config.vocab_size == len(vocab) and "\n" in vocab.chars and "d" in vocab.chars
   assert params["embed"].shape == (config.vocab_size, config.d_model)
-
-
-if __name__ == "__main__":
-  sys.exit(pytest.main([__file__]))

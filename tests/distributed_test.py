@@ -77,7 +77,3 @@ def test_two_processes_generate_what_one_process_does():
     assert (got["process_id"], got["devices"], got["local_devices"]) == (i, 8, 4)
     np.testing.assert_array_equal(got["tokens"], want["tokens"])
     np.testing.assert_allclose(got["logits"], want["logits"], rtol=1e-5, atol=1e-5)
-
-
-if __name__ == "__main__":
-  sys.exit(pytest.main([__file__]))

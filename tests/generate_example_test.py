@@ -145,7 +145,3 @@ def test_flag_mistakes_are_usage_errors(flags, message):
   run = _run("generate.py", *flags)
   assert run.returncode == 1, (run.stdout, run.stderr)
   assert "Traceback" not in run.stderr and message in run.stderr, run.stderr
-
-
-if __name__ == "__main__":
-  sys.exit(pytest.main([__file__]))

@@ -11,7 +11,6 @@ bundled model.)
 """
 
 import functools
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -577,7 +576,3 @@ def test_a_cache_batch_mismatch_blames_the_caches():
                         transformer.init_caches(CONFIG, 3, 10), tokens, mask, max_new_tokens=2)
   with pytest.raises(TypeError, match=r"config should be a transformer.Config: but got dict"):
     transformer.step_fn({"vocab_size": 32})
-
-
-if __name__ == "__main__":
-  sys.exit(pytest.main([__file__]))

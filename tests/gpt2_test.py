@@ -252,7 +252,3 @@ def test_main_with_a_tokenizer_prints_text_and_ids(tmp_path):
   printed = [int(i) for i in lines[-1].split()]
   assert printed == _greedy_numpy(weights, [3, 14, 15], 6, HF_CONFIG["eos_token_id"])
   assert lines[0].startswith("w3 w14 w15")
-
-
-if __name__ == "__main__":
-  sys.exit(pytest.main([__file__]))

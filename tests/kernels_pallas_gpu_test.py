@@ -19,7 +19,6 @@ not silence it.
 
 import contextlib
 import functools
-import sys
 
 import jax
 from jax import export
@@ -141,12 +140,11 @@ def test_ring_int8_matches_the_xla_implementation():
   np.testing.assert_allclose(outs["pallas_gpu"], outs["xla"], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("head_dim, max_len, ok", [
+@pytest.mark.parametrize("head_dim, num_slots, ok", [
     (64, 256, True), (128, 16, True), (48, 256, False), (8, 256, False), (64, 8, False)])
-def test_supported_shapes(head_dim, max_len, ok):
-  """Other shapes take the XLA implementation when compiled (interpret mode takes any)."""
-  assert pallas_gpu.supported(head_dim, max_len) == ok
-
-
-if __name__ == "__main__":
-  sys.exit(pytest.main([__file__]))
+def test_unsupported_shapes(head_dim, num_slots, ok):
+  """The shapes the compiled kernel refuses, each with its reason (interpret mode takes any)."""
+  why = pallas_gpu.unsupported(head_dim, num_slots)
+  assert (why is None) == ok
+  if not ok:
+    assert (f"H={head_dim}" in why) if head_dim in (48, 8) else (f"{num_slots} slots" in why)

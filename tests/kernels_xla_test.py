@@ -8,8 +8,6 @@ Numerics are covered with every other implementation in
 tests/attention_test.py.
 """
 
-import sys
-
 import jax
 import jax.numpy as jnp
 import pytest
@@ -44,7 +42,3 @@ def test_one_query_block_needs_no_loop():
   cache = kvattn.init_cache(B, 64, K, H)
   text = jax.jit(kvattn.decode_step).lower(params, cache, jnp.ones((B, 1, DM))).as_text()
   assert text.count("stablehlo.while") == 1
-
-
-if __name__ == "__main__":
-  sys.exit(pytest.main([__file__]))

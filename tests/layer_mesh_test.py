@@ -4,8 +4,6 @@ Batch goes over the "data" mesh axis, heads over "model". Results must equal
 the single-device run and the cache must keep its sharding through every call.
 """
 
-import sys
-
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec
@@ -75,7 +73,3 @@ def test_sharded_prefill_and_decode_equal_single_device():
 
 def _assert_sharding(array, sharding):
   assert array.sharding.is_equivalent_to(sharding, array.ndim), (array.sharding, sharding)
-
-
-if __name__ == "__main__":
-  sys.exit(pytest.main([__file__]))

@@ -6,8 +6,6 @@ batches, GQA/MQA, prefix-LM and RoPE; and each row of a ragged batch equals
 that row run alone.
 """
 
-import sys
-
 from hypothesis import given, settings, strategies as st
 import jax
 import jax.extend.core as jax_core
@@ -326,12 +324,12 @@ def test_token_ids_for_x_are_a_type_error():
   """An int x (token ids where activations belong) used to come out cast to int."""
   params, cache, x = _setup()
   ids = jnp.ones(x.shape, jnp.int32)
-  with pytest.raises(TypeError, match=r"x dtype should be a floating dtype \(activations, not "
+  with pytest.raises(ValueError, match=r"x dtype should be a floating dtype \(activations, not "
                                       r"token ids\): but got int32"):
     kvattn.prefill(params, cache, ids)
-  with pytest.raises(TypeError, match=r"x dtype should be a floating dtype"):
+  with pytest.raises(ValueError, match=r"x dtype should be a floating dtype"):
     kvattn.decode_step(params, cache, ids[:, :1])
-  with pytest.raises(TypeError, match=r"x dtype should be a floating dtype"):
+  with pytest.raises(ValueError, match=r"x dtype should be a floating dtype"):
     kvattn.self_attention(params, ids)
 
 
@@ -365,7 +363,7 @@ def test_bad_call_leaves_cache_untouched():
 
 @pytest.mark.parametrize("implementation", [
     pytest.param(name, marks=pytest.mark.slow) if name == "pallas_gpu" else name
-    for name in sorted(kvattn.attention.IMPLEMENTATIONS)])
+    for name in sorted(kvattn.attention.BACKENDS)])
 def test_implementation_argument_reaches_the_kernel(implementation):
   """prefill and decode_step pass `implementation` on; every one gives the reference."""
   params = make_params(2)
@@ -444,7 +442,3 @@ def test_self_attention_errors_name_the_argument(call, error, match):
   params = make_params(N)
   with pytest.raises(error, match=match):
     call(params, jnp.ones((2, 3, DM)))
-
-
-if __name__ == "__main__":
-  sys.exit(pytest.main([__file__]))

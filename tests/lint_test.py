@@ -7,11 +7,9 @@ package and the examples (tests keep long regular expressions whole).
 
 import io
 import pathlib
-import sys
 
 from pyflakes import api
 from pyflakes import reporter as reporter_lib
-import pytest
 
 ROOT = pathlib.Path(__file__).absolute().parent.parent
 MAX_COLUMNS = 100
@@ -35,7 +33,3 @@ def test_lines_fit_the_column_limit():
           for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1)
           if len(line) > MAX_COLUMNS]
   assert not long, "\n".join(long)
-
-
-if __name__ == "__main__":
-  sys.exit(pytest.main([__file__]))

@@ -339,8 +339,8 @@ def test_config_mapping():
   assert llama.config_from_hf(typed).window_pattern == (5, None)
   no_first = {k: val for k, val in QWEN2_WINDOWED.items() if k != "max_window_layers"}
   assert llama.config_from_hf(no_first).window_pattern == ()  # Layers 0, 1 < 28: global.
-  assert llama.config_from_hf({**LLAMA, "sliding_window": 5}).sliding_window is None
-  assert llama.config_from_hf(MISTRAL).sliding_window == 5
+  assert llama.config_from_hf({**LLAMA, "sliding_window": 5}).window_pattern == ()
+  assert llama.config_from_hf(MISTRAL).window_pattern == (5,)
   linear = llama.config_from_hf({**LLAMA, "rope_scaling": {"type": "linear", "factor": 2.0}})
   assert linear.rope_scaling == rope.Scaling("linear", 2.0)
   # transformers >= 5 writes theta and scaling into rope_parameters.
@@ -564,7 +564,3 @@ def test_quantized_caches_hold_int8_and_keep_the_greedy_tokens(tmp_path, monkeyp
   np.testing.assert_array_equal(ids, _greedy_numpy(LLAMA, weights, prompt, 8))
   # bfloat16 params with an int8 cache (float32 scales): run by
   # test_main_runs_both_layouts_with_and_without_a_tokenizer (--dtype=bfloat16 --quantized_cache).
-
-
-if __name__ == "__main__":
-  sys.exit(pytest.main([__file__]))

@@ -1,7 +1,5 @@
 """Each mask builder against a literal 0/1 matrix (the same ones its docstring draws)."""
 
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -99,7 +97,3 @@ def test_bad_sizes_raise(call, match):
 
 def test_numpy_int_sizes_are_accepted():
   np.testing.assert_array_equal(masks.causal_mask(np.int64(2), 2), _m(["1 0", "1 1"]))
-
-
-if __name__ == "__main__":
-  sys.exit(pytest.main([__file__]))

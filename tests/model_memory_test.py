@@ -11,7 +11,6 @@ carried its buffers.)
 """
 
 import functools
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -42,7 +41,7 @@ def config(ring: bool, capacity: int = 0) -> transformer.Config:
   return transformer.Config(
       vocab_size=64, num_layers=2, d_model=64, num_heads=4, num_kv_heads=2, head_dim=32,
       d_ff=128, rope_base=10_000.0, norm="rms_norm", gated_mlp=True, activation="silu",
-      use_bias=False, sliding_window=capacity if ring else None)
+      use_bias=False, window_pattern=(capacity,) if ring else ())
 
 
 def caches_for(kind: str, ring: bool, capacity: int):
@@ -156,7 +155,3 @@ def test_unstacked_bfloat16_model_multiplies_its_weights_as_bfloat16():
     assert temps["stacked", SMALL] >= c.num_layers * layer_f32, (temps, layer_f32)
   assert temps["unstacked", SMALL] < layer_f32 / 2, (temps, layer_f32)
   assert_flat({s: temps["unstacked", s] for s in (SMALL, LARGE)}, "unstacked bfloat16 T=1")
-
-
-if __name__ == "__main__":
-  sys.exit(pytest.main([__file__]))

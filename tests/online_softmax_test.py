@@ -1,7 +1,5 @@
 """Partial softmaxes (kvattn/online_softmax.py) against a float64 softmax over all keys."""
 
-import sys
-
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -56,7 +54,3 @@ def test_masked_probabilities_are_exactly_zero_and_the_max_is_finite():
   p, m = online_softmax.probabilities(logits, mask, 1)
   assert p[0, 1] == 0.0 and np.all(p[1] == 0.0)
   assert m[0] == 2.0 and m[1] == online_softmax.MASKED and np.isfinite(m[1])
-
-
-if __name__ == "__main__":
-  sys.exit(pytest.main([__file__]))

@@ -1,7 +1,5 @@
 """init_params: shapes, GQA, biases, and its argument checks."""
 
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,7 +33,3 @@ def test_kernel_scale_is_lecun_normal():
 def test_errors(kwargs, match):
   with pytest.raises(ValueError, match=match):
     kvattn.init_params(jax.random.key(0), 16, 4, **kwargs)
-
-
-if __name__ == "__main__":
-  sys.exit(pytest.main([__file__]))

@@ -1,7 +1,5 @@
 """Tests of the int8 cache: kvattn/quant.py and `init_cache(..., quantized=True)`."""
 
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -105,7 +103,3 @@ def test_malformed_quantized_cache_raises(mutate, match):
   q = jnp.ones((2, 1, 2, 4))
   with pytest.raises(ValueError, match=match):
     kvattn.cached_attention(q, q, q, mutate(_cache()))
-
-
-if __name__ == "__main__":
-  sys.exit(pytest.main([__file__]))

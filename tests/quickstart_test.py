@@ -23,7 +23,3 @@ def test_quickstart_runs():
   assert "generated tokens [B, N]    : (4, 4), cache index 11" in result.stdout
   assert "overflowed                 : False" in result.stdout
   assert "tokens/s" in result.stdout
-
-
-if __name__ == "__main__":
-  sys.exit(pytest.main([__file__]))

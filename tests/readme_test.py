@@ -2,7 +2,6 @@
 
 import pathlib
 import re
-import sys
 
 import pytest
 
@@ -40,11 +39,8 @@ def test_quick_start_is_two_one_line_commands():
   quick = re.search(r"## Quick start\n(.*?)\n## ", text, flags=re.DOTALL).group(1)
   commands = re.search(r"```sh\n(.*?)```", quick, flags=re.DOTALL).group(1).strip().splitlines()
   assert len(commands) == 2, commands
-  assert re.fullmatch(r"pip install -e \. && python examples/\w+\.py", commands[0]), commands[0]
+  assert re.fullmatch(r"pip install -e '\.\[examples\]' && python examples/\w+\.py",
+                      commands[0]), commands[0]
   assert commands[1] == "pip install -e '.[test]' && pytest -q"
   script = commands[0].split("python ")[-1]
   assert (README.parent / script).exists(), script
-
-
-if __name__ == "__main__":
-  sys.exit(pytest.main([__file__]))

@@ -8,7 +8,6 @@ bfloat16. Then rewind, reorder, overflow, and a long run at constant memory.
 """
 
 import functools
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -265,7 +264,7 @@ def test_a_window_wider_than_max_len_takes_max_len_slots():
   assert kvattn.init_cache(1, 16, K, H, window=64, rewind_room=4).k.shape == (1, 16, K, H)
 
 
-@pytest.mark.parametrize("windows", [dict(sliding_window=4), dict(window_pattern=(4, None))],
+@pytest.mark.parametrize("windows", [dict(window_pattern=(4,)), dict(window_pattern=(4, None))],
                          ids=["all_local", "local_and_global"])
 @pytest.mark.slow
 def test_generate_and_speculative_decoding_on_rings(windows):
@@ -315,7 +314,3 @@ def test_generate_and_speculative_decoding_on_rings(windows):
 def test_bad_ring_arguments_raise(call, match):
   with pytest.raises(ValueError, match=match):
     call()
-
-
-if __name__ == "__main__":
-  sys.exit(pytest.main([__file__]))

@@ -1,7 +1,5 @@
 """Tests of kvattn.sampling: exact filters, and draws checked against their distribution."""
 
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -199,7 +197,3 @@ def test_sampler_is_hashable_by_value():
 def test_bad_arguments_raise(call, match):
   with pytest.raises(ValueError, match=match):
     call()
-
-
-if __name__ == "__main__":
-  sys.exit(pytest.main([__file__]))

@@ -29,7 +29,3 @@ def test_runs_on_eight_host_devices_and_matches_one_device():
   assert "mesh {'data': 2, 'model': 4}: 8 devices, 1 process(es)" in out, out
   assert "generated tokens [B, G] = (4, 4):" in out, out
   assert "same tokens as the single-device run" in out, out
-
-
-if __name__ == "__main__":
-  sys.exit(pytest.main([__file__]))

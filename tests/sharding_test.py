@@ -18,7 +18,6 @@ Shape legend:
 
 import inspect
 import re
-import sys
 
 import jax
 import jax.numpy as jnp
@@ -373,7 +372,3 @@ def test_pmap_one_cache_shard_per_device_equals_single_device():
 
 def _assert_sharding(array, expected):
   assert array.sharding.is_equivalent_to(expected, array.ndim), (array.sharding, expected)
-
-
-if __name__ == "__main__":
-  sys.exit(pytest.main([__file__]))

@@ -263,7 +263,3 @@ def test_main_prints_the_text_the_acceptance_rate_and_the_speed_up():
                                np.ones(tokens.shape, bool), max_new_tokens=M,
                                sampler=sampling.Sampler(), key=jax.random.key(0)).tokens
   assert text == prompt + vocab.decode(np.asarray(greedy)[0])
-
-
-if __name__ == "__main__":
-  sys.exit(pytest.main([__file__]))

@@ -1,10 +1,7 @@
 """Tests of examples/training.py: corpus, schedule, Adam, and a short training run."""
 
-import sys
-
 import jax.numpy as jnp
 import numpy as np
-import pytest
 
 from kvattn.models import charlm
 from kvattn.models import training
@@ -52,7 +49,3 @@ def test_sample_batch_windows_are_contiguous():
   batch = training.sample_batch(np.random.default_rng(0), data, 4, 16)
   assert batch.shape == (4, 17)
   np.testing.assert_array_equal(np.diff(batch, axis=1), 1)
-
-
-if __name__ == "__main__":
-  sys.exit(pytest.main([__file__]))

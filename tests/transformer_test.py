@@ -6,8 +6,6 @@ caches, the stacked-layer scan, positions under padding and RoPE.
 gradient, against float64 numpy models.)
 """
 
-import sys
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -118,14 +116,42 @@ def test_llama_like_params_layout():
      r"config.rope_scaling needs config.rope_base"),
     (dict(rope_scaling=kvattn.rope.Scaling("ntk", 2.0)), r"config.rope_scaling.kind"),
     (dict(window_pattern=(4, 0)), r"config.window_pattern should be a positive int: but got 0"),
-    (dict(window_pattern=(4,), sliding_window=4),
-     r"config should set one of sliding_window and window_pattern"),
 ])
 def test_bad_configs_raise(change, match):
   with pytest.raises(ValueError, match=match):
     transformer.init_params(jax.random.key(0), ROPE_GQA._replace(**change))
   with pytest.raises(ValueError, match=match):
     transformer.step_fn(ROPE_GQA._replace(**change))
+
+
+@pytest.mark.parametrize("window_pattern", [4, [4, None]])
+def test_a_window_pattern_that_is_not_a_tuple_raises(window_pattern):
+  with pytest.raises(TypeError, match=r"config.window_pattern should be a tuple of positive ints "
+                                      r"and Nones \(W for every layer: \(W,\)\)"):
+    transformer.check_config(ROPE_GQA._replace(window_pattern=window_pattern))
+  with pytest.raises(TypeError, match=r"sliding_window"):  # Issue 21: window_pattern=(W,) now.
+    transformer.Config(**ROPE_GQA._asdict(), sliding_window=4)
+
+
+
+def test_one_window_for_every_layer_equals_the_per_layer_pattern():
+  """`window_pattern=(W,)` is `(W,) * L`: the same windows, caches and logits."""
+  short, full = (ROPE_GQA._replace(window_pattern=p) for p in [(2,), (2,) * ROPE_GQA.num_layers])
+  assert short.layer_windows == full.layer_windows == (2, 2, 2)
+  assert ROPE_GQA.layer_windows == (None, None, None)
+  params = transformer.init_params(jax.random.key(0), ROPE_GQA)
+  tokens = jax.random.randint(jax.random.key(1), (2, 6), 0, ROPE_GQA.vocab_size)
+  mask = jnp.ones(tokens.shape, bool)
+  want = forward(params, tokens, mask, config=full)
+  np.testing.assert_array_equal(forward(params, tokens, mask, config=short), want)
+  assert not np.allclose(want, forward(params, tokens, mask, config=ROPE_GQA))  # W matters.
+  stepped = []
+  for config in short, full:
+    caches = transformer.init_caches(config, 2, 8)
+    assert [(c.ring, c.k.shape) for c in caches] == [(True, (3, 2, 2, 2, 8))]
+    stepped.append(step(params, caches, tokens, mask, config=config)[0])
+  np.testing.assert_array_equal(stepped[0], stepped[1])
+  np.testing.assert_allclose(stepped[0], want, **TOL)
 
 
 @pytest.mark.slow
@@ -238,7 +264,3 @@ def test_params_logical_axes_shard_every_leaf_on_a_mesh(config, unstacked):
   assert shardings["embed"].spec == jax.sharding.PartitionSpec(None, None)
   with pytest.raises(ValueError, match=r"params\['extra'\] should be one of the transformer's"):
     transformer.params_logical_axes({**params, "extra": params["embed"]})
-
-
-if __name__ == "__main__":
-  sys.exit(pytest.main([__file__]))

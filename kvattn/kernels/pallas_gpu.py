@@ -59,15 +59,16 @@ attention does; float32 and int8 caches in float32 (TF32 on NVIDIA GPUs by
 default, full float32 under `jax.default_matmul_precision("highest")`, which
 the kernel reads at trace time). Softmax statistics are always float32.
 
-On any platform other than CUDA the kernels run in interpret mode: slow, for
-tests. Shapes the compiled kernel cannot take (H not a power of two >= 16, a
-cache shorter than 16 slots) use the XLA implementation instead. Compiled,
-block sizes become powers of two of at least 16 (Triton's tiles), and a
-program takes at most 128 query rows (block_q tokens times G heads).
+Where it runs (its `BACKEND` record; `kvattn.attention` decides): compiled
+for CUDA; interpreted on CPU when named (slow, for tests); refused anywhere
+else. Shapes the compiled kernel cannot take (`unsupported`: H not a power
+of two >= 16, a cache of fewer than 16 slots) are refused when it is named
+and left to the XLA backend when it is a platform's default. Compiled, block
+sizes become powers of two of at least 16 (Triton's tiles), and a program
+takes at most 128 query rows (block_q tokens times G heads).
 
 Status: checked in interpret mode only; not yet compiled or timed on a GPU,
-so `cached_attention` does not pick it by default (name it with
-`implementation="pallas_gpu"`).
+so it is no platform's default (name it with `implementation="pallas_gpu"`).
 
 Shape legend:
   B: batch size
@@ -94,7 +95,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from kvattn.cache import KVCache, layer_cache
-from kvattn.kernels import xla
+from kvattn.kernels import Backend
 from kvattn.online_softmax import Partial, accumulate, accumulate_axis, empty, normalize
 from kvattn.online_softmax import probabilities
 
@@ -111,44 +112,11 @@ _MAX_ROWS = 128
 
 def attend(q: jax.Array, k_new: jax.Array, v_new: jax.Array, cache: KVCache, start: jax.Array,
            mask: jax.Array, *, prefix_lm: bool, block_q: int | None = None,
-           block_kv: int | None = None) -> tuple[jax.Array, KVCache]:
+           block_kv: int | None = None, interpret: bool = False) -> tuple[jax.Array, KVCache]:
   """Attention of the new tokens over the cached prefix and themselves.
 
-  The signature of every implementation (see `kvattn.kernels`): compiled on
-  CUDA, interpreted elsewhere.
+  The signature of every backend (see `kvattn.kernels`).
   """
-  args = (q, k_new, v_new, cache, start, mask)
-  kwargs = dict(prefix_lm=prefix_lm, block_q=block_q, block_kv=block_kv)
-  return lax.platform_dependent(
-      *args, cuda=functools.partial(_attend, interpret=False, **kwargs),
-      default=functools.partial(_attend, interpret=True, **kwargs))
-
-
-def attend_ring(q: jax.Array, k_new: jax.Array, v_new: jax.Array, cache: KVCache,
-                positions: jax.Array, mask: jax.Array, *, block_q: int | None = None,
-                block_kv: int | None = None) -> tuple[jax.Array, KVCache]:
-  """`kvattn.kernels.xla.attend_ring` as Pallas kernels: a ring cache, read before its write.
-
-  The same kernels, with each key's token position (the ring's `positions`,
-  the chunk's `positions`) compared to each query row's: keys at positions
-  <= p - W are masked. Compiled on CUDA, interpreted elsewhere.
-  """
-  args = (q, k_new, v_new, cache, positions, mask)
-  kwargs = dict(block_q=block_q, block_kv=block_kv)
-  return lax.platform_dependent(
-      *args, cuda=functools.partial(_attend_ring, interpret=False, **kwargs),
-      default=functools.partial(_attend_ring, interpret=True, **kwargs))
-
-
-def supported(head_dim: int, max_len: int) -> bool:
-  """Whether the compiled kernel takes these shapes (interpret mode takes any)."""
-  return head_dim >= _MIN_BLOCK and head_dim & (head_dim - 1) == 0 and max_len >= _MIN_BLOCK
-
-
-def _attend(q, k_new, v_new, cache, start, mask, *, prefix_lm, block_q, block_kv, interpret):
-  if not interpret and not supported(q.shape[-1], cache.max_len):
-    return xla.attend(q, k_new, v_new, cache, start, mask, prefix_lm=prefix_lm,
-                      block_q=block_q, block_kv=block_kv)
   # A layer view's slots are copied out of the stack first (O(S)): the kernels
   # read one cache, not a stack.
   o = _attention(q, k_new, v_new, layer_cache(cache), start, mask, causal=not prefix_lm,
@@ -157,16 +125,35 @@ def _attend(q, k_new, v_new, cache, start, mask, *, prefix_lm, block_q, block_kv
   return o, cache
 
 
-def _attend_ring(q, k_new, v_new, cache, positions, mask, *, block_q, block_kv, interpret):
-  if not interpret and not supported(q.shape[-1], cache.max_len):
-    return xla.attend_ring(q, k_new, v_new, cache, positions, mask, block_q=block_q,
-                           block_kv=block_kv)
+def attend_ring(q: jax.Array, k_new: jax.Array, v_new: jax.Array, cache: KVCache,
+                positions: jax.Array, mask: jax.Array, *, block_q: int | None = None,
+                block_kv: int | None = None, interpret: bool = False
+                ) -> tuple[jax.Array, KVCache]:
+  """`kvattn.kernels.xla.attend_ring` as Pallas kernels: a ring cache, read before its write.
+
+  The same kernels, with each key's token position (the ring's `positions`,
+  the chunk's `positions`) compared to each query row's: keys at positions
+  <= p - W are masked.
+  """
   one = layer_cache(cache)  # A layer view's slots, copied out of the stack (O(S)).
   # Until the ring wraps, slots from the longest row's length on are empty.
-  filled = jnp.minimum(jnp.max(one.lengths), one.max_len)
+  filled = jnp.minimum(jnp.max(one.lengths), one.num_slots)
   o = _attention(q, k_new, v_new, one, filled, mask, causal=True, window=one.window,
                  positions=positions, block_q=block_q, block_kv=block_kv, interpret=interpret)
   return o, cache
+
+
+def unsupported(head_dim: int, num_slots: int) -> str | None:
+  """Why the compiled kernel cannot take these shapes; None if it can (interpret takes any)."""
+  if head_dim < _MIN_BLOCK or head_dim & (head_dim - 1):
+    return f"head dimension H={head_dim} is not a power of two >= {_MIN_BLOCK}"
+  if num_slots < _MIN_BLOCK:
+    return f"the cache has {num_slots} slots, fewer than {_MIN_BLOCK}"
+  return None
+
+
+BACKEND = Backend("pallas_gpu", attend, attend_ring, platforms=("cuda",),
+                  interpret_platforms=("cpu",), unsupported=unsupported)
 
 
 def _attention(q, k_new, v_new, cache, end, mask, *, causal, window, positions, block_q,

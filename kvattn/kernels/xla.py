@@ -39,6 +39,7 @@ from jax import lax
 from kvattn import masks
 from kvattn import quant
 from kvattn.cache import KVCache, leaf, read_slots
+from kvattn.kernels import Backend
 from kvattn.online_softmax import Partial, accumulate, empty, normalize, probabilities
 
 BLOCK_Q = 128
@@ -57,11 +58,14 @@ _VECTOR_ROWS = 8
 
 def attend(q: jax.Array, k_new: jax.Array, v_new: jax.Array, cache: KVCache, start: jax.Array,
            mask: jax.Array, *, prefix_lm: bool, block_q: int | None = None,
-           block_kv: int | None = None) -> tuple[jax.Array, KVCache]:
+           block_kv: int | None = None, interpret: bool = False) -> tuple[jax.Array, KVCache]:
   """Attention of the new tokens over the cached prefix and themselves.
 
-  The signature of every implementation (see `kvattn.kernels`).
+  The signature of every backend (see `kvattn.kernels`). XLA has no
+  interpret mode: its record names no platform to interpret on, so the
+  dispatcher never sets `interpret`.
   """
+  del interpret
   b, t, n, h = q.shape
   kh = k_new.shape[2]
   g = n // kh
@@ -78,7 +82,7 @@ def group_queries(q: jax.Array, num_kv_heads: int) -> jax.Array:
   """Queries `[B, T, N, H]` grouped by kv head: `[B, K, G, T, H]`, float32, pre-scaled.
 
   Scaled by 1/sqrt(H) here, once, so that every caller (`attend`,
-  `kvattn.dot_product`) feeds `attend_chunk` the same numbers.
+  `kvattn.kernels.xla_training`) feeds `attend_chunk` the same numbers.
   """
   b, t, n, h = q.shape
   qh = q.astype(jnp.float32) * (h ** -0.5)
@@ -87,7 +91,8 @@ def group_queries(q: jax.Array, num_kv_heads: int) -> jax.Array:
 
 def attend_ring(q: jax.Array, k_new: jax.Array, v_new: jax.Array, cache: KVCache,
                 positions: jax.Array, mask: jax.Array, *, block_q: int | None = None,
-                block_kv: int | None = None) -> tuple[jax.Array, KVCache]:
+                block_kv: int | None = None, interpret: bool = False
+                ) -> tuple[jax.Array, KVCache]:
   """Attention of the new tokens over a ring cache (read before the write) and themselves.
 
   Args:
@@ -96,12 +101,14 @@ def attend_ring(q: jax.Array, k_new: jax.Array, v_new: jax.Array, cache: KVCache
     positions: int32 `[B, T]` the new tokens' positions.
     mask: bool `[B, T]`.
     block_q, block_kv: as in `attend`.
+    interpret: unused, as in `attend`.
 
   Returns:
     `(o, cache)`: o `[B, T, N, H]` in q's dtype, each real query seeing the
     real tokens of its row at positions p - W + 1 .. p (those the ring holds
     and the new ones); the cache, unchanged, threaded through the reads.
   """
+  del interpret
   b, t, n, h = q.shape
   kh = k_new.shape[2]
   qh = group_queries(q, kh)
@@ -410,3 +417,6 @@ def _varying(x) -> frozenset:
   if axis_type is not None:
     return frozenset(axis_type.varying)
   return frozenset(getattr(aval, "vma", ()))
+
+
+BACKEND = Backend("xla", attend, attend_ring)  # Compiles on every platform.

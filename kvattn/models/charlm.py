@@ -97,6 +97,14 @@ def _config_from_json(fields: dict[str, Any]) -> transformer.Config:
     fields["rope_scaling"] = rope.Scaling(*fields["rope_scaling"])
   if "window_pattern" in fields:
     fields["window_pattern"] = tuple(fields["window_pattern"])
+  # Older versions had a `sliding_window` field (W for every layer, or None), set only with an
+  # empty `window_pattern`; it is `window_pattern=(W,)` now.
+  window = fields.pop("sliding_window", None)
+  if window is not None:
+    if fields.get("window_pattern"):
+      raise ValueError(f"config should set one of sliding_window and window_pattern: but got "
+                       f"{window} and {fields['window_pattern']}")
+    fields["window_pattern"] = (window,)
   return transformer.Config(**fields)
 
 

@@ -6,7 +6,8 @@ Reads `config.json` and the safetensors weights (one file or shards, see
   * `LlamaForCausalLM` and `MistralForCausalLM`: RMSNorm, SwiGLU MLP, RoPE
     with `rope_theta` and `rope_scaling` "llama3" or "linear", grouped-query
     attention, optional `attention_bias` and `mlp_bias`, tied or untied
-    unembedding, Mistral's `sliding_window` (ring caches of that many slots);
+    unembedding, Mistral's `sliding_window` on every layer (ring caches of
+    that many slots, `Config.window_pattern=(W,)`);
   * `Qwen2ForCausalLM`: the same with q, k, v biases (and no output bias),
     often tied embeddings, and with `use_sliding_window` its window on the
     layers from `max_window_layers` on (`Config.window_pattern`).
@@ -50,7 +51,7 @@ def config_from_hf(hf: dict[str, Any]) -> transformer.Config:
   """Maps a Llama, Mistral or Qwen2 `config.json` onto the transformer's `Config`."""
   architecture = _architecture(hf)
   qwen2 = architecture == "Qwen2ForCausalLM"
-  window, pattern = _windows(hf, architecture)
+  pattern = _window_pattern(hf, architecture)
   if hf.get("hidden_act", "silu") != "silu":
     raise ValueError(f"config.json: hidden_act should be 'silu': but got {hf['hidden_act']!r}")
   # pretraining_tp > 1 only sliced the same full weights at compute time: ignored.
@@ -69,7 +70,7 @@ def config_from_hf(hf: dict[str, Any]) -> transformer.Config:
       use_bias=attention_bias or mlp_bias, norm_eps=hf.get("rms_norm_eps", 1e-6),
       norm="rms_norm", gated_mlp=True, qkv_bias=qwen2 or attention_bias,
       rope_scaling=rope_scaling_from_hf(hf.get("rope_scaling") or parameters),
-      sliding_window=window, window_pattern=pattern)
+      window_pattern=pattern)
 
 
 def rope_scaling_from_hf(scaling: dict[str, Any] | None) -> rope.Scaling | None:
@@ -167,29 +168,30 @@ def load(directory: str | pathlib.Path, dtype=np.float32
   return params_from_hf(weights, config, dtype), config, hf
 
 
-def _windows(hf: dict[str, Any], architecture: str) -> tuple[int | None, tuple]:
-  """(sliding_window, window_pattern) for the Config, as transformers reads config.json.
+def _window_pattern(hf: dict[str, Any], architecture: str) -> tuple[int | None, ...]:
+  """The Config's `window_pattern`, as transformers reads config.json.
 
   Mistral windows every layer by `sliding_window` (None: none). Qwen2 does
   only with `use_sliding_window`, and then the layers `layer_types` names
   "sliding_attention", or else those from `max_window_layers` (default 28)
-  on. Llama has no window: a `sliding_window` key there is ignored.
+  on. Llama has no window: a `sliding_window` key there is ignored. A
+  pattern that windows every layer or none is shortened to `(W,)` or `()`.
   """
   window = hf.get("sliding_window")
   if architecture == "MistralForCausalLM":
-    return window, ()
+    return () if window is None else (window,)
   if architecture != "Qwen2ForCausalLM" or not hf.get("use_sliding_window") or window is None:
-    return None, ()
+    return ()
   layers = hf["num_hidden_layers"]
   kinds = hf.get("layer_types") or [
       "sliding_attention" if i >= hf.get("max_window_layers", 28) else "full_attention"
       for i in range(layers)]
   pattern = tuple(window if kind == "sliding_attention" else None for kind in kinds)
   if all(w is None for w in pattern):
-    return None, ()
+    return ()
   if all(w is not None for w in pattern):
-    return window, ()
-  return None, pattern
+    return (window,)
+  return pattern
 
 
 def _architecture(hf: dict[str, Any]) -> str:

@@ -20,12 +20,14 @@ from typing import Any, Callable, NamedTuple
 import jax
 import numpy as np
 
-from absl import app
-
 from kvattn import generation
 from kvattn import sampling
 from kvattn.models import checkpoint as model_checkpoint
 from kvattn.models import transformer
+
+
+class UsageError(ValueError):
+  """A command-line mistake, named as the flag: the examples show it as a usage error."""
 
 
 class Timing(NamedTuple):
@@ -155,39 +157,40 @@ def main_for_checkpoint(load: Callable[[str], tuple[Any, transformer.Config, dic
   generated ids, space separated. Generation stops at the end-of-sequence ids
   of config.json and generation_config.json. The flags' mistakes (named as
   the flags `--checkpoint`, `--prompt`, `--prompt_ids`, `--max_new_tokens`)
-  raise `app.UsageError`.
+  raise `UsageError`, which the examples turn into absl's `app.UsageError`
+  (absl is the examples' dependency, not the library's).
   """
   if (prompt is None) == (prompt_ids is None):
-    raise app.UsageError("give exactly one of --prompt and --prompt_ids")
+    raise UsageError("give exactly one of --prompt and --prompt_ids")
   if max_new_tokens < 1:
-    raise app.UsageError(f"--max_new_tokens should be at least 1: but got {max_new_tokens}")
+    raise UsageError(f"--max_new_tokens should be at least 1: but got {max_new_tokens}")
   if prompt_ids is not None:
     ids_in = _parse_ids(prompt_ids)
     if not ids_in:
-      raise app.UsageError("--prompt_ids is empty")
+      raise UsageError("--prompt_ids is empty")
   if not (pathlib.Path(checkpoint) / "config.json").is_file():
-    raise app.UsageError(f"--checkpoint should be a checkpoint directory with a config.json: "
-                         f"but {pathlib.Path(checkpoint) / 'config.json'} does not exist")
+    raise UsageError(f"--checkpoint should be a checkpoint directory with a config.json: "
+                     f"but {pathlib.Path(checkpoint) / 'config.json'} does not exist")
   try:
     params, config, hf = load(checkpoint)
   except (ValueError, FileNotFoundError) as error:  # What the loader refuses, and why.
-    raise app.UsageError(f"--checkpoint={checkpoint}: {error}") from error
+    raise UsageError(f"--checkpoint={checkpoint}: {error}") from error
   params = jax.device_put(params)  # Once, not as part of the timed prefill.
   tokenizer = model_checkpoint.read_tokenizer(checkpoint)
   if prompt is not None:
     if tokenizer is None:
-      raise app.UsageError(f"--prompt needs {checkpoint}/tokenizer.json; or pass --prompt_ids")
+      raise UsageError(f"--prompt needs {checkpoint}/tokenizer.json; or pass --prompt_ids")
     ids_in = tokenizer.encode(prompt).ids
     if not ids_in:
-      raise app.UsageError(f"--prompt={prompt!r} encodes to no tokens")
+      raise UsageError(f"--prompt={prompt!r} encodes to no tokens")
   outside = [i for i in ids_in if not 0 <= i < config.vocab_size]
   if outside:
     source = "--prompt_ids" if prompt is None else "tokenizer.json's ids for --prompt"
-    raise app.UsageError(f"{source} should be token ids in [0, {config.vocab_size}) (the "
-                         f"model's vocab_size): but got {outside}")
+    raise UsageError(f"{source} should be token ids in [0, {config.vocab_size}) (the "
+                     f"model's vocab_size): but got {outside}")
   problem = _length_problem(config, len(ids_in), max_new_tokens)
   if problem:
-    raise app.UsageError(f"--max_new_tokens: {problem}")
+    raise UsageError(f"--max_new_tokens: {problem}")
   eos = model_checkpoint.eos_ids(hf, model_checkpoint.read_generation_config(checkpoint))
   ids, timing = generate_ids(params, config, ids_in, max_new_tokens=max_new_tokens,
                              sampler=sampler, seed=seed, eos_id=eos or None,
@@ -208,6 +211,6 @@ def _parse_ids(values: list[str]) -> list[int]:
     try:
       ids.append(int(value))
     except ValueError:
-      raise app.UsageError(f"--prompt_ids should be comma-separated integer token ids: but got "
-                           f"{value!r} in {','.join(values)!r}") from None
+      raise UsageError(f"--prompt_ids should be comma-separated integer token ids: but got "
+                       f"{value!r} in {','.join(values)!r}") from None
   return ids

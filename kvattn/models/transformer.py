@@ -80,15 +80,17 @@ class Config(NamedTuple):
       "silu"); else `w_out(act(x w_in))`.
     qkv_bias: biases in q, k, v; None: as `use_bias`.
     rope_scaling: None, or a `kvattn.rope.Scaling` (needs rope_base).
-    sliding_window: None, or W: every layer attends to the last W positions
-      only (Mistral), through ring caches of W slots (`init_caches`) and the
-      same window in `forward`.
-    window_pattern: local and global layers mixed (Gemma 2 and 3, some
-      Qwen2): layer i's window is `window_pattern[i % len(window_pattern)]`,
-      an int W or None (global), or a per-layer tuple of length L. Empty:
-      `sliding_window` for every layer. Each run of consecutive layers with
-      one window gets its own stacked cache (rings of W slots for local
-      runs, linear caches for global ones) and its own `lax.scan`.
+    window_pattern: each layer's sliding window, repeated over the layers:
+      layer i's is `window_pattern[i % len(window_pattern)]`, an int W (it
+      attends to the last W positions only) or None (global attention).
+      Empty: no window. `window_pattern=(W,)` windows every layer (Mistral);
+      there is no separate `sliding_window` field. `(W, None)` alternates
+      local and global layers (Gemma 2); a longer pattern (Gemma 3) or a
+      per-layer tuple of length L (Qwen2) mixes them otherwise. Windowed
+      layers get ring caches of W slots (`init_caches`) and the same window
+      in `forward`; each run of consecutive layers with one window gets its
+      own stacked cache and its own `lax.scan` (`layer_runs`). The property
+      `layer_windows` spells out the L windows.
   """
 
   vocab_size: int
@@ -108,8 +110,13 @@ class Config(NamedTuple):
   gated_mlp: bool = False
   qkv_bias: bool | None = None
   rope_scaling: kvattn.rope.Scaling | None = None
-  sliding_window: int | None = None
   window_pattern: tuple[int | None, ...] = ()
+
+  @property
+  def layer_windows(self) -> tuple[int | None, ...]:
+    """Each of the L layers' window (None: global attention), from `window_pattern`."""
+    pattern = self.window_pattern or (None,)
+    return tuple(pattern[i % len(pattern)] for i in range(self.num_layers))
 
 
 def check_config(config: Config) -> None:
@@ -133,30 +140,17 @@ def check_config(config: Config) -> None:
   kvattn.rope.check_scaling(c.rope_scaling, "config.rope_scaling")
   if c.rope_scaling is not None and c.rope_base is None:
     raise ValueError("config.rope_scaling needs config.rope_base: but got rope_base=None")
-  if c.sliding_window is not None:
-    check_positive_ints(**{"config.sliding_window": c.sliding_window})
   if not isinstance(c.window_pattern, tuple):
-    raise TypeError(f"config.window_pattern should be a tuple of ints and Nones: but got "
-                    f"{c.window_pattern!r}")
+    raise TypeError(f"config.window_pattern should be a tuple of positive ints and Nones "
+                    f"(W for every layer: (W,)): but got {c.window_pattern!r}")
   for w in c.window_pattern:
     if w is not None:
       check_positive_ints(**{"config.window_pattern": w})
-  if c.window_pattern and c.sliding_window is not None:
-    raise ValueError(f"config should set one of sliding_window and window_pattern: but got "
-                     f"{c.sliding_window} and {c.window_pattern}")
-
-
-def layer_windows(config: Config) -> tuple[int | None, ...]:
-  """Each layer's sliding window (None: global attention), from the config."""
-  if config.window_pattern:
-    pattern = config.window_pattern
-    return tuple(pattern[i % len(pattern)] for i in range(config.num_layers))
-  return (config.sliding_window,) * config.num_layers
 
 
 def layer_runs(config: Config) -> tuple[tuple[int | None, int, int], ...]:
   """Runs of consecutive layers with one window: (window, first layer, end)."""
-  windows = layer_windows(config)
+  windows = config.layer_windows
   runs = []
   for i, w in enumerate(windows):
     if runs and runs[-1][0] == w:
@@ -275,7 +269,7 @@ def init_caches(config: Config, batch: int, max_len: int, dtype=jnp.float32,
   `caches[i]` is the stack of run i of `layer_runs(config)`, every leaf with
   that run's layers on a leading axis: k, v `[L, B, S, K, H]`, valid
   `[L, B, S]`, lengths `[L, B]`, index and overflow `[L]`. Layers with a
-  window W (`sliding_window`, `window_pattern`) get ring caches of
+  window W (`Config.window_pattern`) get ring caches of
   S = W + rewind_room slots, max_len bounding the positions; global layers
   linear caches of S = max_len.
   `quantized=True` stores k and v as int8 with float32 scales (dtype must
