@@ -37,8 +37,8 @@ logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
 _PROMPT = flags.DEFINE_string("prompt", "class Stack:\n    def ", "The prompt.")
 _BEAM_WIDTH = flags.DEFINE_integer("beam_width", 4, "Beams kept at each step (W).")
 _MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 40, "Characters to generate per beam.")
-_LENGTH_PENALTY = flags.DEFINE_float(
-    "length_penalty", 1.0, "Scores are summed log-probabilities / length ** this.")
+_LENGTH_PENALTY = flags.DEFINE_float("length_penalty", 1.0,
+                                     "Scores are summed log-probabilities / length ** this.")
 _EOS = flags.DEFINE_string("eos", None, "A character that ends a beam (e.g. a newline); "
                            "none by default.")
 
@@ -60,9 +60,10 @@ def main(argv):
     eos_id = int(ids[0])
   w, m = _BEAM_WIDTH.value, _MAX_NEW_TOKENS.value
   caches = transformer.init_caches(config, w, len(prompt) + m - 1)
-  tokens, scores = beam_search.beam_search(
-      transformer.step_fn(config), params, caches, prompt, beam_width=w, max_new_tokens=m,
-      length_penalty=_LENGTH_PENALTY.value, eos_id=eos_id, pad_id=charlm.PAD_ID)
+  tokens, scores = beam_search.beam_search(transformer.step_fn(config), params, caches, prompt,
+                                           beam_width=w, max_new_tokens=m,
+                                           length_penalty=_LENGTH_PENALTY.value, eos_id=eos_id,
+                                           pad_id=charlm.PAD_ID)
   for i, (row, score) in enumerate(zip(np.asarray(tokens), np.asarray(scores))):
     print(f"--- beam {i + 1}: score {score:.4f}\n{_PROMPT.value}{vocab.decode(row)}")
 

@@ -113,8 +113,11 @@ def copy_bandwidth(mib: int, rounds: int) -> tuple[float, float]:
     state["x"] = add(state["x"])
     return state["x"]
 
-  t = timing.time_interleaved({"copy": timing.Stateful(copy),
-                              "read": timing.Stateful(lambda: total(state["x"]))}, rounds)
+  t = timing.time_interleaved(
+      {
+          "copy": timing.Stateful(copy),
+          "read": timing.Stateful(lambda: total(state["x"]))
+      }, rounds)
   nbytes = n * 4
   return 2 * nbytes / t["copy"][0] / 1e6, nbytes / t["read"][0] / 1e6
 
@@ -142,10 +145,9 @@ def filled_cache(b, s, kh, h, fill, dtype: str, seed=0) -> kvattn.KVCache:
   if dtype == "int8":
     (k, k_scale), (v, v_scale) = quant.quantize(k), quant.quantize(v)
     cache = cache._replace(k_scale=k_scale, v_scale=v_scale)
-  return cache._replace(
-      k=jnp.asarray(k, cache.k.dtype), v=jnp.asarray(v, cache.v.dtype),
-      valid=jnp.asarray(np.arange(s)[None].repeat(b, 0) < fill),
-      lengths=jnp.full((b,), fill, jnp.int32), index=jnp.asarray(fill, jnp.int32))
+  return cache._replace(k=jnp.asarray(k, cache.k.dtype), v=jnp.asarray(v, cache.v.dtype),
+                        valid=jnp.asarray(np.arange(s)[None].repeat(b, 0) < fill), lengths=jnp.full(
+                            (b,), fill, jnp.int32), index=jnp.asarray(fill, jnp.int32))
 
 
 def prefill_table(cfg, rounds) -> dict[str, float]:
@@ -156,24 +158,26 @@ def prefill_table(cfg, rounds) -> dict[str, float]:
   v = jnp.asarray(rng.standard_normal((b, t, kh, h), np.float32))
   kernel = jax.jit(lambda q, k, v, c: kvattn.cached_attention(q, k, v, c), donate_argnums=3)
   reference = jax.jit(functools.partial(jax.nn.dot_product_attention, is_causal=True))
-  kernel_times = timing.time_interleaved({
-      "kvattn.cached_attention (prefill at index 0, cache write included)":
-          timing.donated_calls(kernel, kvattn.init_cache(b, s, kh, h), q, k, v, index=0),
-      "jax.nn.dot_product_attention(is_causal=True), no cache":
-          timing.Stateful(lambda: reference(q, k, v)),
-  }, rounds)
+  kernel_times = timing.time_interleaved(
+      {
+          "kvattn.cached_attention (prefill at index 0, cache write included)":
+              timing.donated_calls(kernel, kvattn.init_cache(b, s, kh, h), q, k, v, index=0),
+          "jax.nn.dot_product_attention(is_causal=True), no cache":
+              timing.Stateful(lambda: reference(q, k, v)),
+      }, rounds)
 
   dm = n * h
   params = kvattn.init_params(jax.random.key(0), dm, n, num_kv_heads=kh, head_dim=h)
   x = jnp.asarray(rng.standard_normal((b, t, dm), np.float32))
   prefill = jax.jit(lambda p, x, c: kvattn.prefill(p, c, x), donate_argnums=2)
   forward = jax.jit(benchmark_accelerator.einsum_forward)
-  einsum_times = timing.time_interleaved({
-      f"kvattn.prefill of {t} tokens": timing.donated_calls(prefill, kvattn.init_cache(b, s, kh, h),
-                                                      params, x, index=0),
-      "full causal forward, one masked einsum (Flax's way), no cache":
-          timing.Stateful(lambda: forward(params, x)),
-  }, rounds)
+  einsum_times = timing.time_interleaved(
+      {
+          f"kvattn.prefill of {t} tokens": timing.donated_calls(
+              prefill, kvattn.init_cache(b, s, kh, h), params, x, index=0),
+          "full causal forward, one masked einsum (Flax's way), no cache":
+              timing.Stateful(lambda: forward(params, x)),
+      }, rounds)
 
   decode = jax.jit(lambda p, x, c: kvattn.decode_step(p, c, x), donate_argnums=2)
   tokens = [x[:, i:i + 1] for i in range(t)]
@@ -187,11 +191,12 @@ def prefill_table(cfg, rounds) -> dict[str, float]:
   def fresh():
     state["cache"] = kvattn.init_cache(b, s, kh, h)
 
-  layer_times = timing.time_interleaved({
-      f"kvattn.prefill of {t} tokens": timing.donated_calls(prefill, kvattn.init_cache(b, s, kh, h),
-                                                      params, x, index=0),
-      f"{t} x kvattn.decode_step (jitted, donated)": timing.Stateful(by_decode_steps, fresh),
-  }, max(3, rounds // 6))
+  layer_times = timing.time_interleaved(
+      {
+          f"kvattn.prefill of {t} tokens": timing.donated_calls(
+              prefill, kvattn.init_cache(b, s, kh, h), params, x, index=0),
+          f"{t} x kvattn.decode_step (jitted, donated)": timing.Stateful(by_decode_steps, fresh),
+      }, max(3, rounds // 6))
 
   print(f"\n## Prefill, prompt T={t} (B={b}, N={n}, K={kh}, H={h}, S={s}, float32)\n")
   print("| what | median ms | min ms | ratio (median) |")
@@ -224,6 +229,7 @@ def slice_and_sum(k, v, end, block):
   def body(j, acc):
     take = lambda x: jax.lax.dynamic_slice_in_dim(x, j * block, block, axis=1)
     return acc + jnp.sum(take(k)) + jnp.sum(take(v))
+
   return jax.lax.fori_loop(0, (end + block - 1) // block, body, jnp.float32(0))
 
 
@@ -271,7 +277,9 @@ def decode_table(cfg, fills, dtypes, rounds, copy_gbs) -> dict[str, float]:
       "decode_low_vs_high": times[(low, first)][0] / times[(high, first)][0],
       "decode_high_vs_floor": times[(high, first)][0] / (high_bytes / copy_gbs / 1e6),
       "bound_high_vs_floor": times[(high, "bound")][0] / (high_bytes / copy_gbs / 1e6),
-      "low": low, "high": high, "first_dtype": first,
+      "low": low,
+      "high": high,
+      "first_dtype": first,
   }
 
 
@@ -296,8 +304,7 @@ def capacity_table(b, n, kh, h, capacities, dtypes, rounds) -> dict[str, float]:
   print("Temp: the compiled step's temporary memory (`memory_analysis()`); it must not "
         "grow with S.\n")
   print("| dtype | " + " | ".join(f"S={s} ms" for s in capacities) + " | ratio | " +
-        " | ".join(f"S={s} temp KiB" for s in capacities) + " | cache KiB at S=" +
-        f"{large} |")
+        " | ".join(f"S={s} temp KiB" for s in capacities) + " | cache KiB at S=" + f"{large} |")
   print("| --- |" + " ---: |" * (2 * len(capacities) + 2))
   results = {}
   for dtype in dtypes:
@@ -305,8 +312,8 @@ def capacity_table(b, n, kh, h, capacities, dtypes, rounds) -> dict[str, float]:
     results[dtype] = ratio
     cache_kib = large * bytes_per_slot(b, kh, h, dtype) / 1024
     print(f"| {dtype} | " + " | ".join(f"{times[(dtype, s)][0]:.3f}" for s in capacities) +
-          f" | {ratio:.2f} | " + " | ".join(f"{temps[(dtype, s)] / 1024:.0f}" for s in capacities)
-          + f" | {cache_kib:.0f} |")
+          f" | {ratio:.2f} | " + " | ".join(f"{temps[(dtype, s)] / 1024:.0f}" for s in capacities) +
+          f" | {cache_kib:.0f} |")
   results["temp_flat"] = all(temps[(d, small)] == temps[(d, large)] for d in dtypes)
   return results
 
@@ -335,9 +342,9 @@ def model_table(batch: int, max_new_tokens: int) -> None:
   """Greedy generation with the bundled char-LM: the whole model, end to end."""
   params, config, vocab = charlm.load()
   prompts = ["def ", "class Stack:\n    def push(self, item):\n        "] * (batch // 2)
-  _, _, lengths, timing = charlm.generate_text(
-      params, config, vocab, prompts, max_new_tokens=max_new_tokens,
-      sampler=sampling.Sampler(temperature=0.0))
+  _, _, lengths, timing = charlm.generate_text(params, config, vocab, prompts,
+                                               max_new_tokens=max_new_tokens,
+                                               sampler=sampling.Sampler(temperature=0.0))
   rate = timing.decode_tokens / max(timing.decode_s, 1e-9)
   print(f"\n## Whole model: bundled char-LM ({config.num_layers} layers, d_model "
         f"{config.d_model}), greedy, batch {len(prompts)}, {max_new_tokens} new tokens\n")
@@ -350,7 +357,6 @@ def model_table(batch: int, max_new_tokens: int) -> None:
 
 class _Tee:
   """Writes to stdout and to a file."""
-
   def __init__(self, *streams):
     self.streams = streams
 
@@ -440,8 +446,8 @@ def cpu_tables(dtypes, quick, rounds, copy_gbs) -> list[tuple]:
   ]
   goals += [(f"{dtype} decode step at fill 64: S={capacities[-1]} within 2x of "
              f"S={capacities[0]}", capacity[dtype], 2.0) for dtype in dtypes]
-  goals += [(f"compile prefill at T={prompts[-1]} within 1.5x of T={prompts[0]}",
-             compile_ratio, 1.5)]
+  goals += [(f"compile prefill at T={prompts[-1]} within 1.5x of T={prompts[0]}", compile_ratio,
+             1.5)]
   goals += [(f"decode temp memory the same at S={capacities[0]} and S={capacities[-1]} "
              f"({', '.join(dtypes)}): 1 if so", float(capacity["temp_flat"]), 1.0, ">=")]
   return goals

@@ -41,10 +41,10 @@ def random_cache(b, s, kh, h, fill, dtype, seed=0) -> kvattn.KVCache:
   """A cache of random keys and values (drawn on the device) whose first `fill` slots are valid."""
   cache = kvattn.init_cache(b, s, kh, h, dtype)
   kk, kv = jax.random.split(jax.random.key(seed))
-  return cache._replace(
-      k=jax.random.normal(kk, cache.k.shape, dtype), v=jax.random.normal(kv, cache.v.shape, dtype),
-      valid=jnp.broadcast_to(jnp.arange(s)[None] < fill, (b, s)),
-      lengths=jnp.full((b,), fill, jnp.int32), index=jnp.asarray(fill, jnp.int32))
+  return cache._replace(k=jax.random.normal(kk, cache.k.shape,
+                                            dtype), v=jax.random.normal(kv, cache.v.shape, dtype),
+                        valid=jnp.broadcast_to(jnp.arange(s)[None] < fill, (b, s)),
+                        lengths=jnp.full((b,), fill, jnp.int32), index=jnp.asarray(fill, jnp.int32))
 
 
 def einsum_decode_step(params, k_cache, v_cache, x, index):
@@ -62,7 +62,7 @@ def einsum_decode_step(params, k_cache, v_cache, x, index):
   k_cache = lax.dynamic_update_slice_in_dim(k_cache, k, index, axis=1)
   v_cache = lax.dynamic_update_slice_in_dim(v_cache, v, index, axis=1)
   logits = jnp.einsum("BTKGH,BSKH->BKGTS", q.astype(k_cache.dtype), k_cache,
-                      preferred_element_type=jnp.float32) * h ** -0.5
+                      preferred_element_type=jnp.float32) * h**-0.5
   seen = jnp.arange(k_cache.shape[1]) <= index
   probs = jax.nn.softmax(jnp.where(seen, logits, jnp.finfo(jnp.float32).min), axis=-1)
   o = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(v_cache.dtype), v_cache,
@@ -93,16 +93,15 @@ def tables(cfg, fills, rounds, copy_gbs) -> list[tuple]:
   return goals
 
 
-def _decode_kernel_table(b, n, kh, h, s, fills, dtype, rounds, copy_gbs, spec,
-                         implementations):
+def _decode_kernel_table(b, n, kh, h, s, fills, dtype, rounds, copy_gbs, spec, implementations):
   q = jax.random.normal(jax.random.key(2), (b, 1, n, h), dtype)
   kv = q[:, :, :kh]
   cases = {}
   for impl in implementations:
     kernel = jax.jit(functools.partial(_kernel_call, implementation=impl), donate_argnums=3)
     for fill in fills:
-      cases[(impl, fill)] = timing.donated_calls(
-          kernel, random_cache(b, s, kh, h, fill, dtype), q, kv, kv, index=fill)
+      cases[(impl, fill)] = timing.donated_calls(kernel, random_cache(b, s, kh, h, fill, dtype), q,
+                                                 kv, kv, index=fill)
   times = timing.time_interleaved(cases, rounds)
   name = jnp.dtype(dtype).name
   print(f"\n## Decode kernel (`cached_attention`, T=1), B={b}, N={n}, K={kh}, H={h}, "
@@ -138,8 +137,8 @@ def _decode_step_table(b, n, kh, h, s, fills, dtype, rounds, implementations):
   for impl in implementations:
     step = jax.jit(functools.partial(_step_call, implementation=impl), donate_argnums=2)
     for fill in fills:
-      cases[(impl, fill)] = timing.donated_calls(
-          step, random_cache(b, s, kh, h, fill, dtype), params, x, index=fill)
+      cases[(impl, fill)] = timing.donated_calls(step, random_cache(b, s, kh, h, fill, dtype),
+                                                 params, x, index=fill)
   einsum = jax.jit(einsum_decode_step, donate_argnums=(1, 2))
   for fill in fills:
     cache = random_cache(b, s, kh, h, fill, dtype)
@@ -153,15 +152,15 @@ def _decode_step_table(b, n, kh, h, s, fills, dtype, rounds, implementations):
   times = timing.time_interleaved(cases, rounds)
   print(f"\n## Decode step (`decode_step`, projections included) vs a whole-cache einsum "
         f"step (Flax's way), B={b}, N={n}, K={kh}, H={h}, S={s}, {jnp.dtype(dtype).name}\n")
-  print("| fill | " + " | ".join(f"{impl} ms" for impl in implementations) +
-        " | einsum ms | " + " | ".join(f"{impl} / einsum" for impl in implementations) + " |")
+  print("| fill | " + " | ".join(f"{impl} ms" for impl in implementations) + " | einsum ms | " +
+        " | ".join(f"{impl} / einsum" for impl in implementations) + " |")
   print("| ---: |" + " ---: |" * (2 * len(implementations) + 1))
   goals = []
   for fill in fills:
     base = times[("einsum", fill)][0]
     ratios = [times[(impl, fill)][0] / base for impl in implementations]
-    print(f"| {fill} | " + " | ".join(f"{times[(impl, fill)][0]:.3f}" for impl in implementations)
-          + f" | {base:.3f} | " + " | ".join(f"{r:.2f}" for r in ratios) + " |")
+    print(f"| {fill} | " + " | ".join(f"{times[(impl, fill)][0]:.3f}" for impl in implementations) +
+          f" | {base:.3f} | " + " | ".join(f"{r:.2f}" for r in ratios) + " |")
     bound = {64: 0.15, 2048: 0.35}.get(fill)
     if bound:
       goals += [(f"{impl} decode step fill {fill} <= {bound}x the einsum step", r, bound)
@@ -185,7 +184,7 @@ def einsum_forward(params, x):
   q = jnp.einsum("BTD,DNH->BTNH", x, params["wq"]).reshape(b, t, kh, n // kh, h)
   k = jnp.einsum("BTD,DKH->BTKH", x, params["wk"])
   v = jnp.einsum("BTD,DKH->BTKH", x, params["wv"])
-  logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) * h ** -0.5
+  logits = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) * h**-0.5
   causal = jnp.tril(jnp.ones((t, t), jnp.bool_))
   probs = jax.nn.softmax(jnp.where(causal, logits, jnp.finfo(jnp.float32).min), axis=-1)
   o = jnp.einsum("BKGTS,BSKH->BTKGH", probs.astype(v.dtype), v)
@@ -200,16 +199,17 @@ def _prefill_table(b, n, kh, h, s, t, dtype, rounds, implementations):
   cases = {}
   for impl in implementations:
     kernel = jax.jit(functools.partial(_kernel_call, implementation=impl), donate_argnums=3)
-    cases[f"kvattn {impl}"] = timing.donated_calls(
-        kernel, kvattn.init_cache(b, s, kh, h, dtype), q, k, v, index=0)
-  dpa = {"xla": jax.jit(functools.partial(jax.nn.dot_product_attention, is_causal=True,
-                                          implementation="xla"))}
+    cases[f"kvattn {impl}"] = timing.donated_calls(kernel, kvattn.init_cache(b, s, kh, h, dtype), q,
+                                                   k, v, index=0)
+  dpa = {
+      "xla": jax.jit(
+          functools.partial(jax.nn.dot_product_attention, is_causal=True, implementation="xla"))
+  }
   if jax.devices()[0].platform == "gpu":
-    dpa["cudnn"] = jax.jit(functools.partial(jax.nn.dot_product_attention, is_causal=True,
-                                             implementation="cudnn"))
+    dpa["cudnn"] = jax.jit(
+        functools.partial(jax.nn.dot_product_attention, is_causal=True, implementation="cudnn"))
   for name, fn in dpa.items():
-    cases[f"jax.nn.dot_product_attention {name}"] = timing.Stateful(
-        functools.partial(fn, q, k, v))
+    cases[f"jax.nn.dot_product_attention {name}"] = timing.Stateful(functools.partial(fn, q, k, v))
   dm = n * h
   params = kvattn.init_params(jax.random.key(0), dm, n, num_kv_heads=kh, head_dim=h, dtype=dtype)
   x = jax.random.normal(jax.random.key(5), (b, t, dm), dtype)

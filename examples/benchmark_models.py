@@ -67,8 +67,11 @@ _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 128, "generate: tokens generate
 _ROUNDS = flags.DEFINE_integer("rounds", 5, "Timed rounds (each case once per round).")
 
 # (params dtype, per-layer params): the layouts each suite times.
-LAYOUTS = {"float32": ("float32", False), "bfloat16 stacked": ("bfloat16", False),
-           "bfloat16 unstacked": ("bfloat16", True)}
+LAYOUTS = {
+    "float32": ("float32", False),
+    "bfloat16 stacked": ("bfloat16", False),
+    "bfloat16 unstacked": ("bfloat16", True)
+}
 
 
 def hf_config(num_layers: int) -> dict:
@@ -91,7 +94,7 @@ def decode_case(cfg, params, dtype, batch: int, capacity: int, fill: int):
   _, filled = step(params, caches, prompt, None)
   token = jnp.ones((batch, 1), jnp.int32)
   compiled = step.lower(params, filled, token, None).compile()
-  temp = compiled.memory_analysis().temp_size_in_bytes / 2 ** 20
+  temp = compiled.memory_analysis().temp_size_in_bytes / 2**20
   start_index = np.asarray(filled.index)
   state = {"caches": filled}
 
@@ -101,8 +104,9 @@ def decode_case(cfg, params, dtype, batch: int, capacity: int, fill: int):
 
   def reset():  # Back to `fill` tokens: every timed step sees the same fill.
     c = state["caches"]
-    state["caches"] = c._replace(index=jnp.asarray(start_index), lengths=jnp.full_like(
-        c.lengths, fill), valid=c.valid.at[:, :, fill:].set(False))
+    state["caches"] = c._replace(index=jnp.asarray(start_index),
+                                 lengths=jnp.full_like(c.lengths, fill),
+                                 valid=c.valid.at[:, :, fill:].set(False))
 
   return timing.Stateful(run, reset), temp
 
@@ -120,8 +124,7 @@ def steps_suite():
       params = transformer.unstack_layers(params)
     for capacity in capacities:
       key = (layout, capacity)
-      cases[key], temps[key] = decode_case(cfg, params, dtype, _BATCH.value, capacity,
-                                           _FILL.value)
+      cases[key], temps[key] = decode_case(cfg, params, dtype, _BATCH.value, capacity, _FILL.value)
   times = timing.time_interleaved(cases, _ROUNDS.value)
   print(f"\nDecode step, {cfg.num_layers} layers x {cfg.d_model}, B={_BATCH.value}, fill "
         f"{_FILL.value}; min (median) of {_ROUNDS.value} rounds\n")
@@ -148,7 +151,6 @@ def prompts(batch: int, longest: int, vocab: int, seed: int = 0):
 
 class KvattnGeneration:
   """kvattn: prefill + first token (`start`), then the compiled decode loop (`finish`)."""
-
   def __init__(self, params, cfg, tokens, mask, new_tokens, unstacked):
     self.params = transformer.unstack_layers(params) if unstacked else params
     self.params = jax.device_put(self.params)
@@ -160,9 +162,8 @@ class KvattnGeneration:
     self.max_len = p + new_tokens
     caches = self.caches()
     t0 = time.perf_counter()
-    self.start = generation.start_donating.lower(
-        self.step_fn, self.params, caches, self.tokens, self.mask, jax.random.key(0),
-        **self.kw).compile()
+    self.start = generation.start_donating.lower(self.step_fn, self.params, caches, self.tokens,
+                                                 self.mask, jax.random.key(0), **self.kw).compile()
     state = jax.eval_shape(functools.partial(generation.start, self.step_fn, **self.kw),
                            self.params, caches, self.tokens, self.mask, jax.random.key(0))
     self.finish = generation.finish.lower(self.step_fn, self.params, state,
@@ -170,16 +171,15 @@ class KvattnGeneration:
     self.compile_s = time.perf_counter() - t0
 
   def caches(self):
-    return transformer.init_caches(self.cfg, self.tokens.shape[0], self.max_len,
-                                   dtype=self.dtype)
+    return transformer.init_caches(self.cfg, self.tokens.shape[0], self.max_len, dtype=self.dtype)
 
   def run(self):
     """(seconds to the first token, seconds for the rest, tokens [B, M])."""
     caches = jax.block_until_ready(self.caches())
     sampler = self.kw["sampler"]
     t0 = time.perf_counter()
-    state = jax.block_until_ready(self.start(self.params, caches, self.tokens, self.mask,
-                                             jax.random.key(0), sampler=sampler))
+    state = jax.block_until_ready(
+        self.start(self.params, caches, self.tokens, self.mask, jax.random.key(0), sampler=sampler))
     t1 = time.perf_counter()
     state = jax.block_until_ready(self.finish(self.params, state, sampler=sampler))
     return t1 - t0, time.perf_counter() - t1, np.asarray(state.tokens)
@@ -187,7 +187,6 @@ class KvattnGeneration:
 
 class TransformersGeneration:
   """transformers: `generate` of 1 token (time to first token), then of M tokens."""
-
   def __init__(self, model, tokens, mask, new_tokens):
     import torch  # pylint: disable=g-import-not-at-top
     self.torch, self.model, self.new_tokens = torch, model, new_tokens
@@ -246,10 +245,11 @@ def generate_suite():
       model.eval()
       for batch in (1, 8):
         tokens, mask = prompts(batch, _PROMPT_LEN.value, cfg.vocab_size)
-        cases[(name, batch, "kvattn")] = KvattnGeneration(
-            params, cfg, tokens, mask, _NEW_TOKENS.value, unstacked=name != "float32")
-        cases[(name, batch, "transformers")] = TransformersGeneration(
-            model, tokens, mask, _NEW_TOKENS.value)
+        cases[(name, batch, "kvattn")] = KvattnGeneration(params, cfg, tokens, mask,
+                                                          _NEW_TOKENS.value, unstacked=name
+                                                          != "float32")
+        cases[(name, batch, "transformers")] = TransformersGeneration(model, tokens, mask,
+                                                                      _NEW_TOKENS.value)
     results = {key: [] for key in cases}
     for _ in range(_ROUNDS.value):
       for key, case in cases.items():

@@ -37,29 +37,24 @@ logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
 DEFAULT_PROMPTS = ("import ", "class Stack:\n    def push(self, item):\n        ",
                    "    def __init__(self, ")
 
-
-_PROMPT = flags.DEFINE_multi_string(
-    "prompt", list(DEFAULT_PROMPTS), "A prompt; repeat the flag for a ragged batch.")
-_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 120,
-                                      "Characters to generate per prompt.")
+_PROMPT = flags.DEFINE_multi_string("prompt", list(DEFAULT_PROMPTS),
+                                    "A prompt; repeat the flag for a ragged batch.")
+_MAX_NEW_TOKENS = flags.DEFINE_integer("max_new_tokens", 120, "Characters to generate per prompt.")
 _TEMPERATURE = flags.DEFINE_float("temperature", 0.8, "0 means greedy.")
-_TOP_K = flags.DEFINE_integer("top_k", None,
-                             "Sample from the k most likely characters.")
+_TOP_K = flags.DEFINE_integer("top_k", None, "Sample from the k most likely characters.")
 _TOP_P = flags.DEFINE_float("top_p", None, "Sample from the nucleus of this probability.")
 _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed.")
 _PREFILL_MODE = flags.DEFINE_enum("prefill_mode", "one_pass", list(generation.PREFILL_MODES),
-                             "How the prompts enter the cache.")
-_CHUNK_SIZE = flags.DEFINE_integer("chunk_size", 8,
-                                  "Tokens per call with --prefill_mode=chunked.")
-_STREAM = flags.DEFINE_bool("stream", False,
-                             "Print the first prompt's text as it is generated.")
+                                  "How the prompts enter the cache.")
+_CHUNK_SIZE = flags.DEFINE_integer("chunk_size", 8, "Tokens per call with --prefill_mode=chunked.")
+_STREAM = flags.DEFINE_bool("stream", False, "Print the first prompt's text as it is generated.")
 _CHECKPOINT = flags.DEFINE_string(
     "checkpoint", str(charlm.DEFAULT_CHECKPOINT),
     "A char-LM .npz written by train_charlm.py; by default the bundled one.")
-_QUANTIZED_CACHE = flags.DEFINE_bool(
-    "quantized_cache", False, "Store the cache's k and v as int8 with float32 scales.")
-_PRINT_IDS = flags.DEFINE_bool(
-    "print_ids", False, "End with a line of the first prompt's generated token ids.")
+_QUANTIZED_CACHE = flags.DEFINE_bool("quantized_cache", False,
+                                     "Store the cache's k and v as int8 with float32 scales.")
+_PRINT_IDS = flags.DEFINE_bool("print_ids", False,
+                               "End with a line of the first prompt's generated token ids.")
 
 
 def _print_first_row(vocab, column):

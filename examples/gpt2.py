@@ -49,8 +49,8 @@ _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed.")
 _PRINT_IDS = flags.DEFINE_bool("print_ids", False, "End with a line of the generated ids.")
 _DTYPE = flags.DEFINE_enum("dtype", "float32", sorted(_DTYPES),
                            "Params and cache dtype (logits and softmax stay float32).")
-_QUANTIZED_CACHE = flags.DEFINE_bool(
-    "quantized_cache", False, "Store the cache's k and v as int8 with float32 scales.")
+_QUANTIZED_CACHE = flags.DEFINE_bool("quantized_cache", False,
+                                     "Store the cache's k and v as int8 with float32 scales.")
 
 
 def main(argv):
@@ -58,11 +58,10 @@ def main(argv):
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   try:
     runner.main_for_checkpoint(
-        functools.partial(loaders.load, dtype=_DTYPES[_DTYPE.value]),
-        checkpoint=_CHECKPOINT.value, prompt=_PROMPT.value, prompt_ids=_PROMPT_IDS.value,
-        max_new_tokens=_MAX_NEW_TOKENS.value,
-        sampler=sampling.Sampler(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value),
-        seed=_SEED.value, print_ids=_PRINT_IDS.value, quantized_cache=_QUANTIZED_CACHE.value)
+        functools.partial(loaders.load, dtype=_DTYPES[_DTYPE.value]), checkpoint=_CHECKPOINT.value,
+        prompt=_PROMPT.value, prompt_ids=_PROMPT_IDS.value, max_new_tokens=_MAX_NEW_TOKENS.value,
+        sampler=sampling.Sampler(_TEMPERATURE.value, _TOP_K.value, _TOP_P.value), seed=_SEED.value,
+        print_ids=_PRINT_IDS.value, quantized_cache=_QUANTIZED_CACHE.value)
   except runner.UsageError as error:
     raise app.UsageError(str(error)) from error
 

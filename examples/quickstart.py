@@ -41,13 +41,13 @@ def init_model(key, layers, vocab, d_model, heads, kv_heads):
     k_attn, k_in, k_out = jax.random.split(k, 3)
     return {
         "attn": kvattn.init_params(k_attn, d_model, heads, num_kv_heads=kv_heads),
-        "mlp_in": jax.random.normal(k_in, (d_model, 4 * d_model)) * d_model ** -0.5,
-        "mlp_out": jax.random.normal(k_out, (4 * d_model, d_model)) * (4 * d_model) ** -0.5,
+        "mlp_in": jax.random.normal(k_in, (d_model, 4 * d_model)) * d_model**-0.5,
+        "mlp_out": jax.random.normal(k_out, (4 * d_model, d_model)) * (4 * d_model)**-0.5,
     }
 
   return {
       "embed": jax.random.normal(k_embed, (vocab, d_model)),
-      "unembed": jax.random.normal(k_unembed, (d_model, vocab)) * d_model ** -0.5,
+      "unembed": jax.random.normal(k_unembed, (d_model, vocab)) * d_model**-0.5,
       "layers": jax.vmap(one_layer)(jax.random.split(k_layers, layers)),
   }
 
@@ -58,7 +58,6 @@ def _rms_norm(x):
 
 def forward(params, caches, tokens, mask):
   """tokens int [B, T], mask bool [B, T] -> (logits [B, T, V], caches)."""
-
   def layer(x, layer_and_cache):
     p, cache = layer_and_cache
     h, cache = kvattn.prefill(p["attn"], cache, _rms_norm(x), mask, rope_base=ROPE_BASE)
@@ -98,15 +97,15 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   b, steps = _BATCH.value, _DECODE_STEPS.value
-  params, caches, tokens, mask = jax.jit(setup, static_argnums=range(1, 9))(
-      jax.random.key(_SEED.value), b, _PROMPT_LEN.value, _PROMPT_LEN.value + steps,
-      _LAYERS.value, _VOCAB.value, _D_MODEL.value, _HEADS.value, _KV_HEADS.value)
+  params, caches, tokens, mask = jax.jit(setup, static_argnums=range(
+      1, 9))(jax.random.key(_SEED.value), b, _PROMPT_LEN.value, _PROMPT_LEN.value + steps,
+             _LAYERS.value, _VOCAB.value, _D_MODEL.value, _HEADS.value, _KV_HEADS.value)
 
   # Compile ahead of time so the timings below measure running, not compiling.
   t0 = time.perf_counter()
   prefill = jax.jit(prefill_greedy, donate_argnums=1).lower(params, caches, tokens, mask).compile()
-  decode = jax.jit(decode_greedy, donate_argnums=1).lower(
-      params, caches, jnp.zeros((b, 1), jnp.int32)).compile()
+  decode = jax.jit(decode_greedy, donate_argnums=1).lower(params, caches,
+                                                          jnp.zeros((b, 1), jnp.int32)).compile()
   compile_s = time.perf_counter() - t0
 
   t0 = time.perf_counter()

@@ -120,27 +120,29 @@ def generate(config, key, tokens, mask, max_new_tokens, mesh=None):
   kw = {"init_params": {}, "init_caches": {}, "prefill": {}, "decode": {}}
   if mesh is not None:
     params_shape = jax.eval_shape(init_params, key)
-    p_shard = sharding.named(sharding.tree_specs(
-        params_shape, transformer.params_logical_axes(params_shape), mesh, RULES,
-        name="params"), mesh)
+    p_shard = sharding.named(
+        sharding.tree_specs(params_shape, transformer.params_logical_axes(params_shape), mesh,
+                            RULES, name="params"), mesh)
     c_shard = sharding.cache_shardings(jax.eval_shape(init_caches), mesh, RULES)
     rows = NamedSharding(mesh, PartitionSpec("data", None))
     replicated = NamedSharding(mesh, PartitionSpec())
     tokens, mask = sharding.put((tokens, mask), (rows, rows))
     token_shape = jax.ShapeDtypeStruct((b, 1), jnp.int32, sharding=replicated)
-    kw = {"init_params": dict(out_shardings=p_shard),
-          "init_caches": dict(out_shardings=c_shard),
-          "prefill": dict(in_shardings=(p_shard, c_shard, rows, rows),
-                          out_shardings=(replicated, c_shard)),
-          "decode": dict(in_shardings=(p_shard, c_shard, replicated),
-                         out_shardings=(replicated, c_shard))}
+    kw = {
+        "init_params": dict(out_shardings=p_shard),
+        "init_caches": dict(out_shardings=c_shard),
+        "prefill": dict(in_shardings=(p_shard, c_shard, rows, rows),
+                        out_shardings=(replicated, c_shard)),
+        "decode": dict(in_shardings=(p_shard, c_shard, replicated),
+                       out_shardings=(replicated, c_shard))
+    }
   params = jax.jit(init_params, **kw["init_params"])(key)
   caches = jax.jit(init_caches, **kw["init_caches"])()
   t0 = time.perf_counter()
-  prefill = jax.jit(prefill, donate_argnums=1, **kw["prefill"]).lower(
-      params, caches, tokens, mask).compile()
-  decode = jax.jit(decode, donate_argnums=1, **kw["decode"]).lower(
-      params, caches, token_shape).compile()
+  prefill = jax.jit(prefill, donate_argnums=1, **kw["prefill"]).lower(params, caches, tokens,
+                                                                      mask).compile()
+  decode = jax.jit(decode, donate_argnums=1, **kw["decode"]).lower(params, caches,
+                                                                   token_shape).compile()
   compile_s = time.perf_counter() - t0
   token, caches = prefill(params, caches, tokens, mask)
   out = [token]
@@ -165,10 +167,10 @@ def main(argv):
                                process_id=_PROCESS_ID.value)
   mesh = sharding.make_mesh(_MESH.value)
   d_model, heads = _D_MODEL.value, _HEADS.value
-  config = transformer.Config(
-      vocab_size=_VOCAB.value, num_layers=_LAYERS.value, d_model=d_model, num_heads=heads,
-      num_kv_heads=_KV_HEADS.value, head_dim=d_model // heads, d_ff=4 * d_model,
-      rope_base=10_000.0, use_bias=False)
+  config = transformer.Config(vocab_size=_VOCAB.value, num_layers=_LAYERS.value, d_model=d_model,
+                              num_heads=heads, num_kv_heads=_KV_HEADS.value,
+                              head_dim=d_model // heads, d_ff=4 * d_model, rope_base=10_000.0,
+                              use_bias=False)
   key_model = jax.random.key(_SEED.value)
   tokens, mask = prompts(_SEED.value, _BATCH.value, _PROMPT_LEN.value, _VOCAB.value)
 

@@ -75,16 +75,17 @@ def main(argv):
   max_len = speculative.required_max_len(1, tokens.shape[1], m, k)
 
   def run_speculative():
-    return speculative.speculative_generate(
-        transformer.step_fn(config), params, transformer.init_caches(config, 1, max_len),
-        transformer.step_fn(draft_config), draft_params,
-        transformer.init_caches(draft_config, 1, max_len), tokens, mask,
-        max_new_tokens=m, num_draft=k)
+    return speculative.speculative_generate(transformer.step_fn(config), params,
+                                            transformer.init_caches(config, 1, max_len),
+                                            transformer.step_fn(draft_config), draft_params,
+                                            transformer.init_caches(draft_config, 1, max_len),
+                                            tokens, mask, max_new_tokens=m, num_draft=k)
 
   def run_target():
-    return generation.generate(
-        transformer.step_fn(config), params, transformer.init_caches(config, 1, max_len),
-        tokens, mask, max_new_tokens=m, sampler=sampling.Sampler(), key=jax.random.key(0)).tokens
+    return generation.generate(transformer.step_fn(config), params,
+                               transformer.init_caches(config, 1,
+                                                       max_len), tokens, mask, max_new_tokens=m,
+                               sampler=sampling.Sampler(), key=jax.random.key(0)).tokens
 
   (spec_tokens, stats), spec_s = _best_time(run_speculative, _REPEATS.value)
   target_tokens, target_s = _best_time(run_target, _REPEATS.value)

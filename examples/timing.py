@@ -16,7 +16,6 @@ import numpy as np
 
 class Stateful:
   """A timed call plus an untimed reset between calls (e.g. of a donated cache)."""
-
   def __init__(self, run: Callable[[], object], reset: Callable[[], None] = lambda: None):
     self.run = run
     self.reset = reset

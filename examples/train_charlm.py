@@ -47,8 +47,7 @@ _LR = flags.DEFINE_float("lr", 3e-3, "Peak learning rate.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed for init and batches.")
 _TIME_BUDGET_S = flags.DEFINE_float(
     "time_budget_s", 600.0, "Seconds; the LR schedule ends by then and the model is saved.")
-_MIN_COUNT = flags.DEFINE_integer("min_count", 200,
-                                  "Characters rarer than this map to padding.")
+_MIN_COUNT = flags.DEFINE_integer("min_count", 200, "Characters rarer than this map to padding.")
 
 
 def main(argv):
@@ -59,14 +58,14 @@ def main(argv):
   data = vocab.encode(text)
   print(f"corpus: {len(text) / 1e6:.1f}M characters of the standard library, "
         f"vocabulary {len(vocab)}")
-  config = transformer.Config(
-      vocab_size=len(vocab), num_layers=_NUM_LAYERS.value, d_model=_D_MODEL.value,
-      num_heads=_NUM_HEADS.value, num_kv_heads=_NUM_HEADS.value,
-      head_dim=_D_MODEL.value // _NUM_HEADS.value, d_ff=4 * _D_MODEL.value,
-      rope_base=10_000.0)
-  params, loss = training.train(
-      config, data, steps=_STEPS.value, batch_size=_BATCH_SIZE.value, seq_len=_SEQ_LEN.value,
-      lr=_LR.value, seed=_SEED.value, time_budget_s=_TIME_BUDGET_S.value)
+  config = transformer.Config(vocab_size=len(vocab), num_layers=_NUM_LAYERS.value,
+                              d_model=_D_MODEL.value, num_heads=_NUM_HEADS.value,
+                              num_kv_heads=_NUM_HEADS.value,
+                              head_dim=_D_MODEL.value // _NUM_HEADS.value, d_ff=4 * _D_MODEL.value,
+                              rope_base=10_000.0)
+  params, loss = training.train(config, data, steps=_STEPS.value, batch_size=_BATCH_SIZE.value,
+                                seq_len=_SEQ_LEN.value, lr=_LR.value, seed=_SEED.value,
+                                time_budget_s=_TIME_BUDGET_S.value)
   charlm.save(_OUTPUT.value, params, config, vocab)
   size = pathlib.Path(_OUTPUT.value).stat().st_size
   print(f"final loss {loss:.3f} nats/char; wrote {_OUTPUT.value} ({size / 1e6:.1f} MB)")

@@ -30,8 +30,8 @@ def check_shape(name: str, x: Any, legend: str, expected: tuple[int | None, ...]
   ok = actual is not None and len(actual) == len(expected) and all(
       e is None or a == e for a, e in zip(actual, expected))
   if not ok:
-    got = (f"a Python {type(x).__name__} (pass an array, e.g. np.asarray({name}))"
-           if isinstance(x, (list, tuple)) else actual)
+    got = (f"a Python {type(x).__name__} (pass an array, e.g. np.asarray({name}))" if isinstance(
+        x, (list, tuple)) else actual)
     raise ValueError(f"{name} shape should be {legend}={tuple(expected)}: but got {got}")
 
 
@@ -101,8 +101,10 @@ def check_cache(cache: Any, views: bool = False) -> None:
   if getattr(cache.v, "dtype", None) != cache.k.dtype:
     raise ValueError(f"cache.v dtype should be cache.k's, {cache.k.dtype}: but got "
                      f"{getattr(cache.v, 'dtype', None)}")
-  ring = [name for name, field in layout.CACHE.items()
-          if field.feature == "window" and getattr(cache, name) is not None]
+  ring = [
+      name for name, field in layout.CACHE.items()
+      if field.feature == "window" and getattr(cache, name) is not None
+  ]
   ring += [name for name in layout.CACHE_STATIC if getattr(cache, name) is not None]
   for name in layout.CACHE_STATIC:  # A ring's static ints: both, positive, or neither.
     x = getattr(cache, name)

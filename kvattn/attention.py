@@ -151,9 +151,8 @@ def check_options(prefix_lm, implementation, **blocks) -> None:
       raise ValueError(f"prefix_lm should be a bool or a bool scalar array: but got "
                        f"{prefix_lm!r}")
   if implementation is not None and implementation not in BACKENDS:
-    raise ValueError(
-        f"implementation should be None or one of {sorted(BACKENDS)}: "
-        f"but got {implementation!r}")
+    raise ValueError(f"implementation should be None or one of {sorted(BACKENDS)}: "
+                     f"but got {implementation!r}")
   check_positive_ints(**{name: size for name, size in blocks.items() if size is not None})
 
 
@@ -169,8 +168,8 @@ def check_ring_options(cache: KVCache, prefix_lm) -> None:
 def attend(q, k, v, cache: KVCache, mask, *, prefix_lm, implementation=None, block_q=None,
            block_kv=None) -> tuple[jax.Array, KVCache]:
   """`cached_attention` without the checks, for callers that made them (`kvattn.prefill`)."""
-  run = functools.partial(_dispatch, implementation, q.shape[-1], cache.num_slots,
-                          ring=cache.ring, block_q=block_q, block_kv=block_kv)
+  run = functools.partial(_dispatch, implementation, q.shape[-1], cache.num_slots, ring=cache.ring,
+                          block_q=block_q, block_kv=block_kv)
   if cache.ring:  # Read the ring before the write: a long chunk overwrites what it needs.
     positions = cache_lib.token_positions(cache, mask)
     k_new, v_new = cache_lib.as_stored(cache, k, v, mask)
@@ -203,9 +202,11 @@ def _dispatch(implementation, head_dim, num_slots, *args, ring, **kwargs):
     return functools.partial(entry, interpret=interpret, **kwargs)
 
   if implementation is None:
-    branches = {platform: branch(BACKENDS[name], False) for platform, name in DEFAULTS.items()
-                if BACKENDS[name].compiles_on(platform)
-                and BACKENDS[name].unsupported(head_dim, num_slots) is None}
+    branches = {
+        platform: branch(BACKENDS[name], False) for platform, name in DEFAULTS.items()
+        if BACKENDS[name].compiles_on(platform)
+        and BACKENDS[name].unsupported(head_dim, num_slots) is None
+    }
     if not branches:
       return branch(xla.BACKEND, False)(*args)
     return lax.platform_dependent(*args, default=branch(xla.BACKEND, False), **branches)

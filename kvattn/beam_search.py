@@ -65,8 +65,8 @@ class _Beams(NamedTuple):
   done_scores: jax.Array
 
 
-def beam_search(step_fn: StepFn, params: Any, caches: Any, prompt_tokens: Any, *,
-                beam_width: int, max_new_tokens: int, length_penalty: float = 1.0,
+def beam_search(step_fn: StepFn, params: Any, caches: Any, prompt_tokens: Any, *, beam_width: int,
+                max_new_tokens: int, length_penalty: float = 1.0,
                 eos_id: int | Sequence[int] | None = None,
                 pad_id: int = 0) -> tuple[jax.Array, jax.Array]:
   """Returns the BW best continuations of one prompt and their scores.
@@ -148,7 +148,7 @@ def _log_probs(logits):
 
 def _length_factor(n, length_penalty):
   """n ** length_penalty for n generated tokens, float32."""
-  return jnp.asarray(n, jnp.float32) ** length_penalty
+  return jnp.asarray(n, jnp.float32)**length_penalty
 
 
 def _select(beams: _Beams, logp: jax.Array, i, *, length_penalty, eos_id):
@@ -168,8 +168,8 @@ def _select(beams: _Beams, logp: jax.Array, i, *, length_penalty, eos_id):
     ended = decoding.is_eos(token, eos_id)
   # A continuation ending in EOS is finished if it ranks among the best BW (as in
   # Hugging Face); it then competes with the finished ones on its penalised score.
-  finished = jnp.where(ended & (jnp.arange(c) < w),
-                       scores / _length_factor(i + 1, length_penalty), -jnp.inf)
+  finished = jnp.where(ended & (jnp.arange(c) < w), scores / _length_factor(i + 1, length_penalty),
+                       -jnp.inf)
   done_scores, best = lax.top_k(jnp.concatenate([beams.done_scores, finished]), w)
   done_tokens = jnp.concatenate([beams.done_tokens, seqs])[best]
   alive_scores, keep = lax.top_k(jnp.where(ended, -jnp.inf, scores), w)

@@ -148,17 +148,15 @@ def init_cache(
   Returns:
     A `KVCache` with k, v `[B, S, K, H]` of zeros, nothing valid, index 0.
   """
-  check_positive_ints(batch=batch, max_len=max_len, num_kv_heads=num_kv_heads,
-                      head_dim=head_dim)
+  check_positive_ints(batch=batch, max_len=max_len, num_kv_heads=num_kv_heads, head_dim=head_dim)
   if not isinstance(quantized, bool):
     raise ValueError(f"quantized should be a bool: but got {quantized!r}")
   dtype = jnp.dtype(dtype)
   if not jnp.issubdtype(dtype, jnp.floating):
     raise ValueError(f"dtype should be a floating dtype: but got {dtype}")
   if quantized and dtype != jnp.float32:
-    raise ValueError(
-        f"dtype should be float32 when quantized=True (k and v are stored as int8 "
-        f"and dequantised to float32): but got {dtype}")
+    raise ValueError(f"dtype should be float32 when quantized=True (k and v are stored as int8 "
+                     f"and dequantised to float32): but got {dtype}")
   if window is not None:
     check_positive_ints(window=window)
   if not (is_int(rewind_room) and rewind_room >= 0):
@@ -171,10 +169,11 @@ def init_cache(
   storage = jnp.dtype(jnp.int8) if quantized else dtype
   features = {"int8": quantized, "window": window is not None}
   # One array per leaf, never one twice: each must be donatable on its own.
-  cache = KVCache(**{
-      name: None if field.optional and not features[field.feature]
-      else jnp.zeros(field.shape(sizes), field.dtype or storage)
-      for name, field in layout.CACHE.items()})
+  cache = KVCache(
+      **{
+          name: None if field.optional and not features[field.feature] else jnp.zeros(
+              field.shape(sizes), field.dtype or storage) for name, field in layout.CACHE.items()
+      })
   if window is None:
     return cache
   return cache._replace(window=int(window), max_positions=int(max_len))
@@ -189,8 +188,7 @@ def overflowed(cache: Any) -> jax.Array:
   be one `KVCache` or any pytree of them (a model's stacked caches, a tuple
   of stacks): True when any of them, any layer, overflowed.
   """
-  flags = [jnp.any(c.overflow) for c in jax.tree.leaves(cache, is_leaf=_is_cache)
-           if _is_cache(c)]
+  flags = [jnp.any(c.overflow) for c in jax.tree.leaves(cache, is_leaf=_is_cache) if _is_cache(c)]
   if not flags or len(flags) != len(jax.tree.leaves(cache, is_leaf=_is_cache)):
     raise TypeError(f"cache should be a KVCache or a pytree of them: but got "
                     f"{type(cache).__name__}")
@@ -261,8 +259,8 @@ def layer_view(stack: KVCache, layer: int | jax.Array) -> KVCache:
   """
   if not isinstance(stack, KVCache) or stack.layer is not None:
     raise TypeError(f"stack should be a KVCache stack (not a layer view): but got "
-                    f"{type(stack).__name__}" + ("" if not isinstance(stack, KVCache)
-                                                 else f" with layer={stack.layer!r}"))
+                    f"{type(stack).__name__}" +
+                    ("" if not isinstance(stack, KVCache) else f" with layer={stack.layer!r}"))
   if getattr(stack.k, "ndim", 0) != 5:
     raise ValueError(f"stack.k shape should be (L, B, S, K, H): but got "
                      f"{getattr(stack.k, 'shape', None)}")
@@ -319,7 +317,6 @@ def _set(cache: KVCache, **values) -> dict:
   return {name: getattr(cache, name).at[cache.layer].set(x) for name, x in values.items()}
 
 
-
 def append(cache: KVCache, k: jax.Array, v: jax.Array,
            mask: jax.Array) -> tuple[KVCache, jax.Array, jax.Array]:
   """Writes T new tokens at `cache.index`, or nothing at all if they do not fit.
@@ -361,11 +358,12 @@ def append(cache: KVCache, k: jax.Array, v: jax.Array,
   written = jnp.sum(mask, axis=1, dtype=jnp.int32)
   lead = () if cache.layer is None else (cache.layer,)
   new_cache = cache._replace(
-      **{name: _put(getattr(cache, name), x, start, fits, lead) for name, x in stored.items()},
+      **{
+          name: _put(getattr(cache, name), x, start, fits, lead) for name, x in stored.items()
+      },
       valid=_put(cache.valid, mask, start, fits, lead),
       **_set(cache, lengths=leaf(cache, "lengths") + jnp.where(fits, written, 0),
-             index=jnp.where(fits, index + t, index),
-             overflow=overflow | ~fits),
+             index=jnp.where(fits, index + t, index), overflow=overflow | ~fits),
   )
   return new_cache, k, v
 
@@ -414,12 +412,13 @@ def _append_ring(cache: KVCache, k, v, mask):
   lead = () if cache.layer is None else (cache.layer,)  # A view: into its layer of the stack.
   put = lambda buf, x: _ring_put(buf, x, slot, keep, lead)
   return cache._replace(
-      **{name: put(getattr(cache, name), x) for name, x in stored.items()},
+      **{
+          name: put(getattr(cache, name), x) for name, x in stored.items()
+      },
       valid=put(cache.valid, mask),
       positions=put(cache.positions, position),
       **_set(cache, lengths=jnp.where(fits, lengths, old_lengths),
-             index=jnp.where(fits, index + t, index),
-             overflow=overflow | ~fits),
+             index=jnp.where(fits, index + t, index), overflow=overflow | ~fits),
   ), k, v
 
 
@@ -494,8 +493,7 @@ def _put(buf: jax.Array, x: jax.Array, start: jax.Array, fits: jax.Array,
   leaf `[L, B, S, ...]`, written at that layer (x keeps its `[B, T, ...]`).
   """
   if buf.dtype == jnp.bfloat16:
-    return lax.platform_dependent(buf, x, start, fits, lead, cpu=_put_bits_if,
-                                  default=_put_select)
+    return lax.platform_dependent(buf, x, start, fits, lead, cpu=_put_bits_if, default=_put_select)
   return _put_select(buf, x, start, fits, lead)
 
 

@@ -128,8 +128,10 @@ def _drop(cache: KVCache, drop: jax.Array, count: jax.Array) -> KVCache:
     return jnp.where(where, jnp.zeros_like(x), x)
 
   return cache._replace(
-      **{name: zero(getattr(cache, name)) for name in _SLOT_FIELDS
-         if getattr(cache, name) is not None},
+      **{
+          name: zero(getattr(cache, name)) for name in _SLOT_FIELDS
+          if getattr(cache, name) is not None
+      },
       valid=cache.valid & ~drop,
       lengths=cache.lengths - count,
   )
@@ -177,9 +179,11 @@ def reorder(cache: Any, indices: Any) -> Any:
     return map_caches(reorder, cache, indices)
   check_cache(cache)
   indices = _check_indices(indices, cache.batch_size)
-  return cache._replace(**{
-      name: jnp.take(getattr(cache, name), indices, axis=0, mode="clip")
-      for name in _ROW_FIELDS if getattr(cache, name) is not None})
+  return cache._replace(
+      **{
+          name: jnp.take(getattr(cache, name), indices, axis=0, mode="clip") for name in _ROW_FIELDS
+          if getattr(cache, name) is not None
+      })
 
 
 def _check_indices(indices: Any, b: int) -> jax.Array:
@@ -212,13 +216,18 @@ def _layers(caches: list[KVCache]) -> list[KVCache]:
     if not lead:
       out.append(cache)
       continue
-    small = cache._replace(k=jax.ShapeDtypeStruct(cache.k.shape[-4:], cache.k.dtype),
-                           v=None, k_scale=None, v_scale=None)
+    small = cache._replace(k=jax.ShapeDtypeStruct(cache.k.shape[-4:], cache.k.dtype), v=None,
+                           k_scale=None, v_scale=None)
     for i in np.ndindex(*lead):
+
       def at(x, i=i):
         return x if x is None or isinstance(x, jax.ShapeDtypeStruct) else np.asarray(x)[i]
-      out.append(small._replace(**{f: at(getattr(small, f)) for f in
-                                   ("valid", "lengths", "index", "overflow", "positions")}))
+
+      out.append(
+          small._replace(**{
+              f: at(getattr(small, f))
+              for f in ("valid", "lengths", "index", "overflow", "positions")
+          }))
   return out
 
 

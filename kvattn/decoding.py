@@ -198,8 +198,8 @@ def is_eos(tokens: jax.Array, eos_id: Any) -> jax.Array:
 
 def check_pad(pad_id: Any) -> None:
   """pad_id: an int, or an integer scalar array (traced or not)."""
-  if not (is_int(pad_id) or (getattr(pad_id, "shape", None) == ()
-              and jnp.issubdtype(pad_id.dtype, jnp.integer))):
+  if not (is_int(pad_id) or
+          (getattr(pad_id, "shape", None) == () and jnp.issubdtype(pad_id.dtype, jnp.integer))):
     raise ValueError(f"pad_id should be an int: but got {pad_id!r}")
 
 
@@ -217,8 +217,7 @@ def check_eos(eos_id: Any) -> None:
   leaves = jax.tree.leaves(eos_id)
   ok = bool(leaves) and all(
       is_int(i) or (len(getattr(i, "shape", (0, 0))) <= 1 and jnp.issubdtype(i.dtype, jnp.integer)
-          and np.prod(i.shape) > 0)
-      for i in leaves)
+                    and np.prod(i.shape) > 0) for i in leaves)
   if not ok:
     raise ValueError(f"eos_id should be None, an int or a non-empty list of ints: but got "
                      f"{eos_id!r}")
@@ -248,15 +247,17 @@ class Capacity(NamedTuple):
 def capacity(caches: Any) -> Capacity:
   """The room of the `KVCache`s among caches (any pytree), from their concrete counters."""
   found = rooms(caches)
-  left = [None if not is_concrete(r.used) else r.capacity - int(np.max(np.asarray(r.used)))
-          for r in found]
+  left = [
+      None if not is_concrete(r.used) else r.capacity - int(np.max(np.asarray(r.used)))
+      for r in found
+  ]
   held = max((int(np.max(np.asarray(r.lengths))) for r in found if is_concrete(r.lengths)),
              default=0)
   if not found or any(n is None for n in left):
     return Capacity(free=None, positions=None, held=held, known=False)
   return Capacity(free=min((n for r, n in zip(found, left) if not r.ring), default=None),
-                  positions=min((n for r, n in zip(found, left) if r.ring), default=None),
-                  held=held, known=True)
+                  positions=min((n for r, n in zip(found, left) if r.ring),
+                                default=None), held=held, known=True)
 
 
 def max_len(caches: Any) -> int | None:

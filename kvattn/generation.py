@@ -54,7 +54,7 @@ PREFILL_MODES = ("one_pass", "chunked", "forced")
 
 # Powers of two from 16 to 2**30, past any cache's max_len: the default bucket
 # lengths of the prompts (see `bucket_length`).
-DEFAULT_PROMPT_BUCKETS = tuple(2 ** i for i in range(4, 31))
+DEFAULT_PROMPT_BUCKETS = tuple(2**i for i in range(4, 31))
 
 
 class DecodeState(NamedTuple):
@@ -248,13 +248,15 @@ def generate(step_fn: StepFn, params: Any, caches: Any, prompt_tokens: jax.Array
   Returns:
     `Generation(tokens [B, M], lengths [B], caches)`.
   """
-  prompt_tokens, prompt_mask, sampler, key = _prepare(
-      step_fn, caches, prompt_tokens, prompt_mask, sampler=sampler, key=key, eos_id=eos_id,
-      pad_id=pad_id, max_new_tokens=max_new_tokens, prefill_mode=prefill_mode,
-      chunk_size=chunk_size)
-  prompt_tokens, prompt_mask = _pad_to_bucket(
-      caches, prompt_tokens, prompt_mask, max_new_tokens=max_new_tokens, pad_id=pad_id,
-      prefill_mode=prefill_mode, chunk_size=chunk_size, prompt_buckets=prompt_buckets)
+  prompt_tokens, prompt_mask, sampler, key = _prepare(step_fn, caches, prompt_tokens, prompt_mask,
+                                                      sampler=sampler, key=key, eos_id=eos_id,
+                                                      pad_id=pad_id, max_new_tokens=max_new_tokens,
+                                                      prefill_mode=prefill_mode,
+                                                      chunk_size=chunk_size)
+  prompt_tokens, prompt_mask = _pad_to_bucket(caches, prompt_tokens, prompt_mask,
+                                              max_new_tokens=max_new_tokens, pad_id=pad_id,
+                                              prefill_mode=prefill_mode, chunk_size=chunk_size,
+                                              prompt_buckets=prompt_buckets)
   begin = start_donating if donate_caches else start
   state = begin(step_fn, params, caches, prompt_tokens, prompt_mask, key,
                 max_new_tokens=max_new_tokens, sampler=sampler, eos_id=eos_id, pad_id=pad_id,
@@ -263,13 +265,13 @@ def generate(step_fn: StepFn, params: Any, caches: Any, prompt_tokens: jax.Array
   return Generation(state.tokens, state.lengths, state.caches)
 
 
-def generate_stream(step_fn: StepFn, params: Any, caches: Any, prompt_tokens: jax.Array,
-                    prompt_mask: jax.Array | None = None, *, max_new_tokens: int,
-                    sampler: Sampler = sampling.Sampler(), key: jax.Array | None = None,
-                    eos_id: int | Sequence[int] | None = None, pad_id: int = 0,
-                    prefill_mode: str = "one_pass", chunk_size: int | None = None,
-                    prompt_buckets: Sequence[int] | None = DEFAULT_PROMPT_BUCKETS
-                    ) -> Iterator[jax.Array]:
+def generate_stream(
+    step_fn: StepFn, params: Any, caches: Any, prompt_tokens: jax.Array,
+    prompt_mask: jax.Array | None = None, *, max_new_tokens: int,
+    sampler: Sampler = sampling.Sampler(), key: jax.Array | None = None,
+    eos_id: int | Sequence[int] | None = None, pad_id: int = 0, prefill_mode: str = "one_pass",
+    chunk_size: int | None = None,
+    prompt_buckets: Sequence[int] | None = DEFAULT_PROMPT_BUCKETS) -> Iterator[jax.Array]:
   """Like `generate`, but yields each column, int32 `[B]`, as soon as it is drawn.
 
   The steps are the compiled loop's own (`start`, then `advance` from Python),
@@ -278,25 +280,27 @@ def generate_stream(step_fn: StepFn, params: Any, caches: Any, prompt_tokens: ja
   done. The arguments are checked as `generate`'s, when it is called (not
   at the first `next`).
   """
-  prompt_tokens, prompt_mask, sampler, key = _prepare(
-      step_fn, caches, prompt_tokens, prompt_mask, sampler=sampler, key=key, eos_id=eos_id,
-      pad_id=pad_id, max_new_tokens=max_new_tokens, prefill_mode=prefill_mode,
-      chunk_size=chunk_size)
-  prompt_tokens, prompt_mask = _pad_to_bucket(
-      caches, prompt_tokens, prompt_mask, max_new_tokens=max_new_tokens, pad_id=pad_id,
-      prefill_mode=prefill_mode, chunk_size=chunk_size, prompt_buckets=prompt_buckets)
+  prompt_tokens, prompt_mask, sampler, key = _prepare(step_fn, caches, prompt_tokens, prompt_mask,
+                                                      sampler=sampler, key=key, eos_id=eos_id,
+                                                      pad_id=pad_id, max_new_tokens=max_new_tokens,
+                                                      prefill_mode=prefill_mode,
+                                                      chunk_size=chunk_size)
+  prompt_tokens, prompt_mask = _pad_to_bucket(caches, prompt_tokens, prompt_mask,
+                                              max_new_tokens=max_new_tokens, pad_id=pad_id,
+                                              prefill_mode=prefill_mode, chunk_size=chunk_size,
+                                              prompt_buckets=prompt_buckets)
   return _stream(step_fn, params, caches, prompt_tokens, prompt_mask, key,
                  max_new_tokens=max_new_tokens, sampler=sampler, eos_id=eos_id, pad_id=pad_id,
                  prefill_mode=prefill_mode, chunk_size=chunk_size)
 
 
-def _stream(step_fn, params, caches, prompt_tokens, prompt_mask, key, *, max_new_tokens,
-            sampler, eos_id, pad_id, prefill_mode, chunk_size) -> Iterator[jax.Array]:
+def _stream(step_fn, params, caches, prompt_tokens, prompt_mask, key, *, max_new_tokens, sampler,
+            eos_id, pad_id, prefill_mode, chunk_size) -> Iterator[jax.Array]:
   """generate_stream's generator, over checked and padded prompts."""
   kw = dict(sampler=sampler, eos_id=eos_id, pad_id=pad_id)
   state = start(step_fn, params, caches, prompt_tokens, prompt_mask, key,
-                max_new_tokens=max_new_tokens, prefill_mode=prefill_mode,
-                chunk_size=chunk_size, **kw)
+                max_new_tokens=max_new_tokens, prefill_mode=prefill_mode, chunk_size=chunk_size,
+                **kw)
   yield state.tokens[:, 0]
   for i in range(1, max_new_tokens):
     if bool(jnp.all(state.done)):
@@ -355,8 +359,8 @@ def _traceable(sampler):
 
 def _is_greedy(sampler) -> bool:
   """True when the sampler draws nothing at random: a `Sampler` with a concrete temperature 0."""
-  return (isinstance(sampler, sampling.Sampler)
-          and isinstance(sampler.temperature, numbers.Number) and sampler.temperature == 0)
+  return (isinstance(sampler, sampling.Sampler) and isinstance(sampler.temperature, numbers.Number)
+          and sampler.temperature == 0)
 
 
 def continue_from(out: Generation, tokens: Any, mask: Any = None) -> tuple[np.ndarray, np.ndarray]:
@@ -379,8 +383,8 @@ def continue_from(out: Generation, tokens: Any, mask: Any = None) -> tuple[np.nd
   lengths = np.asarray(out.lengths)
   b = generated.shape[0]
   tokens = np.asarray(tokens)
-  if tokens.ndim != 2 or tokens.shape[0] != b or (
-      tokens.size and not np.issubdtype(tokens.dtype, np.integer)):
+  if tokens.ndim != 2 or tokens.shape[0] != b or (tokens.size
+                                                  and not np.issubdtype(tokens.dtype, np.integer)):
     raise ValueError(f"tokens should be int with shape (B, T)=({b}, None): but got "
                      f"{tokens.dtype} {tokens.shape}")
   mask = np.ones(tokens.shape, bool) if mask is None else np.asarray(mask)
@@ -512,8 +516,7 @@ def _check_buckets(buckets):
   if buckets is None:
     return
   ok = (isinstance(buckets, collections.abc.Sequence) and not isinstance(buckets, str)
-        and len(buckets) > 0
-        and all(is_int(b) and b >= 1 for b in buckets)
+        and len(buckets) > 0 and all(is_int(b) and b >= 1 for b in buckets)
         and all(a < b for a, b in zip(buckets, buckets[1:])))
   if not ok:
     raise ValueError("prompt_buckets should be None or a non-empty sequence of ascending "
@@ -532,7 +535,6 @@ def _check_args(caches, tokens, mask, max_new_tokens, prefill_mode, chunk_size):
   needed = p + max_new_tokens - 1
   s = decoding.max_len(caches)
   if s is not None and s < needed:
-    raise ValueError(
-        f"caches have max_len S={s}, too small for P + max_new_tokens - 1 = "
-        f"{p} + {max_new_tokens} - 1 = {needed} tokens")
+    raise ValueError(f"caches have max_len S={s}, too small for P + max_new_tokens - 1 = "
+                     f"{p} + {max_new_tokens} - 1 = {needed} tokens")
   return b, p

@@ -136,7 +136,7 @@ def _self_attention(params, x, mask, *, causal, window, rope_base, rope_scaling,
     x = jnp.where(mask[:, :, None], x, jnp.zeros_like(x))  # No NaN at padding in the grads.
   q, k, v = project_qkv(params, x, positions, rope_base, rope_scaling)
   o = attention.dot_product_attention(q, k, v, mask, causal=causal, window=window,
-                                        block_size=block_size)
+                                      block_size=block_size)
   return project_out(params, o, mask, x.dtype)
 
 

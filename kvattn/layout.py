@@ -19,8 +19,14 @@ from __future__ import annotations
 
 from typing import Mapping, NamedTuple
 
-LOGICAL_AXES = {"B": "batch", "S": "sequence", "N": "heads", "K": "kv_heads",
-                "H": "head_dim", "DM": "embed"}
+LOGICAL_AXES = {
+    "B": "batch",
+    "S": "sequence",
+    "N": "heads",
+    "K": "kv_heads",
+    "H": "head_dim",
+    "DM": "embed"
+}
 
 
 class Field(NamedTuple):

@@ -45,8 +45,7 @@ class Partial(NamedTuple):
 
 def empty(rows: tuple[int, ...], head_dim: int) -> Partial:
   """The partial of rows that have seen no key yet: the identity of `accumulate`."""
-  return Partial(jnp.zeros((*rows, head_dim), jnp.float32),
-                 jnp.full(rows, MASKED, jnp.float32),
+  return Partial(jnp.zeros((*rows, head_dim), jnp.float32), jnp.full(rows, MASKED, jnp.float32),
                  jnp.zeros(rows, jnp.float32))
 
 

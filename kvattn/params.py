@@ -68,12 +68,14 @@ def init_params(
   sizes_flat = [math.prod(shape) for shape in shapes]
   flat = jax.random.normal(key, (sum(sizes_flat),), jnp.float32)
   pieces = jnp.split(flat, list(itertools.accumulate(sizes_flat))[:-1])
-  params = {name: (piece.reshape(shape) * math.prod(sizes[d] for d in f.fan_in) ** -0.5
-                   ).astype(dtype)
-            for (name, f), shape, piece in zip(kernels.items(), shapes, pieces)}
+  params = {
+      name: (piece.reshape(shape) * math.prod(sizes[d] for d in f.fan_in)**-0.5).astype(dtype)
+      for (name, f), shape, piece in zip(kernels.items(), shapes, pieces)
+  }
   if use_bias:
-    params.update({name: jnp.zeros(f.shape(sizes), dtype)
-                   for name, f in layout.PARAMS.items() if f.optional})
+    params.update({
+        name: jnp.zeros(f.shape(sizes), dtype) for name, f in layout.PARAMS.items() if f.optional
+    })
   return params
 
 
@@ -95,9 +97,8 @@ def check_params(params: Any, num_kv_heads: int, head_dim: int) -> tuple[int, in
   sizes = dict(zip(wq.dims, shape), K=num_kv_heads)
   if sizes["H"] != head_dim:
     sizes["H"] = head_dim
-    raise ValueError(
-        f"params['wq'] shape should be {wq.legend()}={wq.shape(sizes)} with the "
-        f"cache's head_dim: but got {shape}")
+    raise ValueError(f"params['wq'] shape should be {wq.legend()}={wq.shape(sizes)} with the "
+                     f"cache's head_dim: but got {shape}")
   check_heads(sizes["N"], num_kv_heads)
   for name, field in layout.PARAMS.items():
     if name in params:

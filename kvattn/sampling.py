@@ -141,23 +141,21 @@ class Sampler:
       raise ValueError(f"temperature should be a number >= 0: but got {t!r}")
     if k is not None and not (is_int(k) and k >= 1):
       raise ValueError(f"top_k should be a positive int or None: but got {k!r}")
-    if p is not None and (not _is_number(p)
-                          or (isinstance(p, numbers.Number) and not 0.0 < p <= 1.0)):
+    if p is not None and (not _is_number(p) or
+                          (isinstance(p, numbers.Number) and not 0.0 < p <= 1.0)):
       raise ValueError(f"top_p should be in (0, 1] or None: but got {p!r}")
 
   def __call__(self, key: jax.Array, logits: jax.Array) -> jax.Array:
     if isinstance(self.temperature, numbers.Number) and self.temperature == 0:
       return greedy(logits)  # Known greedy: no draw at all.
-    return sample(key, logits, temperature=self.temperature, top_k=self.top_k,
-                  top_p=self.top_p)
+    return sample(key, logits, temperature=self.temperature, top_k=self.top_k, top_p=self.top_p)
 
 
 def _is_number(x) -> bool:
   """A real Python number (not bool) or a scalar float array, traced or not."""
   if isinstance(x, numbers.Real) and not isinstance(x, (bool, np.bool_)):
     return True
-  return getattr(x, "shape", None) == () and jnp.issubdtype(getattr(x, "dtype", None),
-                                                            jnp.floating)
+  return getattr(x, "shape", None) == () and jnp.issubdtype(getattr(x, "dtype", None), jnp.floating)
 
 
 def _unflatten_sampler(top_k, leaves):
@@ -168,8 +166,8 @@ def _unflatten_sampler(top_k, leaves):
   return sampler
 
 
-jax.tree_util.register_pytree_node(
-    Sampler, lambda s: ((s.temperature, s.top_p), s.top_k), _unflatten_sampler)
+jax.tree_util.register_pytree_node(Sampler, lambda s: ((s.temperature, s.top_p), s.top_k),
+                                   _unflatten_sampler)
 
 
 def _check_logits(logits) -> None:

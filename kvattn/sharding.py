@@ -85,9 +85,8 @@ def make_mesh(axes: str | Mapping[str, int], devices: Sequence[Any] | None = Non
   sizes = parse_mesh_axes(axes) if isinstance(axes, str) else dict(axes)
   devices = jax.devices() if devices is None else list(devices)
   if math.prod(sizes.values()) != len(devices):
-    raise ValueError(
-        f"axes {sizes} should multiply to the number of devices {len(devices)}: but "
-        f"multiply to {math.prod(sizes.values())}")
+    raise ValueError(f"axes {sizes} should multiply to the number of devices {len(devices)}: but "
+                     f"multiply to {math.prod(sizes.values())}")
   kw = {}
   if hasattr(jax.sharding, "AxisType"):  # jax >= 0.5.1; Explicit is the default from 0.7.
     kw["axis_types"] = (jax.sharding.AxisType.Auto,) * len(sizes)
@@ -227,8 +226,8 @@ def params_specs(params: Mapping[str, Any], mesh: Mesh,
 
 def named(specs: Any, mesh: Mesh) -> Any:
   """Turns a pytree of PartitionSpecs into NamedShardings on `mesh`."""
-  return jax.tree.map(lambda s: None if s is None else NamedSharding(mesh, s), specs,
-                      is_leaf=_is_spec)
+  return jax.tree.map(lambda s: None
+                      if s is None else NamedSharding(mesh, s), specs, is_leaf=_is_spec)
 
 
 def cache_shardings(cache: Any, mesh: Mesh, rules: Rules = DEFAULT_RULES) -> Any:
@@ -277,9 +276,8 @@ def _fit(name, leaf, axes, mesh, rules):
       if axis in _REPLICATE_IF_UNEVEN:
         spec[d] = None
         continue
-      raise ValueError(
-          f"{name} dimension {d} ({axis}) has size {shape[d]}, which should divide by "
-          f"mesh axes {names} of size {size}: but does not")
+      raise ValueError(f"{name} dimension {d} ({axis}) has size {shape[d]}, which should divide by "
+                       f"mesh axes {names} of size {size}: but does not")
   return PartitionSpec(*spec)
 
 
@@ -297,8 +295,9 @@ def _rules_table(rules):
 
 def _check_auto(mesh, rules):
   kinds = getattr(mesh, "axis_types", None) or ()  # Older jax: every axis is Auto.
-  explicit = [name for name, kind in zip(mesh.axis_names, kinds)
-              if kind == jax.sharding.AxisType.Explicit]
+  explicit = [
+      name for name, kind in zip(mesh.axis_names, kinds) if kind == jax.sharding.AxisType.Explicit
+  ]
   used = {a for _, m in rules for a in _as_tuple(m)}
   if used & set(explicit):
     raise ValueError(

@@ -103,8 +103,7 @@ class SpecState(NamedTuple):
   stats: Stats
 
 
-def required_max_len(batch_size: int, prompt_len: int, max_new_tokens: int,
-                     num_draft: int) -> int:
+def required_max_len(batch_size: int, prompt_len: int, max_new_tokens: int, num_draft: int) -> int:
   """The cache capacity S that both models' caches need.
 
   With B = 1 every round leaves its caches exactly as long as the tokens kept:
@@ -112,19 +111,18 @@ def required_max_len(batch_size: int, prompt_len: int, max_new_tokens: int,
   B > 1 a round advances the shared slots by the most any row kept, up to
   k + 1, and there are at most M - 1 rounds: P + (M - 1)(k + 1).
   """
-  check_positive_ints(batch_size=batch_size, prompt_len=prompt_len,
-                      max_new_tokens=max_new_tokens, num_draft=num_draft)
+  check_positive_ints(batch_size=batch_size, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
+                      num_draft=num_draft)
   if batch_size == 1:
     return prompt_len + max_new_tokens + num_draft - 1
   return prompt_len + (max_new_tokens - 1) * (num_draft + 1)
 
 
-@functools.partial(jax.jit, static_argnames=("target_step_fn", "draft_step_fn",
-                                             "max_new_tokens", "num_draft"))
-def start(target_step_fn: StepFn, target_params: Any, target_caches: Any,
-          draft_step_fn: StepFn, draft_params: Any, draft_caches: Any,
-          prompt_tokens: jax.Array, prompt_mask: jax.Array, *, max_new_tokens: int,
-          num_draft: int) -> SpecState:
+@functools.partial(
+    jax.jit, static_argnames=("target_step_fn", "draft_step_fn", "max_new_tokens", "num_draft"))
+def start(target_step_fn: StepFn, target_params: Any, target_caches: Any, draft_step_fn: StepFn,
+          draft_params: Any, draft_caches: Any, prompt_tokens: jax.Array, prompt_mask: jax.Array, *,
+          max_new_tokens: int, num_draft: int) -> SpecState:
   """Prefills both models and takes the target's first token (column 0).
 
   The draft gets the prompt without each row's last real token (masked out):
@@ -144,15 +142,14 @@ def start(target_step_fn: StepFn, target_params: Any, target_caches: Any,
                      f"V={draft_logits.shape[-1]}: but got {logits.shape[-1]}")
   out = jnp.zeros((b, max_new_tokens + num_draft), jnp.int32).at[:, 0].set(first)
   zero = jnp.zeros((), jnp.int32)
-  return SpecState(tokens=out, count=jnp.ones((b,), jnp.int32), prev=prev, last=first,
-                   target_caches=target_caches, draft_caches=draft_caches,
-                   stats=Stats(rounds=zero, drafted=zero, accepted=zero))
+  return SpecState(tokens=out, count=jnp.ones(
+      (b,), jnp.int32), prev=prev, last=first, target_caches=target_caches,
+                   draft_caches=draft_caches, stats=Stats(rounds=zero, drafted=zero, accepted=zero))
 
 
 @functools.partial(jax.jit, static_argnames=("target_step_fn", "draft_step_fn", "num_draft"))
-def advance(target_step_fn: StepFn, target_params: Any, draft_step_fn: StepFn,
-            draft_params: Any, state: SpecState, *, num_draft: int,
-            eos_id: Any = None) -> SpecState:
+def advance(target_step_fn: StepFn, target_params: Any, draft_step_fn: StepFn, draft_params: Any,
+            state: SpecState, *, num_draft: int, eos_id: Any = None) -> SpecState:
   """One round: k draft calls, one target call of k + 1 tokens, then the rewinds.
 
   Rows with M tokens, or (with `eos_id`) with an EOS among their tokens, keep
@@ -161,8 +158,8 @@ def advance(target_step_fn: StepFn, target_params: Any, draft_step_fn: StepFn,
   k = num_draft
   m = state.tokens.shape[1] - k
   # 1. Draft: [prev, last] -> d1, then d_i -> d_{i+1}.
-  logits, draft_caches = draft_step_fn(
-      draft_params, state.draft_caches, jnp.stack([state.prev, state.last], axis=1), None)
+  logits, draft_caches = draft_step_fn(draft_params, state.draft_caches,
+                                       jnp.stack([state.prev, state.last], axis=1), None)
   first = sampling.greedy(logits[:, -1])
 
   def draft_one(carry, _):
@@ -181,8 +178,9 @@ def advance(target_step_fn: StepFn, target_params: Any, draft_step_fn: StepFn,
   agree = (drafts == chosen[:, :k]).astype(jnp.int32)
   n = jnp.sum(jnp.cumprod(agree, axis=1), axis=1)  # [B] in [0, k]
   active = _running(state, m, eos_id)
-  written = jax.vmap(lambda row, new, at: lax.dynamic_update_slice(row, new, (at,)))(
-      state.tokens, chosen, state.count)
+  written = jax.vmap(lambda row, new, at: lax.dynamic_update_slice(row, new, (at,)))(state.tokens,
+                                                                                     chosen,
+                                                                                     state.count)
   # 4. Both caches drop the k - n rejected drafts of each row.
   rejected = k - n
   stats = state.stats
@@ -200,9 +198,8 @@ def advance(target_step_fn: StepFn, target_params: Any, draft_step_fn: StepFn,
 
 
 @functools.partial(jax.jit, static_argnames=("target_step_fn", "draft_step_fn", "num_draft"))
-def finish(target_step_fn: StepFn, target_params: Any, draft_step_fn: StepFn,
-           draft_params: Any, state: SpecState, *, num_draft: int,
-           eos_id: Any = None) -> SpecState:
+def finish(target_step_fn: StepFn, target_params: Any, draft_step_fn: StepFn, draft_params: Any,
+           state: SpecState, *, num_draft: int, eos_id: Any = None) -> SpecState:
   """Rounds in a `lax.while_loop` until every row has M tokens or an EOS."""
   m = state.tokens.shape[1] - num_draft
 
@@ -275,8 +272,8 @@ def speculative_generate(target_step_fn: StepFn, target_params: Any, target_cach
   decoding.check_step_fn(draft_step_fn, "draft_step_fn")
   needed = required_max_len(b, p, max_new_tokens, num_draft)
   m, k = max_new_tokens, num_draft
-  why = (f"P + M + k - 1 = {p} + {m} + {k} - 1" if b == 1
-         else f"P + (M - 1)(k + 1) = {p} + {m - 1} * {k + 1}")
+  why = (f"P + M + k - 1 = {p} + {m} + {k} - 1"
+         if b == 1 else f"P + (M - 1)(k + 1) = {p} + {m - 1} * {k + 1}")
   check_caches("target_caches", target_caches, b, needed, why, rewind=num_draft)
   check_caches("draft_caches", draft_caches, b, needed, why, rewind=num_draft)
   for step_fn, caches in ((target_step_fn, target_caches), (draft_step_fn, draft_caches)):

@@ -23,8 +23,8 @@ from kvattn._cache_tree import _is_cache
 from kvattn.cache import layer_view, stack_of
 
 
-def scan_layers(body: Callable[[Any, Any, Any], tuple[Any, Any]], carry: Any,
-                layer_params: Any, caches: Any) -> tuple[Any, Any]:
+def scan_layers(body: Callable[[Any, Any, Any], tuple[Any, Any]], carry: Any, layer_params: Any,
+                caches: Any) -> tuple[Any, Any]:
   """Runs `body` once per layer, its caches updated in place: `(carry, caches)`.
 
   The rule for any model with stacked caches, e.g. a pre-norm block:

@@ -72,8 +72,10 @@ def test_temp_memory_does_not_grow_with_max_len(params, dtype, num_tokens):
   the [B, N, T, S] logits of naive attention."""
   fn = kvattn.decode_step if num_tokens == 1 else kvattn.prefill
   x = jnp.ones((B, num_tokens, DM))
-  temps = {max_len: memory(fn, params, new_cache(max_len, dtype), x).temp_size_in_bytes
-           for max_len in (1024, 16384)}
+  temps = {
+      max_len: memory(fn, params, new_cache(max_len, dtype), x).temp_size_in_bytes
+      for max_len in (1024, 16384)
+  }
   assert temps[16384] == temps[1024], temps
   naive_logits = B * N * num_tokens * 16384 * 4
   assert temps[16384] < max(naive_logits / 8, 1 << 20), temps

@@ -25,10 +25,11 @@ from tests import reference
 B, N, H = 3, 4, 16
 TOL = dict(rtol=1e-4, atol=1e-4)  # float32 kernel vs float64 reference.
 
-
 # The Pallas GPU kernels run in the interpreter on CPU: slow there.
-IMPLEMENTATIONS = [pytest.param(name, marks=pytest.mark.slow) if name == "pallas_gpu" else name
-                   for name in sorted(kvattn.attention.BACKENDS)]
+IMPLEMENTATIONS = [
+    pytest.param(name, marks=pytest.mark.slow) if name == "pallas_gpu" else name
+    for name in sorted(kvattn.attention.BACKENDS)
+]
 
 
 @functools.lru_cache(maxsize=None)
@@ -48,8 +49,8 @@ def random_qkv(seed, total, num_kv_heads, batch=B, num_heads=N):
   return q, k, v
 
 
-def run_kernel(q, k, v, mask, sizes, max_len, *, block_q, block_kv, prefix_lm=False,
-               cache=None, implementation="xla", dtype="float32"):
+def run_kernel(q, k, v, mask, sizes, max_len, *, block_q, block_kv, prefix_lm=False, cache=None,
+               implementation="xla", dtype="float32"):
   """Feeds the tokens in calls of `sizes` tokens each; returns (o, chunk_ids, cache)."""
   if cache is None:
     cache = reference.new_cache(B, max_len, k.shape[2], H, dtype)
@@ -67,7 +68,6 @@ def run_kernel(q, k, v, mask, sizes, max_len, *, block_q, block_kv, prefix_lm=Fa
 
 reference_attention = reference.attention_by_rows
 three_row_mask = reference.three_row_mask
-
 
 # Calls of 8 tokens at index 0 and 8, then decode steps at 16 and 17: blocks of
 # 8 are aligned to the index, blocks of 5 never. T * G spans the matmul path
@@ -87,11 +87,10 @@ def tolerance(implementation, dtype):
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
-@pytest.mark.parametrize("block_q, block_kv, num_kv_heads", [
-    (4, 8, N), (3, 5, 2), (128, 256, 2), (3, 5, 1)])
+@pytest.mark.parametrize("block_q, block_kv, num_kv_heads", [(4, 8, N), (3, 5, 2), (128, 256, 2),
+                                                             (3, 5, 1)])
 @pytest.mark.slow
-def test_chunks_and_decode_match_reference(block_q, block_kv, num_kv_heads, dtype,
-                                           implementation):
+def test_chunks_and_decode_match_reference(block_q, block_kv, num_kv_heads, dtype, implementation):
   total = sum(SIZES)
   q, k, v = random_qkv(num_kv_heads, total, num_kv_heads)
   mask = three_row_mask(total)
@@ -123,8 +122,8 @@ def test_prefix_lm_chunks_match_reference(prefix_lm, implementation):
   total = sum(sizes)
   q, k, v = random_qkv(5, total, 2)
   mask = three_row_mask(total)
-  got, ids, _ = run_kernel(q, k, v, mask, sizes, 20, block_q=4, block_kv=3,
-                           prefix_lm=prefix_lm, implementation=implementation)
+  got, ids, _ = run_kernel(q, k, v, mask, sizes, 20, block_q=4, block_kv=3, prefix_lm=prefix_lm,
+                           implementation=implementation)
   want = reference_attention(q, k, v, mask, ids, prefix_lm=bool(prefix_lm))
   np.testing.assert_allclose(got, want, **TOL)
 
@@ -140,10 +139,10 @@ def test_blocks_past_the_index_are_never_read(implementation):
   k_poisoned, v_poisoned = np.array(cache.k), np.array(cache.v)
   k_poisoned[:, 8:] = v_poisoned[:, 8:] = np.nan
   poisoned = cache._replace(k=jnp.asarray(k_poisoned), v=jnp.asarray(v_poisoned))
-  got, _, _ = run_kernel(q[:, 5:], k[:, 5:], v[:, 5:], mask[:, 5:], [1], 16, block_q=4,
-                         block_kv=4, cache=poisoned, implementation=implementation)
-  want, _, _ = run_kernel(q[:, 5:], k[:, 5:], v[:, 5:], mask[:, 5:], [1], 16, block_q=4,
-                          block_kv=4, cache=cache, implementation=implementation)
+  got, _, _ = run_kernel(q[:, 5:], k[:, 5:], v[:, 5:], mask[:, 5:], [1], 16, block_q=4, block_kv=4,
+                         cache=poisoned, implementation=implementation)
+  want, _, _ = run_kernel(q[:, 5:], k[:, 5:], v[:, 5:], mask[:, 5:], [1], 16, block_q=4, block_kv=4,
+                          cache=cache, implementation=implementation)
   assert np.all(np.isfinite(got))
   np.testing.assert_array_equal(got, want)
 
@@ -170,20 +169,22 @@ def test_sharded_cache_is_read_block_by_block_without_collectives(quantized):
   """Batch over "data", heads over "model": every block stays on its devices."""
   mesh = jax.make_mesh((2, 4), ("data", "model"), devices=jax.devices("cpu"))
   cache = kvattn.init_cache(4, 40, 4, H, quantized=quantized)  # Five blocks of 8.
-  heads, rows, scalar = PartitionSpec("data", None, "model", None), PartitionSpec("data", None), PartitionSpec()
-  fields = dict(k=heads, v=heads, valid=rows, lengths=PartitionSpec("data"), index=scalar, overflow=scalar)
+  heads, rows, scalar = PartitionSpec("data", None, "model",
+                                      None), PartitionSpec("data", None), PartitionSpec()
+  fields = dict(k=heads, v=heads, valid=rows, lengths=PartitionSpec("data"), index=scalar,
+                overflow=scalar)
   if quantized:
-    fields.update(k_scale=PartitionSpec("data", None, "model"), v_scale=PartitionSpec("data", None, "model"))
+    fields.update(k_scale=PartitionSpec("data", None, "model"),
+                  v_scale=PartitionSpec("data", None, "model"))
   shardings = jax.tree.map(lambda spec: NamedSharding(mesh, spec), kvattn.KVCache(**fields),
                            is_leaf=lambda x: isinstance(x, PartitionSpec))
   qkv = NamedSharding(mesh, heads)
-  step = jax.jit(functools.partial(kvattn.cached_attention, block_kv=8),
-                 in_shardings=(qkv, qkv, qkv, shardings), out_shardings=(qkv, shardings),
-                 donate_argnums=3)
+  step = jax.jit(functools.partial(kvattn.cached_attention,
+                                   block_kv=8), in_shardings=(qkv, qkv, qkv, shardings),
+                 out_shardings=(qkv, shardings), donate_argnums=3)
   q = jnp.zeros((4, 1, 8, H))
   hlo = step.lower(q, q[:, :, :4], q[:, :, :4], cache).compile().as_text()
-  assert not re.findall(r"all-gather|all-to-all|collective-permute|reduce-scatter|all-reduce",
-                        hlo)
+  assert not re.findall(r"all-gather|all-to-all|collective-permute|reduce-scatter|all-reduce", hlo)
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -198,7 +199,6 @@ def test_bad_options_raise(kwargs, match):
     kvattn.cached_attention(q, k, v, kvattn.init_cache(B, 4, 2, H), **kwargs)
 
 
-
 # --- Edges, drawn: block sizes 1..8, capacities that do and do not divide by
 # them, exact fills, overflow, the clamped last block ---------------------------
 
@@ -209,8 +209,10 @@ def edge_scenarios(draw):
   sizes = draw(st.lists(st.integers(1, max_len), min_size=1, max_size=4))
   total = sum(sizes)
   return dict(
-      max_len=max_len, sizes=sizes,
-      block_q=draw(st.integers(1, 8)), block_kv=draw(st.integers(1, 8)),
+      max_len=max_len,
+      sizes=sizes,
+      block_q=draw(st.integers(1, 8)),
+      block_kv=draw(st.integers(1, 8)),
       num_kv_heads=draw(st.sampled_from([N, 2, 1])),
       prefix_lm=draw(st.booleans()),
       mask=np.array(draw(st.lists(st.booleans(), min_size=B * total, max_size=B * total)),
@@ -230,17 +232,18 @@ def poisoned(x, mask, value):
 def check_edges(sc, implementation):
   total = sum(sc["sizes"])
   q, k, v = random_qkv(sc["seed"], total, sc["num_kv_heads"])
-  got, _, cache = run_kernel(q, k, v, sc["mask"], sc["sizes"], sc["max_len"],
-                             block_q=sc["block_q"], block_kv=sc["block_kv"],
-                             prefix_lm=sc["prefix_lm"], implementation=implementation)
-  want, written, overflowed = reference.attention_by_calls(
-      q, k, v, sc["mask"], sc["sizes"], sc["max_len"], sc["prefix_lm"])
+  got, _, cache = run_kernel(q, k, v, sc["mask"], sc["sizes"], sc["max_len"], block_q=sc["block_q"],
+                             block_kv=sc["block_kv"], prefix_lm=sc["prefix_lm"],
+                             implementation=implementation)
+  want, written, overflowed = reference.attention_by_calls(q, k, v, sc["mask"], sc["sizes"],
+                                                           sc["max_len"], sc["prefix_lm"])
   np.testing.assert_allclose(got, want, **TOL)
   assert int(cache.index) == written and bool(cache.overflow) == overflowed
   np.testing.assert_array_equal(cache.lengths, sc["mask"][:, :written].sum(1))
   np.testing.assert_array_equal(cache.valid[:, :written], sc["mask"][:, :written])
-  np.testing.assert_array_equal(cache.k[:, :written], np.where(
-      sc["mask"][:, :written, None, None], k[:, :written], 0.0))  # Padding is stored as 0.
+  np.testing.assert_array_equal(cache.k[:, :written],
+                                np.where(sc["mask"][:, :written, None, None], k[:, :written],
+                                         0.0))  # Padding is stored as 0.
   assert not np.any(cache.valid[:, written:])
 
   # Padding never reaches a real token: garbage at padding positions of q, k
@@ -282,6 +285,7 @@ def test_edges_match_reference_xla(sc):
 def test_edges_match_reference_pallas_gpu(sc):
   check_edges(sc, "pallas_gpu")
 
+
 # --- Default blocks, against jax.nn.dot_product_attention --------------------
 
 
@@ -303,8 +307,8 @@ def test_chunks_equal_jax_dot_product_attention(num_heads, num_kv_heads, split):
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 def test_query_that_sees_nothing_gives_zeros(implementation):
   q, k, v = random_qkv(2, 3, 2, batch=1, num_heads=2)
-  o, cache = kvattn.cached_attention(q, k, v, kvattn.init_cache(1, 4, 2, H),
-                                     jnp.zeros((1, 3), bool), implementation=implementation)
+  o, cache = kvattn.cached_attention(q, k, v, kvattn.init_cache(1, 4, 2, H), jnp.zeros(
+      (1, 3), bool), implementation=implementation)
   np.testing.assert_array_equal(o, 0.0)
   assert int(cache.index) == 3 and not np.any(cache.valid)
 
@@ -320,13 +324,15 @@ def test_large_logits_stay_finite(implementation):
 @pytest.mark.parametrize("shapes, match", [
     (((1, 2, 4, 6), (1, 2, 2, H), (1, 2, 2, H)),
      r"q shape should be \(B, T, N, H\)=\(1, None, None, 16\): but got \(1, 2, 4, 6\)"),
-    (((1, 2, 4, H), (1, 3, 2, H), (1, 2, 2, H)),
-     r"k shape should be \(B, T, K, H\)=\(1, 2, 2, 16\): but got \(1, 3, 2, 16\)"),
-    (((1, 2, 4, H), (1, 2, 2, H), (1, 2, 1, H)), r"v shape should be \(B, T, K, H\)=\(1, 2, 2, 16\)"),
-    (((1, 2, 3, H), (1, 2, 2, H), (1, 2, 2, H)),
-     r"query heads N=3 should be a multiple of the kv heads K=2"),
+    (((1, 2, 4, H), (1, 3, 2, H),
+      (1, 2, 2, H)), r"k shape should be \(B, T, K, H\)=\(1, 2, 2, 16\): but got \(1, 3, 2, 16\)"),
+    (((1, 2, 4, H), (1, 2, 2, H),
+      (1, 2, 1, H)), r"v shape should be \(B, T, K, H\)=\(1, 2, 2, 16\)"),
+    (((1, 2, 3, H), (1, 2, 2, H),
+      (1, 2, 2, H)), r"query heads N=3 should be a multiple of the kv heads K=2"),
     (((1, 0, 4, H), (1, 0, 2, H), (1, 0, 2, H)), r"q shape should be \(B, T, N, H\) with T >= 1"),
-    (((1, 5, 4, H), (1, 5, 2, H), (1, 5, 2, H)), r"q has T=5 new tokens, more than the cache's max_len S=4"),
+    (((1, 5, 4, H), (1, 5, 2, H),
+      (1, 5, 2, H)), r"q has T=5 new tokens, more than the cache's max_len S=4"),
     (((1, 2, 4 * H), (1, 2, 2, H), (1, 2, 2, H)),
      r"q shape should be \(B, T, N, H\)=\(1, None, None, 16\): but got \(1, 2, 64\)"),
 ])
@@ -367,8 +373,8 @@ def test_platform_default_runs_and_falls_back_to_xla(monkeypatch, window):
   assert calls == ["attend" if window is None else "attend_ring"]
   np.testing.assert_array_equal(o, want)
   calls.clear()  # A default that cannot take the shapes: XLA runs instead, silently.
-  monkeypatch.setitem(kvattn.attention.BACKENDS, "spy", _spy_backend(
-      calls, platforms=("cpu",), unsupported=lambda h, s: "too small"))
+  monkeypatch.setitem(kvattn.attention.BACKENDS, "spy",
+                      _spy_backend(calls, platforms=("cpu",), unsupported=lambda h, s: "too small"))
   o, _ = kvattn.cached_attention(q, k, v, cache)
   assert calls == []
   np.testing.assert_array_equal(o, want)
@@ -384,15 +390,16 @@ def test_named_backend_that_cannot_run_raises(monkeypatch):
   # Named, it never falls back: a platform it neither compiles for nor
   # interprets on, or shapes its compiled kernel cannot take, raise.
   monkeypatch.setattr(kvattn.attention, "current_platform", lambda: "tpu")
-  with pytest.raises(ValueError, match=r"'pallas_gpu' cannot run on tpu: it compiles for cuda "
-                     r"and runs interpreted on cpu"):
+  with pytest.raises(
+      ValueError, match=r"'pallas_gpu' cannot run on tpu: it compiles for cuda "
+      r"and runs interpreted on cpu"):
     kvattn.cached_attention(q, k, v, cache, implementation="pallas_gpu")
   monkeypatch.setattr(kvattn.attention, "current_platform", lambda: "cuda")
   q8, k8, v8 = (x[..., :8] for x in (q, k, v))
-  with pytest.raises(ValueError, match=r"'pallas_gpu' cannot run on cuda: head dimension H=8 "
-                     r"is not a power of two >= 16"):
-    kvattn.cached_attention(q8, k8, v8, kvattn.init_cache(B, 8, 2, 8),
-                            implementation="pallas_gpu")
+  with pytest.raises(
+      ValueError, match=r"'pallas_gpu' cannot run on cuda: head dimension H=8 "
+      r"is not a power of two >= 16"):
+    kvattn.cached_attention(q8, k8, v8, kvattn.init_cache(B, 8, 2, 8), implementation="pallas_gpu")
 
 
 def test_named_backend_interprets_only_where_its_record_says(monkeypatch):

@@ -50,14 +50,15 @@ def _rescore(prompt, tokens, length_penalty, eos_id):
   params, config, vocab = _model()
   ids = vocab.encode(prompt)
   p = len(ids)
-  logits = transformer.forward(params, jnp.asarray(np.concatenate(
-      [np.broadcast_to(ids, (len(tokens), p)), tokens], axis=1)), config=config)
+  logits = transformer.forward(
+      params, jnp.asarray(np.concatenate([np.broadcast_to(ids, (len(tokens), p)), tokens], axis=1)),
+      config=config)
   logp = np.asarray(jax.nn.log_softmax(logits, axis=-1), np.float64)
   scores = []
   for b, row in enumerate(tokens):
     n = M if eos_id is None or eos_id not in row else int(np.argmax(row == eos_id)) + 1
     total = sum(logp[b, p - 1 + j, row[j]] for j in range(n))
-    scores.append(total / n ** length_penalty)
+    scores.append(total / n**length_penalty)
   return np.array(scores)
 
 
@@ -101,10 +102,10 @@ def test_width_one_with_eos_and_no_length_penalty_is_greedy_decoding_with_eos():
   comma = int(vocab.encode(",")[0])  # Greedy: "__init__(self, ...".
   ids = vocab.encode(PROMPT)[None]
   caches = transformer.init_caches(config, 1, ids.shape[1] + M - 1)
-  greedy = np.asarray(generation.generate(
-      transformer.step_fn(config), params, caches, ids, np.ones(ids.shape, bool),
-      max_new_tokens=M, sampler=sampling.Sampler(), key=jax.random.key(0), eos_id=comma,
-      pad_id=charlm.PAD_ID).tokens)
+  greedy = np.asarray(
+      generation.generate(transformer.step_fn(config), params, caches, ids,
+                          np.ones(ids.shape, bool), max_new_tokens=M, sampler=sampling.Sampler(),
+                          key=jax.random.key(0), eos_id=comma, pad_id=charlm.PAD_ID).tokens)
   assert comma in greedy[0, :-1]  # It ends early.
   tokens, scores = _search(PROMPT, 1, length_penalty=0.0, eos_id=comma)
   np.testing.assert_array_equal(tokens, greedy)
@@ -120,11 +121,11 @@ def test_width_one_with_eos_and_no_length_penalty_is_greedy_decoding_with_eos():
 def _bad(**kw):
   """A call of beam_search with kw changed; built lazily, so importing this file does
   not start the jax backend (under Bazel it is imported before conftest)."""
-
   def call():
     params, config, _ = _model()
-    args = dict(prompt_tokens=np.ones((3,), np.int32), beam_width=2, max_new_tokens=4,
-                caches=transformer.init_caches(config, 2, 6)) | kw
+    args = dict(prompt_tokens=np.ones(
+        (3,), np.int32), beam_width=2, max_new_tokens=4, caches=transformer.init_caches(
+            config, 2, 6)) | kw
     return beam_search.beam_search(transformer.step_fn(config), params, args.pop("caches"),
                                    args.pop("prompt_tokens"), **args)
 
@@ -145,7 +146,8 @@ def _bad(**kw):
     (_bad(length_penalty="1"), ValueError, r"length_penalty should be a real number"),
     (_bad(prompt_tokens=np.array([1, -1, 2], np.int32)), ValueError,
      r"prompt_tokens should be ids in \[0, V\)=\[0, 98\): but got -1 at row 0, column 1"),
-    (_bad(eos_id=1.5), ValueError, r"eos_id should be None, an int or a non-empty list of ints: but got 1.5"),
+    (_bad(eos_id=1.5), ValueError,
+     r"eos_id should be None, an int or a non-empty list of ints: but got 1.5"),
     (_bad(caches=[np.zeros((2, 6, 4, 32))]), TypeError,
      r"caches should be a KVCache or a pytree whose leaves are all in KVCaches: but got ndarray"),
 ])
@@ -157,10 +159,10 @@ def test_bad_arguments_raise(call, error, match):
 @pytest.mark.slow
 def test_main_prints_each_beam_and_its_score():
   w = 3
-  run = subprocess.run(
-      [sys.executable, "examples/beam_search.py", f"--prompt={PROMPT}", f"--beam_width={w}",
-       f"--max_new_tokens={M}", "--length_penalty=0.5"],
-      cwd=REPO, capture_output=True, text=True, timeout=180, check=False)
+  run = subprocess.run([
+      sys.executable, "examples/beam_search.py", f"--prompt={PROMPT}", f"--beam_width={w}",
+      f"--max_new_tokens={M}", "--length_penalty=0.5"
+  ], cwd=REPO, capture_output=True, text=True, timeout=180, check=False)
   assert run.returncode == 0, run.stderr
   heads = re.findall(r"^--- beam (\d+): score (-?\d+\.\d+)$", run.stdout, flags=re.MULTILINE)
   assert [int(i) for i, _ in heads] == list(range(1, w + 1)), run.stdout

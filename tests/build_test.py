@@ -73,20 +73,32 @@ def parse_targets(build_text: str, root: pathlib.Path) -> list[dict]:
   """
   targets, bzl = [], None
   for node in ast.walk(ast.parse(build_text, filename="BUILD")):
-    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and
-            node.func.id in _RULES):
+    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Name)
+            and node.func.id in _RULES):
       continue
     attrs = {kw.arg: _literal(kw.value) for kw in node.keywords if kw.arg}
     macro = node.func.id == MACRO
     if macro:  # A size left out stays None here, for bazel_test_problems to report.
       bzl = bzl or load_bzl(root)
-      [attrs] = expand_macro(bzl, **{"size": None, **{
-          k: v if v is not None or k == "size" else [] for k, v in attrs.items()}})
-    lists = {key: list(attrs[key]) if isinstance(attrs.get(key), list) else []
-             for key in ("srcs", "deps", "data")}
-    targets.append({"rule": attrs.get("rule", node.func.id), "name": attrs.get("name"),
-                    "main": attrs.get("main"), "size": attrs.get("size"), "macro": macro,
-                    **lists})
+      [attrs] = expand_macro(
+          bzl, **{
+              "size": None,
+              **{
+                  k: v if v is not None or k == "size" else [] for k, v in attrs.items()
+              }
+          })
+    lists = {
+        key: list(attrs[key]) if isinstance(attrs.get(key), list) else []
+        for key in ("srcs", "deps", "data")
+    }
+    targets.append({
+        "rule": attrs.get("rule", node.func.id),
+        "name": attrs.get("name"),
+        "main": attrs.get("main"),
+        "size": attrs.get("size"),
+        "macro": macro,
+        **lists
+    })
   return targets
 
 
@@ -105,8 +117,9 @@ def bazel_test_problems(root: pathlib.Path, build_text: str) -> list[str]:
   for name in sorted(by_name):
     problems.append(f"BUILD: {MACRO} {name!r} runs tests/{name}.py, which does not exist")
   for target in targets:
-    scripts = [src for src in target["srcs"] if src.startswith("tests/")
-               and src.endswith("_test.py")]
+    scripts = [
+        src for src in target["srcs"] if src.startswith("tests/") and src.endswith("_test.py")
+    ]
     if not target["macro"] and scripts:
       problems.append(f"BUILD: {target['rule']} {target['name']!r} has {scripts[0]} in srcs; "
                       f"use {MACRO} (run as a script, a test file runs no test)")
@@ -119,10 +132,19 @@ def macro_problems(root: pathlib.Path) -> list[str]:
     return [f"{RUNNER}: missing; every {MACRO} runs it"]
   bzl = load_bzl(root)
   [call] = expand_macro(bzl, name="a_test", size="small", deps=[":a"], tags=["t"])
-  want = {"rule": "py_test", "name": "a_test", "size": "small", "main": RUNNER,
-          "args": ["$(rootpath tests/a_test.py)"], "env": bzl["TEST_ENV"], "tags": ["t"]}
-  problems = [f"{BZL}: {MACRO}(name = 'a_test') gives {key} = {call.get(key)!r}, not {value!r}"
-              for key, value in want.items() if call.get(key) != value]
+  want = {
+      "rule": "py_test",
+      "name": "a_test",
+      "size": "small",
+      "main": RUNNER,
+      "args": ["$(rootpath tests/a_test.py)"],
+      "env": bzl["TEST_ENV"],
+      "tags": ["t"]
+  }
+  problems = [
+      f"{BZL}: {MACRO}(name = 'a_test') gives {key} = {call.get(key)!r}, not {value!r}"
+      for key, value in want.items() if call.get(key) != value
+  ]
   if sorted(call.get("srcs", [])) != sorted(["tests/a_test.py", RUNNER]):
     problems.append(f"{BZL}: {MACRO}'s srcs are {call.get('srcs')}, not the file and {RUNNER}")
   if sorted(call.get("deps", [])) != [":a", ":conftest"]:
@@ -134,12 +156,13 @@ def module_problems(root: pathlib.Path, build_text: str) -> list[str]:
   """kvattn/, examples/ and tests/ modules in no target's srcs, and srcs not in the tree."""
   targets = parse_targets(build_text, root)
   covered = {src for t in targets for src in t["srcs"]}
-  modules = sorted(p.relative_to(root).as_posix()
-                   for d in ("kvattn", "examples", "tests") for p in (root / d).rglob("*.py")
-                   if not p.name.endswith("_test.py"))
+  modules = sorted(
+      p.relative_to(root).as_posix() for d in ("kvattn", "examples", "tests")
+      for p in (root / d).rglob("*.py") if not p.name.endswith("_test.py"))
   return [f"{rel}: in no target's srcs in BUILD" for rel in modules if rel not in covered] + [
       f"BUILD: :{t['name']} has {src} in srcs, which does not exist"
-      for t in targets if not t["macro"] for src in t["srcs"] if not (root / src).exists()]
+      for t in targets if not t["macro"] for src in t["srcs"] if not (root / src).exists()
+  ]
 
 
 _PACKAGES = ("kvattn", "examples", "tests")
@@ -225,16 +248,20 @@ def readme_problems(root: pathlib.Path, build_text: str) -> list[str]:
   targets in its data.
   """
   targets = {t["name"]: t for t in parse_targets(build_text, root)}
-  blocks = [block for page in [root / "README.md", *sorted((root / "docs").glob("*.md"))]
-            for block in re.findall(r"```python\n(.*?)```", page.read_text(encoding="utf-8"),
-                                    flags=re.DOTALL)]
+  blocks = [
+      block for page in [root / "README.md", *sorted((root / "docs").glob("*.md"))]
+      for block in re.findall(r"```python\n(.*?)```", page.read_text(
+          encoding="utf-8"), flags=re.DOTALL)
+  ]
   modules = set()
   for block in blocks:
     modules |= imported_files(root, block)[0]
   data = targets.get("readme_test", {}).get("data", [])
   provided = {src for d in data for src in targets.get(d.lstrip(":"), {}).get("srcs", [])}
-  return [f":readme_test runs README code importing {rel}; no target in its data has it"
-          for rel in sorted(modules - provided)]
+  return [
+      f":readme_test runs README code importing {rel}; no target in its data has it"
+      for rel in sorted(modules - provided)
+  ]
 
 
 def env_problems(root: pathlib.Path, build_text: str) -> list[str]:
@@ -245,10 +272,12 @@ def env_problems(root: pathlib.Path, build_text: str) -> list[str]:
   """
   flags = load_bzl(root)["TEST_ENV"]["XLA_FLAGS"].split()
   conftest = ast.parse((root / "tests" / "conftest.py").read_text(encoding="utf-8"))
-  want = next(ast.literal_eval(n.value) for n in conftest.body if isinstance(n, ast.Assign)
-              and getattr(n.targets[0], "id", None) == "_FLAGS")
+  want = next(
+      ast.literal_eval(n.value) for n in conftest.body
+      if isinstance(n, ast.Assign) and getattr(n.targets[0], "id", None) == "_FLAGS")
   problems = [] if flags == list(want) else [
-      f"{BZL}: TEST_ENV's XLA_FLAGS {flags} differ from tests/conftest.py's {list(want)}"]
+      f"{BZL}: TEST_ENV's XLA_FLAGS {flags} differ from tests/conftest.py's {list(want)}"
+  ]
   for node in ast.walk(ast.parse(build_text, filename="BUILD")):
     if isinstance(node, ast.Call) and getattr(node.func, "id", None) == "py_test":
       env = next((kw.value for kw in node.keywords if kw.arg == "env"), None)
@@ -295,15 +324,18 @@ def test_every_test_gets_the_conftest_xla_flags():
 
 # --- The runner fails unless tests ran and passed.
 
-@pytest.mark.parametrize("source, argv, code", [
-    (None, [], 2),  # no file
-    (None, ["tests/missing_test.py"], 2),
-    ("def test_x():\n  pass\n", ["tests/a_test.py"], 0),
-    ("def test_x():\n  assert False\n", ["tests/a_test.py"], 1),
-    ("def helper():\n  pass\n", ["tests/a_test.py"], 5),  # no test collected
-    ("def test_x():\n  pass\n\ndef test_y():\n  assert False\n",
-     ["tests/a_test.py", "-k", "test_x"], 0),  # the rest go to pytest
-])
+
+@pytest.mark.parametrize(
+    "source, argv, code",
+    [
+        (None, [], 2),  # no file
+        (None, ["tests/missing_test.py"], 2),
+        ("def test_x():\n  pass\n", ["tests/a_test.py"], 0),
+        ("def test_x():\n  assert False\n", ["tests/a_test.py"], 1),
+        ("def helper():\n  pass\n", ["tests/a_test.py"], 5),  # no test collected
+        ("def test_x():\n  pass\n\ndef test_y():\n  assert False\n",
+         ["tests/a_test.py", "-k", "test_x"], 0),  # the rest go to pytest
+    ])
 def test_runner_exit_code(tmp_path, source, argv, code):
   (tmp_path / "tests").mkdir()
   if source is not None:
@@ -351,7 +383,8 @@ def test_check_fails_without_a_target_or_a_file(tree):
 
 def test_check_fails_without_size(tree):
   build = _GOOD_BUILD.replace('    size = "small",\n', "")
-  assert bazel_test_problems(tree, build) == ["tests/a_test.py: kvattn_py_test 'a_test' has no size"]
+  assert bazel_test_problems(tree,
+                             build) == ["tests/a_test.py: kvattn_py_test 'a_test' has no size"]
 
 
 def test_check_fails_for_a_test_file_run_as_a_script(tree):
@@ -359,7 +392,8 @@ def test_check_fails_for_a_test_file_run_as_a_script(tree):
            'main = "tests/a_test.py")\n')
   assert bazel_test_problems(tree, _GOOD_BUILD + build) == [
       "BUILD: py_test 'a_script' has tests/a_test.py in srcs; use kvattn_py_test "
-      "(run as a script, a test file runs no test)"]
+      "(run as a script, a test file runs no test)"
+  ]
 
 
 def test_macro_check_fails_without_the_runner(tree):
@@ -401,12 +435,14 @@ kvattn_py_test(name = "a_test", size = "small", deps = [":a"])
   assert dep_problems(tree, build) == [
       ":a_test imports kvattn/c.py but no direct dep has it in srcs",
       ":a_test depends on :a but imports none of its srcs",
-      ":c imports kvattn/a.py but no direct dep has it in srcs"]
-  fixed = build.replace('deps = [":b"]', 'deps = [":a", ":b"]').replace(
-      '"a_test", size = "small", deps = [":a"]', '"a_test", size = "small", deps = [":c"]')
+      ":c imports kvattn/a.py but no direct dep has it in srcs"
+  ]
+  fixed = build.replace('deps = [":b"]',
+                        'deps = [":a", ":b"]').replace('"a_test", size = "small", deps = [":a"]',
+                                                       '"a_test", size = "small", deps = [":c"]')
   assert dep_problems(tree, fixed) == []
   # Depending on the package's __init__ target is allowed, not required.
   assert dep_problems(tree, fixed.replace('deps = [":a", ":b"]',
                                           'deps = [":a", ":b", ":kvattn"]')) == []
-  assert dep_problems(tree, fixed.replace('deps = [":a"]', 'deps = [":a", ":c"]', 1)) == [
-      ":b depends on :c but imports none of its srcs"]
+  assert dep_problems(tree, fixed.replace('deps = [":a"]', 'deps = [":a", ":c"]',
+                                          1)) == [":b depends on :c but imports none of its srcs"]

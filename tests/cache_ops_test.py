@@ -71,13 +71,15 @@ def assert_trees_equal(got, want):
   jax.tree.map(np.testing.assert_array_equal, snapshot(got), snapshot(want))
 
 
-@pytest.mark.parametrize("dtype, n", [
-    ("float32", 2),  # Row 2 keeps its prompt only.
-    ("float32", [3, 0, 4]),  # Row 1 keeps all (index stays); row 2 loses prompt tokens too.
-    ("float32", [3, 1, 2]),  # Every row ends earlier: index moves back.
-    ("bfloat16", [3, 1, 2]),
-    ("int8", [3, 1, 2]),
-])
+@pytest.mark.parametrize(
+    "dtype, n",
+    [
+        ("float32", 2),  # Row 2 keeps its prompt only.
+        ("float32", [3, 0, 4]),  # Row 1 keeps all (index stays); row 2 loses prompt tokens too.
+        ("float32", [3, 1, 2]),  # Every row ends earlier: index moves back.
+        ("bfloat16", [3, 1, 2]),
+        ("int8", [3, 1, 2]),
+    ])
 @pytest.mark.slow
 def test_rewind_equals_a_run_that_never_saw_the_tokens(dtype, n):
   params = make_params()
@@ -110,8 +112,7 @@ def test_rewind_equals_a_run_that_never_saw_the_tokens(dtype, n):
   want, _ = feed(params, unseen, after, next_masks)
   np.testing.assert_allclose(got, want, **TOL)
   assert int(rewound.index) == index + after.shape[1]
-  np.testing.assert_array_equal(rewound.valid[:, index:index + 3],
-                                np.concatenate(next_masks, 1))
+  np.testing.assert_array_equal(rewound.valid[:, index:index + 3], np.concatenate(next_masks, 1))
   np.testing.assert_array_equal(rewound.valid[:, index + 3:], False)
 
   if dtype == "float32":  # And the float64 reference of the kept tokens.
@@ -128,8 +129,7 @@ def test_rewind_draws_the_documented_example():
       k=jnp.broadcast_to(jnp.asarray(valid, jnp.float32)[:, :, None, None], (2, 5, 1, 2)),
       valid=jnp.asarray(valid), lengths=jnp.array([4, 4], jnp.int32), index=jnp.int32(5))
   out = kvattn.rewind(cache, np.array([1, 2], np.int32))
-  want = np.array([[1, 1, 0, 1, 0],
-                   [0, 1, 1, 0, 0]], bool)
+  want = np.array([[1, 1, 0, 1, 0], [0, 1, 1, 0, 0]], bool)
   np.testing.assert_array_equal(out.valid, want)
   np.testing.assert_array_equal(out.k[..., 0, 0], want.astype(np.float32))
   np.testing.assert_array_equal(out.lengths, [3, 2])
@@ -210,12 +210,12 @@ def test_rewind_and_reorder_take_any_pytree_of_caches():
 
 @pytest.mark.parametrize("n, error, match", [
     (8, ValueError, r"n should be at most the real tokens of each row, "
-                    r"cache.lengths=\[9, 7, 5\]: but got 8"),
+     r"cache.lengths=\[9, 7, 5\]: but got 8"),
     ([0, 0, 6], ValueError, r"cache.lengths=\[9, 7, 5\]: but got \[0, 0, 6\]"),
     (-1, ValueError, r"n should be non-negative: but got -1"),
     (np.array([1, -1, 0]), ValueError, r"n should be non-negative: but got \[1, -1, 0\]"),
     (jnp.ones((2,), jnp.int32), ValueError, r"n shape should be \(\) or \(B,\)=\(3,\): "
-                                            r"but got \(2,\)"),
+     r"but got \(2,\)"),
     (jnp.ones((3, 1), jnp.int32), ValueError, r"n shape should be \(\) or \(B,\)"),
     (1.0, ValueError, r"n dtype should be an integer dtype such as int32: but got float"),
     (jnp.ones((3,), jnp.float32), ValueError, r"n dtype should be an integer dtype"),
@@ -237,8 +237,9 @@ def test_rewind_errors_under_jit():
     jax.jit(lambda c: kvattn.rewind(c, 13))(cache)
   with pytest.raises(ValueError, match=r"n should be non-negative"):
     jax.jit(lambda c: kvattn.rewind(c, -1))(cache)
-  with pytest.raises(TypeError, match=r"cache should be a KVCache or a pytree whose leaves are "
-                                      r"all in KVCaches: but got ArrayImpl"):
+  with pytest.raises(
+      TypeError, match=r"cache should be a KVCache or a pytree whose leaves are "
+      r"all in KVCaches: but got ArrayImpl"):
     kvattn.rewind({"k": cache.k}, 1)
 
 
@@ -248,10 +249,9 @@ def test_reorder_equals_the_cache_of_reordered_inputs(dtype):
   indices = np.array([2, 0, 0], np.int32)
   x = jax.random.normal(jax.random.key(3), (B, 7, DM))
   mask = jnp.asarray(FED[:, :6])
-  _, cache = prefill(params, reference.new_cache(B, S, K, H, dtype), x[:, :6], mask,
-                     rope_base=ROPE)
-  _, want = prefill(params, reference.new_cache(B, S, K, H, dtype), x[indices, :6],
-                    mask[indices], rope_base=ROPE)
+  _, cache = prefill(params, reference.new_cache(B, S, K, H, dtype), x[:, :6], mask, rope_base=ROPE)
+  _, want = prefill(params, reference.new_cache(B, S, K, H, dtype), x[indices, :6], mask[indices],
+                    rope_base=ROPE)
   reorder = jax.jit(lambda cache, indices: kvattn.reorder(cache, indices))
   got = reorder(cache, jnp.asarray(indices))
   assert_trees_equal(got, want)
@@ -283,7 +283,7 @@ def test_traced_indices_are_clamped():
     ([3, 0, 0], ValueError, r"indices should be in \[0, B\)=\[0, 3\): but got \[3, 0, 0\]"),
     (np.array([-1, 0, 0]), ValueError, r"indices should be in \[0, B\)"),
     (jnp.array([0, 1], jnp.int32), ValueError, r"indices shape should be \(B,\)=\(3,\): "
-                                               r"but got \(2,\)"),
+     r"but got \(2,\)"),
     (0, ValueError, r"indices shape should be \(B,\)=\(3,\): but got \(\)"),
     (jnp.zeros((3,), jnp.float32), ValueError, r"indices dtype should be an integer dtype"),
 ])

@@ -124,7 +124,7 @@ def test_gradients_flow_through_a_bfloat16_cache():
   def loss(k1, dtype):
     _, cache = kvattn.cached_attention(k1, k1, k1, kvattn.init_cache(1, 8, 1, 8, dtype))
     o, _ = kvattn.cached_attention(q2, k2, k2, cache)
-    return jnp.sum(o.astype(jnp.float32) ** 2)
+    return jnp.sum(o.astype(jnp.float32)**2)
 
   want = jax.grad(loss)(k1, jnp.float32)
   got = jax.grad(loss)(k1, jnp.bfloat16)
@@ -136,9 +136,9 @@ def test_a_cache_of_integers_other_than_int8_is_refused():
   cache = kvattn.init_cache(1, 4, K, H)
   bad = cache._replace(k=cache.k.astype(jnp.int32), v=cache.v.astype(jnp.int32))
   with pytest.raises(ValueError, match="cache.k dtype should be a floating dtype or int8: "
-                                       "but got int32"):
-    kvattn.cached_attention(jnp.ones((1, 1, K, H)), jnp.ones((1, 1, K, H)),
-                            jnp.ones((1, 1, K, H)), bad)
+                     "but got int32"):
+    kvattn.cached_attention(jnp.ones((1, 1, K, H)), jnp.ones((1, 1, K, H)), jnp.ones((1, 1, K, H)),
+                            bad)
   with pytest.raises(ValueError, match="q dtype should be a floating dtype: but got int32"):
     kvattn.cached_attention(jnp.ones((1, 1, K, H), jnp.int32), jnp.ones((1, 1, K, H)),
                             jnp.ones((1, 1, K, H)), cache)

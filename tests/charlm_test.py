@@ -42,14 +42,15 @@ def test_checkpoint_round_trip(tmp_path):
   jax.tree.map(np.testing.assert_array_equal, loaded, jax.tree.map(np.asarray, params))
 
 
-@pytest.mark.parametrize("old_fields, window_pattern", [
-    (dict(sliding_window=4, window_pattern=[]), (4,)),
-    (dict(sliding_window=None, window_pattern=[4, None]), (4, None)),
-    (dict(sliding_window=None), ()),
-    (dict(sliding_window=3), (3,)),  # Written before window_pattern existed.
-])
-def test_checkpoints_with_the_old_sliding_window_field_load(tmp_path, old_fields,
-                                                             window_pattern):
+@pytest.mark.parametrize(
+    "old_fields, window_pattern",
+    [
+        (dict(sliding_window=4, window_pattern=[]), (4,)),
+        (dict(sliding_window=None, window_pattern=[4, None]), (4, None)),
+        (dict(sliding_window=None), ()),
+        (dict(sliding_window=3), (3,)),  # Written before window_pattern existed.
+    ])
+def test_checkpoints_with_the_old_sliding_window_field_load(tmp_path, old_fields, window_pattern):
   vocab = charlm.Vocab.from_text("hello world")
   config = TINY._replace(vocab_size=len(vocab))
   path = tmp_path / "lm.npz"

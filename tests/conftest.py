@@ -12,12 +12,11 @@ measured in examples/benchmark.py, never here.
 
 import os
 
-_FLAGS = ("--xla_force_host_platform_device_count=8",
-          "--xla_backend_optimization_level=0",
+_FLAGS = ("--xla_force_host_platform_device_count=8", "--xla_backend_optimization_level=0",
           "--xla_llvm_disable_expensive_passes=true")
 _existing = os.environ.get("XLA_FLAGS", "")
-os.environ["XLA_FLAGS"] = " ".join(
-    [_existing] + [f for f in _FLAGS if f.split("=")[0] not in _existing]).strip()
+os.environ["XLA_FLAGS"] = " ".join([_existing] +
+                                   [f for f in _FLAGS if f.split("=")[0] not in _existing]).strip()
 
 import jax  # noqa: E402  (must come after XLA_FLAGS is set)
 
@@ -35,7 +34,6 @@ jax.config.update("jax_numpy_dtype_promotion", "strict")
 # NVIDIA GPUs (about 1e-3 relative) and bfloat16 passes on TPU; on CPU this
 # changes nothing.
 jax.config.update("jax_default_matmul_precision", "highest")
-
 
 import pytest  # noqa: E402
 

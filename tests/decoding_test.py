@@ -43,10 +43,10 @@ def test_last_real_and_take_at_match_a_numpy_loop():
   last = decoding.last_real(jnp.asarray(mask))
   assert last.dtype == jnp.int32
   np.testing.assert_array_equal(last, want)
-  np.testing.assert_array_equal(decoding.take_at(jnp.asarray(logits), last),
-                                logits[np.arange(b), want])
-  np.testing.assert_array_equal(decoding.take_at(jnp.asarray(tokens), last),
-                                tokens[np.arange(b), want])
+  np.testing.assert_array_equal(decoding.take_at(jnp.asarray(logits), last), logits[np.arange(b),
+                                                                                    want])
+  np.testing.assert_array_equal(decoding.take_at(jnp.asarray(tokens), last), tokens[np.arange(b),
+                                                                                    want])
   assert decoding.longest_prompt(mask) == max(mask.sum(axis=1))
 
 
@@ -76,10 +76,11 @@ def test_check_caches_reads_the_same_room():
   linear, ring, _ = _caches()
   check_caches("caches", (linear, ring), 3, 20, "why")
   with pytest.raises(ValueError, match=r"caches max_len should be at least why = 21: but got "
-                                       r"S=20"):
+                     r"S=20"):
     check_caches("caches", (linear, ring), 3, 21, "why")
-  with pytest.raises(ValueError, match=r"caches max_len \(a ring's max_positions\) should be at "
-                                       r"least why = 51: but got 50"):
+  with pytest.raises(
+      ValueError, match=r"caches max_len \(a ring's max_positions\) should be at "
+      r"least why = 51: but got 50"):
     check_caches("caches", ring, 3, 51, "why")
   with pytest.raises(ValueError, match=r"caches batch size should be B=2: but got 3"):
     check_caches("caches", ring, 2, 1, "why")
@@ -88,16 +89,18 @@ def test_check_caches_reads_the_same_room():
   check_caches("caches", ring, 3, 1, "why", rewind=3)
 
 
-@pytest.mark.parametrize("eos_id", ["2", [], [1, "2"], 2.5, np.zeros((2, 2), np.int32),
-                                    np.zeros((0,), np.int32), True])
+@pytest.mark.parametrize(
+    "eos_id", ["2", [], [1, "2"], 2.5,
+               np.zeros((2, 2), np.int32),
+               np.zeros((0,), np.int32), True])
 def test_check_eos_refuses(eos_id):
-  with pytest.raises(ValueError, match=r"eos_id should be None, an int or a non-empty list of "
-                                       r"ints: but got"):
+  with pytest.raises(
+      ValueError, match=r"eos_id should be None, an int or a non-empty list of "
+      r"ints: but got"):
     decoding.check_eos(eos_id)
 
 
-@pytest.mark.parametrize("pad_id", ["0", 0.0, None, np.zeros((1,), np.int32),
-                                    np.float32(0), False])
+@pytest.mark.parametrize("pad_id", ["0", 0.0, None, np.zeros((1,), np.int32), np.float32(0), False])
 def test_check_pad_refuses(pad_id):
   with pytest.raises(ValueError, match=r"pad_id should be an int: but got"):
     decoding.check_pad(pad_id)
@@ -146,7 +149,7 @@ def test_prompt_values_against_the_step_fns_vocabulary_and_positions():
   with pytest.raises(ValueError, match=r"= 9 \+ 3 \+ 10 - 1 = 21"):
     decoding.check_prompt_values(step_fn, caches, tokens, mask, 10)
   with pytest.raises(ValueError, match=r"ids in \[0, V\)=\[0, 10\): but got 11 at row 1, "
-                                       r"column 1"):
+                     r"column 1"):
     decoding.check_prompt_values(step_fn, caches, tokens, np.ones((2, 3), bool), 1)
   empty_row = np.array([[1, 1, 1], [0, 0, 0]], bool)
   with pytest.raises(ValueError, match=r"rows \[1\] have none"):

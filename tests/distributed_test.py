@@ -43,11 +43,15 @@ def _run_workers(num_processes: int) -> tuple[str, list[str]]:
   env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(_ROOT), env.get("PYTHONPATH")]))
   env["JAX_PLATFORMS"] = "cpu"  # Gloo over fake CPU devices, even where a GPU is.
   address = f"127.0.0.1:{_free_port()}"
-  commands = [[sys.executable, str(_WORKER)]] + [
-      [sys.executable, str(_WORKER), f"--coordinator_address={address}",
-       f"--num_processes={num_processes}", f"--process_id={i}"] for i in range(num_processes)]
-  procs = [subprocess.Popen(command, env=env, cwd=_ROOT, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True) for command in commands]
+  commands = [[sys.executable, str(_WORKER)]] + [[
+      sys.executable,
+      str(_WORKER), f"--coordinator_address={address}", f"--num_processes={num_processes}",
+      f"--process_id={i}"
+  ] for i in range(num_processes)]
+  procs = [
+      subprocess.Popen(command, env=env, cwd=_ROOT, stdout=subprocess.PIPE,
+                       stderr=subprocess.STDOUT, text=True) for command in commands
+  ]
   try:
     outputs = [p.communicate(timeout=_TIMEOUT_S)[0] for p in procs]
   except subprocess.TimeoutExpired:

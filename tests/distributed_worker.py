@@ -55,26 +55,26 @@ def init_params() -> dict:
   normal = lambda *shape: rng.standard_normal(shape, np.float32)
   return {
       "embed": normal(V, DM),
-      "unembed": normal(DM, V) * DM ** -0.5,
-      "layers": {"wq": normal(L, DM, N, H) * DM ** -0.5, "wk": normal(L, DM, K, H) * DM ** -0.5,
-                 "wv": normal(L, DM, K, H) * DM ** -0.5,
-                 "wo": normal(L, N, H, DM) * (N * H) ** -0.5},
+      "unembed": normal(DM, V) * DM**-0.5,
+      "layers": {
+          "wq": normal(L, DM, N, H) * DM**-0.5,
+          "wk": normal(L, DM, K, H) * DM**-0.5,
+          "wv": normal(L, DM, K, H) * DM**-0.5,
+          "wo": normal(L, N, H, DM) * (N * H)**-0.5
+      },
   }
 
 
 def prompts() -> tuple[np.ndarray, np.ndarray]:
   """A ragged, left- and right-padded batch: tokens int32 [B, P], mask bool [B, P]."""
   tokens = np.random.default_rng(1).integers(1, V, (B, PROMPT), dtype=np.int32)
-  mask = np.array([[0, 0, 1, 1, 1, 1],
-                   [1, 1, 1, 1, 0, 0],
-                   [0, 0, 0, 0, 0, 1],
-                   [1, 1, 1, 1, 1, 1]], np.bool_)
+  mask = np.array([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0], [0, 0, 0, 0, 0, 1], [1, 1, 1, 1, 1, 1]],
+                  np.bool_)
   return tokens, mask
 
 
 def _forward(params, caches, tokens, mask):
   """tokens int [B, T] -> (logits [B, T, V] float32, caches); layers under lax.scan."""
-
   def layer(x, layer_and_cache):
     p, cache = layer_and_cache
     h, cache = kvattn.prefill(p, cache, _rms_norm(x), mask, rope_base=ROPE)
@@ -124,8 +124,11 @@ def generate(mesh: jax.sharding.Mesh | None) -> tuple[np.ndarray, np.ndarray]:
     return np.asarray(out), np.asarray(logits)
   caches_shape = jax.eval_shape(_init_caches)
   c_shard = sharding.cache_shardings(caches_shape, mesh)
-  p_shard = {"embed": NamedSharding(mesh, PartitionSpec()), "unembed": NamedSharding(mesh, PartitionSpec()),
-             "layers": sharding.params_shardings(params["layers"], mesh)}
+  p_shard = {
+      "embed": NamedSharding(mesh, PartitionSpec()),
+      "unembed": NamedSharding(mesh, PartitionSpec()),
+      "layers": sharding.params_shardings(params["layers"], mesh)
+  }
   rows = NamedSharding(mesh, PartitionSpec("data", None))
   replicated = NamedSharding(mesh, PartitionSpec())
   # The caches are created sharded, from the same description as their specs.
@@ -137,8 +140,8 @@ def generate(mesh: jax.sharding.Mesh | None) -> tuple[np.ndarray, np.ndarray]:
   return np.asarray(out), np.asarray(logits)
 
 
-_COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "host:port of process 0; None: one process, one device.")
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0; None: one process, one device.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 2, "Number of processes.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", 0, "This process's id.")
 
@@ -154,10 +157,14 @@ def main(argv):
                                process_id=_PROCESS_ID.value, initialization_timeout=60)
     mesh = sharding.make_mesh("data:2,model:4")
   tokens, logits = generate(mesh)
-  print("RESULT " + json.dumps({
-      "process_id": jax.process_index(), "devices": jax.device_count(),
-      "local_devices": jax.local_device_count(), "tokens": tokens.tolist(),
-      "logits": logits.tolist()}), flush=True)
+  print(
+      "RESULT " + json.dumps({
+          "process_id": jax.process_index(),
+          "devices": jax.device_count(),
+          "local_devices": jax.local_device_count(),
+          "tokens": tokens.tolist(),
+          "logits": logits.tolist()
+      }), flush=True)
 
 
 if __name__ == "__main__":

@@ -43,8 +43,8 @@ def padded_mask(t=T):
 
 @functools.lru_cache(maxsize=None)
 def _attention(causal, block_size):
-  return jax.jit(functools.partial(kvattn.dot_product_attention, causal=causal,
-                                   block_size=block_size))
+  return jax.jit(
+      functools.partial(kvattn.dot_product_attention, causal=causal, block_size=block_size))
 
 
 @functools.lru_cache(maxsize=None)
@@ -53,6 +53,7 @@ def _grads(causal, block_size):
   def loss(q, k, v, mask, ct):
     o = kvattn.dot_product_attention(q, k, v, mask, causal=causal, block_size=block_size)
     return jnp.sum((o * ct).astype(jnp.float32))
+
   return jax.jit(jax.grad(loss, argnums=(0, 1, 2)))
 
 
@@ -81,8 +82,7 @@ def reference_grads(q, k, v, mask, ct, causal):
 
 def forward_reference(q, k, v, mask, causal):
   """The float64 numpy oracle: one call's tokens, causal or both ways."""
-  return reference.attention_by_rows(q, k, v, mask, np.zeros(q.shape[1], int),
-                                     prefix_lm=not causal)
+  return reference.attention_by_rows(q, k, v, mask, np.zeros(q.shape[1], int), prefix_lm=not causal)
 
 
 def as_f64(x):
@@ -142,8 +142,8 @@ def test_check_grads(causal):
   q = jnp.asarray(rng.standard_normal((2, 6, 2, 4)), jnp.float32)
   k, v = (jnp.asarray(rng.standard_normal((2, 6, 1, 4)), jnp.float32) for _ in range(2))
   mask = jnp.asarray([[0, 1, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0]], jnp.bool_)
-  f = jax.jit(functools.partial(kvattn.dot_product_attention, mask=mask, causal=causal,
-                                block_size=4))
+  f = jax.jit(
+      functools.partial(kvattn.dot_product_attention, mask=mask, causal=causal, block_size=4))
   # Float32 finite differences: a large step, and tolerances to match.
   check_grads(f, (q, k, v), order=1, modes=("rev",), eps=1e-2, atol=5e-3, rtol=5e-3)
 
@@ -152,12 +152,13 @@ def test_check_grads(causal):
 def test_padding_never_reaches_real_tokens(causal):
   q, k, v, ct = random_qkv(40, 2)
   mask = padded_mask()
-  poison = lambda x: np.where(mask[:, :, None, None], x, np.where(np.arange(H) % 2, np.nan,
-                                                                  np.inf)).astype(np.float32)
+  poison = lambda x: np.where(mask[:, :, None, None], x, np.where(np.arange(H) % 2, np.nan, np.inf)
+                             ).astype(np.float32)
   # The cotangent of a padded output row is never used either.
   args = [(q, k, v, mask, ct), (poison(q), poison(k), poison(v), mask, poison(ct))]
-  (o, grads), (o_poisoned, grads_poisoned) = (
-      (_attention(causal, 4)(*a[:4]), _grads(causal, 4)(*a)) for a in args)
+  (o,
+   grads), (o_poisoned,
+            grads_poisoned) = ((_attention(causal, 4)(*a[:4]), _grads(causal, 4)(*a)) for a in args)
   real = mask[:, :, None, None]
   np.testing.assert_array_equal(o_poisoned, o)
   assert np.all(np.asarray(o)[~mask] == 0.0)
@@ -187,8 +188,7 @@ def test_jit_and_vmap():
   mask = padded_mask()
   attend = functools.partial(kvattn.dot_product_attention, causal=True, block_size=4)
   batched = jax.jit(jax.vmap(attend))(q[None], k[None], v[None], mask[None])
-  np.testing.assert_allclose(batched[0], _attention(True, 4)(q, k, v, mask), rtol=1e-6,
-                             atol=1e-6)
+  np.testing.assert_allclose(batched[0], _attention(True, 4)(q, k, v, mask), rtol=1e-6, atol=1e-6)
   loss = lambda q, k, v: jnp.sum(jax.vmap(attend)(q, k, v, mask[None]) * ct[None])
   grads = jax.jit(jax.grad(loss, argnums=(0, 1, 2)))(q[None], k[None], v[None])
   for g, want in zip(grads, _grads(True, 4)(q, k, v, mask, ct)):
@@ -203,8 +203,9 @@ def test_gradients_under_shard_map():
   q, k, v, ct = (jax.device_put(x, rows) for x in random_qkv(70, 2))
   mask = jax.device_put(padded_mask(), rows)
   grads = _grads(True, 4)
-  sharded = jax.jit(jax.shard_map(grads, mesh=mesh, in_specs=PartitionSpec("data"),
-                                  out_specs=PartitionSpec("data")))
+  sharded = jax.jit(
+      jax.shard_map(grads, mesh=mesh, in_specs=PartitionSpec("data"),
+                    out_specs=PartitionSpec("data")))
   for g, want in zip(sharded(q, k, v, mask, ct), grads(q, k, v, mask, ct)):
     np.testing.assert_allclose(g, want, rtol=1e-6, atol=1e-6)
 
@@ -224,6 +225,7 @@ def test_gradient_memory_is_linear_in_length():
     loss = lambda q, k, v: jnp.sum(kvattn.dot_product_attention(q, k, v, block_size=128))
     compiled = jax.jit(jax.grad(loss, argnums=(0, 1, 2))).lower(x, x, x).compile()
     return compiled.memory_analysis().temp_size_in_bytes
+
   assert temp_bytes(2048) < 8 * temp_bytes(512)
 
 
@@ -234,11 +236,10 @@ def test_gradient_memory_is_linear_in_length():
      r"k shape should be \(B, T, K, H\)=\(4, 11, None, 16\): but got \(4, 12, 2, 16\)"),
     (dict(v=np.zeros((B, T, 1, H))), ValueError,
      r"v shape should be \(B, T, K, H\)=\(4, 11, 2, 16\): but got \(4, 11, 1, 16\)"),
-    (dict(k=np.zeros((B, T, 3, H)), v=np.zeros((B, T, 3, H))), ValueError,
-     r"query heads N=4 should be a multiple of the kv heads K=3"),
-    (dict(q=np.zeros((B, 0, N, H)), k=np.zeros((B, 0, 2, H)), v=np.zeros((B, 0, 2, H)),
-          mask=None), ValueError,
-     r"q shape should be \(B, T, N, H\) with T, N, H >= 1: but got \(4, 0, 4, 16\)"),
+    (dict(k=np.zeros((B, T, 3, H)), v=np.zeros(
+        (B, T, 3, H))), ValueError, r"query heads N=4 should be a multiple of the kv heads K=3"),
+    (dict(q=np.zeros((B, 0, N, H)), k=np.zeros((B, 0, 2, H)), v=np.zeros((B, 0, 2, H)), mask=None),
+     ValueError, r"q shape should be \(B, T, N, H\) with T, N, H >= 1: but got \(4, 0, 4, 16\)"),
     (dict(q=np.zeros((B, T, N, H), np.int32)), ValueError,
      r"q dtype should be a floating dtype: but got int32"),
     (dict(mask=np.ones((B, T + 1), bool)), ValueError,
@@ -256,7 +257,6 @@ def test_bad_inputs_raise(change, error, match):
     kvattn.dot_product_attention(**args)
 
 
-
 @pytest.mark.parametrize("block_size", [4, None])
 @pytest.mark.slow
 def test_sliding_window_forward_and_gradients_match_reference(block_size):
@@ -266,8 +266,8 @@ def test_sliding_window_forward_and_gradients_match_reference(block_size):
   mask = padded_mask(17)
   m = mask.astype(np.int64)
   pos = np.cumsum(m, 1) - m
-  allowed = (mask[:, :, None] & mask[:, None, :] & (pos[:, None, :] <= pos[:, :, None])
-             & (pos[:, None, :] > pos[:, :, None] - w))
+  allowed = (mask[:, :, None] & mask[:, None, :] & (pos[:, None, :] <= pos[:, :, None]) &
+             (pos[:, None, :] > pos[:, :, None] - w))
 
   def reference_windowed(q, k, v):
     n, h = q.shape[2:]

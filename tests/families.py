@@ -10,15 +10,18 @@ checkpoints (`rope_theta`, `rope_scaling`, `rope_local_base_freq`, `sliding_wind
 forward of one sequence, written from transformers' modeling code; it shares no code with
 kvattn.
 
-Validated by /tmp/validate_families.py against transformers 5.25.0 and torch 2.13.0 (CPU):
-every config builds its `*ForCausalLM`, the weights load with `load_state_dict(strict=True)`
-and through `from_pretrained` with no missing or unexpected key, `save_pretrained` writes the
-same tensor names and shapes and a config.json agreeing on every key given here, and the
-eager float64 logits of 12 tokens (longer than every window; Phi-3 longrope also at 6 tokens,
-under its original length) match `numpy_forward` to a max abs error / max |logit| of at most
-4e-15 for every entry, `_v4` spellings included. (transformers computes RoPE angles,
-RMSNorm and the softmax in float32 even in a float64 model; the script lifts those casts to
-float64. Unlifted, the error is 1e-7 to 3e-6, float32's.)
+Validated by /tmp/validate_families.py against transformers 5.25.0 and torch 2.13.0 (CPU).
+Every config builds its `*ForCausalLM`; the weights load with `load_state_dict(strict=True)`
+and through `from_pretrained` with no missing or unexpected key; `save_pretrained` writes the
+same tensor names and shapes, and exactly these config dicts (a `_v4` spelling comes back as
+its transformers 5 twin, plus the keys it carried: Phi-3's rope "type", Gemma 3's
+sliding_window_pattern). Eager float64 logits of 12 tokens (longer than every window; Phi-3
+LongRoPE also at 6, within its original length) match `numpy_forward` to a max abs error /
+max |logit| of: qwen3 1.5e-15, qwen3_yarn 1.3e-15, gemma 6.5e-16, gemma2 2.8e-15, gemma3
+6.5e-16, phi3 2.3e-15, phi3_longrope 4.1e-15, phi3_partial 2.5e-15, olmo2 5.3e-16, the same
+for each `_v4`. (transformers computes RoPE angles, RMSNorm and the softmax in float32 even in
+a float64 model; the script lifts those casts. Unlifted, the errors are float32's, 1e-7 to
+1e-6.)
 
 Shape legend: T tokens, D model width, N query heads, K kv heads, H head dim, R rotary dims
 (H, or int(H * partial_rotary_factor) for Phi-3), F MLP width, V vocabulary.
@@ -31,7 +34,7 @@ import pathlib
 import numpy as np
 from safetensors.numpy import save_file
 
-_GEMMAS = ("gemma", "gemma2", "gemma3_text")
+_GEMMAS = ("gemma", "gemma2", "gemma3_text")  # [1:]: those with query_pre_attn_scalar.
 # The D-wide RMSNorms of a layer, by model_type: pre-norms, plus post-norms of each sublayer's
 # output (Gemma 2/3); OLMo 2 has only the post-norms.
 _LAYER_NORMS = {
@@ -45,78 +48,187 @@ _LAYER_NORMS = {
 _LAYER_NORMS["gemma3_text"] = _LAYER_NORMS["gemma2"]
 _POST_NORMS = ("gemma2", "gemma3_text", "olmo2")
 
-_COMMON = {"vocab_size": 64, "hidden_size": 32, "intermediate_size": 48,
-           "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
-           "bos_token_id": 1, "eos_token_id": 63, "pad_token_id": 0, "dtype": "float32"}
+_COMMON = {
+    "vocab_size": 64,
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "max_position_embeddings": 64,
+    "bos_token_id": 1,
+    "eos_token_id": 63,
+    "pad_token_id": 0,
+    "dtype": "float32",
+    # Written by save_pretrained, read by no forward:
+    "attention_dropout": 0.0,
+    "initializer_range": 0.02,
+    "use_cache": True,
+    "transformers_version": "5.25.0",
+}
 _DEFAULT_ROPE = {"rope_type": "default", "rope_theta": 10000.0}
 
 # Qwen3: Qwen2 plus q_norm/k_norm [H] on each head before RoPE; H is given (N * H != D).
 # Without use_sliding_window, transformers sets sliding_window to None: no window anywhere.
-QWEN3 = {**_COMMON, "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3",
-         "num_hidden_layers": 2, "head_dim": 16, "hidden_act": "silu", "rms_norm_eps": 1e-6,
-         "tie_word_embeddings": True, "attention_bias": False, "use_sliding_window": False,
-         "sliding_window": None, "max_window_layers": 28, "layer_types": ["full_attention"] * 2,
-         "rope_parameters": {"rope_type": "default", "rope_theta": 1000000.0}}
+QWEN3 = {
+    **_COMMON, "architectures": ["Qwen3ForCausalLM"],
+    "model_type": "qwen3",
+    "num_hidden_layers": 2,
+    "head_dim": 16,
+    "hidden_act": "silu",
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True,
+    "attention_bias": False,
+    "use_sliding_window": False,
+    "sliding_window": None,
+    "max_window_layers": 28,
+    "layer_types": ["full_attention"] * 2,
+    "rope_parameters": {
+        "rope_type": "default",
+        "rope_theta": 1000000.0
+    }
+}
 # YaRN with beta_fast/beta_slow/attention_factor left to their defaults; an original length of
 # 1024 puts the ramp over frequencies 1..5 of the 8: kept, blended and divided ones all occur.
-QWEN3_YARN = {**QWEN3, "tie_word_embeddings": False, "max_position_embeddings": 4096,
-              "rope_parameters": {"rope_type": "yarn", "rope_theta": 10000.0, "factor": 4.0,
-                                  "original_max_position_embeddings": 1024}}
+QWEN3_YARN = {
+    **QWEN3, "tie_word_embeddings": False,
+    "max_position_embeddings": 4096,
+    "rope_parameters": {
+        "rope_type": "yarn",
+        "rope_theta": 10000.0,
+        "factor": 4.0,
+        "original_max_position_embeddings": 1024
+    }
+}
 # Gemma 1: (1 + w) RMSNorm, embeddings times sqrt(D), GeGLU (tanh gelu), tied, MQA here.
-GEMMA = {**_COMMON, "architectures": ["GemmaForCausalLM"], "model_type": "gemma",
-         "num_hidden_layers": 2, "num_key_value_heads": 1, "head_dim": 16,
-         "hidden_act": "gelu_pytorch_tanh", "rms_norm_eps": 1e-6, "tie_word_embeddings": True,
-         "attention_bias": False, "rope_parameters": _DEFAULT_ROPE}
+GEMMA = {
+    **_COMMON,
+    "architectures": ["GemmaForCausalLM"],
+    "model_type": "gemma",
+    "num_hidden_layers": 2,
+    "num_key_value_heads": 1,
+    "head_dim": 16,
+    "hidden_act": "gelu_pytorch_tanh",
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True,
+    "attention_bias": False,
+    "use_bidirectional_attention": None,
+    "rope_parameters": _DEFAULT_ROPE,
+}
 # Gemma 2: four norms per layer, scale query_pre_attn_scalar**-0.5 (not H), soft caps small
 # enough to bite, local layers first then alternating.
-GEMMA2 = {**_COMMON, "architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2",
-          "num_hidden_layers": 4, "head_dim": 16, "hidden_activation": "gelu_pytorch_tanh",
-          "rms_norm_eps": 1e-6, "tie_word_embeddings": True, "attention_bias": False,
-          "query_pre_attn_scalar": 24, "attn_logit_softcapping": 5.0,
-          "final_logit_softcapping": 3.0, "sliding_window": 4,
-          "layer_types": ["sliding_attention", "full_attention"] * 2,
-          "rope_parameters": _DEFAULT_ROPE}
+GEMMA2 = {
+    **_COMMON,
+    "architectures": ["Gemma2ForCausalLM"],
+    "model_type": "gemma2",
+    "num_hidden_layers": 4,
+    "head_dim": 16,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True,
+    "attention_bias": False,
+    "query_pre_attn_scalar": 24,
+    "attn_logit_softcapping": 5.0,
+    "final_logit_softcapping": 3.0,
+    "sliding_window": 4,
+    "layer_types": ["sliding_attention", "full_attention"] * 2,
+    "use_bidirectional_attention": None,
+    "rope_parameters": _DEFAULT_ROPE,
+}
 # Gemma 3 text: Gemma 2 with q_norm/k_norm [H] ((1 + w), per head, before RoPE), five local
 # layers per global one, RoPE per layer type (global: its own theta and scaling), no caps.
-GEMMA3 = {**_COMMON, "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text",
-          "num_hidden_layers": 6, "num_key_value_heads": 1, "head_dim": 16,
-          "hidden_activation": "gelu_pytorch_tanh", "rms_norm_eps": 1e-6,
-          "tie_word_embeddings": True, "attention_bias": False, "query_pre_attn_scalar": 20,
-          "attn_logit_softcapping": None, "final_logit_softcapping": None, "sliding_window": 4,
-          "layer_types": ["sliding_attention"] * 5 + ["full_attention"],
-          "rope_parameters": {
-              "full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1000000.0},
-              "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0}}}
+GEMMA3 = {
+    **_COMMON,
+    "architectures": ["Gemma3ForCausalLM"],
+    "model_type": "gemma3_text",
+    "num_hidden_layers": 6,
+    "num_key_value_heads": 1,
+    "head_dim": 16,
+    "hidden_activation": "gelu_pytorch_tanh",
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": True,
+    "attention_bias": False,
+    "query_pre_attn_scalar": 20,
+    "attn_logit_softcapping": None,
+    "final_logit_softcapping": None,
+    "sliding_window": 4,
+    "layer_types": ["sliding_attention"] * 5 + ["full_attention"],
+    "_sliding_window_pattern": 6,  # transformers 5 writes this private copy too.
+    "use_bidirectional_attention": False,
+    "rope_parameters": {
+        "full_attention": {
+            "rope_type": "linear",
+            "factor": 8.0,
+            "rope_theta": 1000000.0
+        },
+        "sliding_attention": {
+            "rope_type": "default",
+            "rope_theta": 10000.0
+        }
+    }
+}
 # Phi-3: fused qkv_proj and gate_up_proj, H = D / N, a window on every layer.
-PHI3 = {**_COMMON, "architectures": ["Phi3ForCausalLM"], "model_type": "phi3",
-        "num_hidden_layers": 2, "hidden_act": "silu", "rms_norm_eps": 1e-5,
-        "tie_word_embeddings": False, "sliding_window": 5,
-        "original_max_position_embeddings": 64,
-        "rope_parameters": {**_DEFAULT_ROPE, "partial_rotary_factor": 1.0}}
+PHI3 = {
+    **_COMMON, "architectures": ["Phi3ForCausalLM"],
+    "model_type": "phi3",
+    "num_hidden_layers": 2,
+    "hidden_act": "silu",
+    "rms_norm_eps": 1e-5,
+    "tie_word_embeddings": False,
+    "sliding_window": 5,
+    "embd_pdrop": 0.0,
+    "resid_pdrop": 0.0,
+    "original_max_position_embeddings": 64,
+    "rope_parameters": {
+        **_DEFAULT_ROPE, "partial_rotary_factor": 1.0
+    }
+}
 # LongRoPE (Phi-3-*-128k, Phi-3.5): short factors while T <= 8, long ones beyond; no "factor",
 # so the attention factor comes from max_position_embeddings / original: sqrt(2) here.
-PHI3_LONGROPE = {**PHI3, "sliding_window": None, "original_max_position_embeddings": 8,
-                 "rope_parameters": {
-                     "rope_type": "longrope", "rope_theta": 10000.0,
-                     "partial_rotary_factor": 1.0, "original_max_position_embeddings": 8,
-                     "short_factor": [1.0, 1.25, 1.5, 2.0], "long_factor": [1.0, 2.0, 4.0, 8.0]}}
+PHI3_LONGROPE = {
+    **PHI3, "sliding_window": None,
+    "original_max_position_embeddings": 8,
+    "rope_parameters": {
+        "rope_type": "longrope",
+        "rope_theta": 10000.0,
+        "partial_rotary_factor": 1.0,
+        "original_max_position_embeddings": 8,
+        "short_factor": [1.0, 1.25, 1.5, 2.0],
+        "long_factor": [1.0, 2.0, 4.0, 8.0]
+    }
+}
 # Phi-4-mini's layout: RoPE on the first R = H / 2 dims only, LongRoPE, tied embeddings.
-PHI3_PARTIAL = {**PHI3_LONGROPE, "tie_word_embeddings": True, "partial_rotary_factor": 0.5,
-                "rope_parameters": {
-                    **PHI3_LONGROPE["rope_parameters"], "partial_rotary_factor": 0.5,
-                    "short_factor": [1.0, 1.5], "long_factor": [2.0, 6.0]}}
+PHI3_PARTIAL = {
+    **PHI3_LONGROPE, "tie_word_embeddings": True,
+    "partial_rotary_factor": 0.5,
+    "rope_parameters": {
+        **PHI3_LONGROPE["rope_parameters"], "partial_rotary_factor": 0.5,
+        "short_factor": [1.0, 1.5],
+        "long_factor": [2.0, 6.0]
+    }
+}
 # OLMo 2: no pre-norms; post-norms on each sublayer's output; q_norm [N * H] and k_norm [K * H]
 # over the whole projection, before the split into heads.
-OLMO2 = {**_COMMON, "architectures": ["Olmo2ForCausalLM"], "model_type": "olmo2",
-         "num_hidden_layers": 2, "hidden_act": "silu", "rms_norm_eps": 1e-6,
-         "tie_word_embeddings": False, "attention_bias": False,
-         "rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}}
+OLMO2 = {
+    **_COMMON, "architectures": ["Olmo2ForCausalLM"],
+    "model_type": "olmo2",
+    "num_hidden_layers": 2,
+    "hidden_act": "silu",
+    "rms_norm_eps": 1e-6,
+    "tie_word_embeddings": False,
+    "attention_bias": False,
+    "rope_parameters": {
+        "rope_type": "default",
+        "rope_theta": 500000.0
+    }
+}
 
 
 def _v4(hf: dict) -> dict:
   """The older spelling of `hf`, as the transformers 4 configs on the Hub write it."""
-  old = {k: v for k, v in hf.items() if k not in ("rope_parameters", "layer_types", "dtype")}
-  old["torch_dtype"] = hf["dtype"]
+  new_keys = ("rope_parameters", "layer_types", "dtype", "_sliding_window_pattern",
+              "use_bidirectional_attention")
+  old = {k: v for k, v in hf.items() if k not in new_keys}
+  old.update(torch_dtype=hf["dtype"], transformers_version="4.51.3")
   rope = hf["rope_parameters"]
   if hf["model_type"] == "gemma3_text":
     old["sliding_window_pattern"] = hf["layer_types"].index("full_attention") + 1
@@ -124,21 +236,26 @@ def _v4(hf: dict) -> dict:
     rope = rope["full_attention"]
   if hf["model_type"] == "gemma":
     old["hidden_act"] = "gelu"  # The released configs' value; it means the tanh approximation.
-  scaling = {k: v for k, v in rope.items() if k not in (
-      "rope_theta", "partial_rotary_factor", "original_max_position_embeddings")}
+  scaling = {k: v for k, v in rope.items() if k not in ("rope_theta", "partial_rotary_factor")}
   if hf["model_type"] == "phi3":  # Phi-3's rope_scaling says "type" and keeps the length outside.
     scaling["type"] = scaling.pop("rope_type")
+    scaling.pop("original_max_position_embeddings", None)
   old["rope_theta"] = rope["rope_theta"]
   old["rope_scaling"] = None if rope["rope_type"] == "default" else scaling
-  if "original_max_position_embeddings" in rope and hf["model_type"] != "phi3":
-    old["rope_scaling"]["original_max_position_embeddings"] = rope[
-        "original_max_position_embeddings"]
   return old
 
 
-FAMILIES = {"qwen3": QWEN3, "qwen3_yarn": QWEN3_YARN, "gemma": GEMMA, "gemma2": GEMMA2,
-            "gemma3": GEMMA3, "phi3": PHI3, "phi3_longrope": PHI3_LONGROPE,
-            "phi3_partial": PHI3_PARTIAL, "olmo2": OLMO2}
+FAMILIES = {
+    "qwen3": QWEN3,
+    "qwen3_yarn": QWEN3_YARN,
+    "gemma": GEMMA,
+    "gemma2": GEMMA2,
+    "gemma3": GEMMA3,
+    "phi3": PHI3,
+    "phi3_longrope": PHI3_LONGROPE,
+    "phi3_partial": PHI3_PARTIAL,
+    "olmo2": OLMO2
+}
 FAMILIES.update({name + "_v4": _v4(hf) for name, hf in list(FAMILIES.items())})
 
 
@@ -164,21 +281,29 @@ def random_weights(hf: dict, seed: int = 0) -> dict:
     return (rng.standard_normal(shape) * std).astype(np.float32)
 
   def norm(size):
-    return (neutral + normal(size)).astype(np.float32)
+    return neutral + normal(size)
 
   w = {"model.embed_tokens.weight": normal(v, d, std=0.5), "model.norm.weight": norm(d)}
   if not hf["tie_word_embeddings"]:
     w["lm_head.weight"] = normal(v, d)
   for i in range(hf["num_hidden_layers"]):
     pre = f"model.layers.{i}."
-    attn = {"q_proj": normal(n * h, d, std=0.4), "k_proj": normal(k * h, d, std=0.4),
-            "v_proj": normal(k * h, d), "o_proj": normal(d, n * h)}
+    attn = {
+        "q_proj": normal(n * h, d, std=0.4),
+        "k_proj": normal(k * h, d, std=0.4),
+        "v_proj": normal(k * h, d),
+        "o_proj": normal(d, n * h)
+    }
     mlp = {"gate_proj": normal(f, d), "up_proj": normal(f, d), "down_proj": normal(d, f)}
     if kind == "phi3":  # Fused: rows q | k | v, and gate | up.
-      attn = {"qkv_proj": np.concatenate([attn["q_proj"], attn["k_proj"], attn["v_proj"]]),
-              "o_proj": attn["o_proj"]}
-      mlp = {"gate_up_proj": np.concatenate([mlp["gate_proj"], mlp["up_proj"]]),
-             "down_proj": mlp["down_proj"]}
+      attn = {
+          "qkv_proj": np.concatenate([attn["q_proj"], attn["k_proj"], attn["v_proj"]]),
+          "o_proj": attn["o_proj"]
+      }
+      mlp = {
+          "gate_up_proj": np.concatenate([mlp["gate_proj"], mlp["up_proj"]]),
+          "down_proj": mlp["down_proj"]
+      }
     elif hf.get("attention_bias"):
       w.update({f"{pre}self_attn.{name}.bias": normal(a.shape[0]) for name, a in attn.items()})
     w.update({f"{pre}self_attn.{name}.weight": a for name, a in attn.items()})
@@ -187,8 +312,10 @@ def random_weights(hf: dict, seed: int = 0) -> dict:
     if kind in ("qwen3", "gemma3_text"):
       w.update({pre + "self_attn.q_norm.weight": norm(h), pre + "self_attn.k_norm.weight": norm(h)})
     if kind == "olmo2":
-      w.update({pre + "self_attn.q_norm.weight": norm(n * h),
-                pre + "self_attn.k_norm.weight": norm(k * h)})
+      w.update({
+          pre + "self_attn.q_norm.weight": norm(n * h),
+          pre + "self_attn.k_norm.weight": norm(k * h)
+      })
   return w
 
 
@@ -196,8 +323,9 @@ def write_checkpoint(directory, hf: dict, weights: dict) -> pathlib.Path:
   """model.safetensors (with `save_pretrained`'s {"format": "pt"} metadata) and config.json."""
   directory = pathlib.Path(directory)
   directory.mkdir(parents=True, exist_ok=True)
-  save_file({name: np.ascontiguousarray(a) for name, a in weights.items()},
-            str(directory / "model.safetensors"), metadata={"format": "pt"})
+  save_file({
+      name: np.ascontiguousarray(a) for name, a in weights.items()
+  }, str(directory / "model.safetensors"), metadata={"format": "pt"})
   (directory / "config.json").write_text(json.dumps(hf, indent=2))
   return directory
 
@@ -218,8 +346,10 @@ def layer_types(hf: dict) -> list:
   if hf.get("layer_types"):
     return list(hf["layer_types"])
   if kind == "qwen3":
-    return ["sliding_attention" if i >= hf.get("max_window_layers", 28) else "full_attention"
-            for i in range(count)]
+    return [
+        "sliding_attention" if i >= hf.get("max_window_layers", 28) else "full_attention"
+        for i in range(count)
+    ]
   every = 2 if kind == "gemma2" else hf.get("sliding_window_pattern", 6)
   return ["sliding_attention" if (i + 1) % every else "full_attention" for i in range(count)]
 
@@ -246,17 +376,16 @@ def rope_parameters(hf: dict, layer_type: str = "full_attention") -> dict:
       rope = {"rope_theta": theta, **(hf.get("rope_scaling") or {})}
   rope = {"rope_theta": 10000.0, **rope}
   rope["rope_type"] = rope.get("rope_type", rope.get("type", "default"))
-  rope["partial_rotary_factor"] = 1.0
+  partial = rope.get("partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
+  rope["partial_rotary_factor"] = partial if kind == "phi3" else 1.0
+  old = hf.get("original_max_position_embeddings")  # Wins over the dict's, as in transformers.
   if kind == "phi3":
     if rope["rope_type"] in ("su", "yarn"):
       rope["rope_type"] = "longrope"
-    rope["partial_rotary_factor"] = (hf.get("rope_parameters") or {}).get(
-        "partial_rotary_factor", hf.get("partial_rotary_factor", 1.0))
-    rope["original_max_position_embeddings"] = hf.get("original_max_position_embeddings", 4096)
+    rope["original_max_position_embeddings"] = old or 4096
   elif rope["rope_type"] in ("yarn", "longrope"):
-    rope["original_max_position_embeddings"] = (
-        hf.get("original_max_position_embeddings") or
-        rope.get("original_max_position_embeddings") or hf["max_position_embeddings"])
+    old = old or rope.get("original_max_position_embeddings") or hf["max_position_embeddings"]
+    rope["original_max_position_embeddings"] = old
   return rope
 
 
@@ -304,7 +433,7 @@ def rope_cos_sin(hf: dict, layer_type: str, t: int):
   """cos and sin [T, R] at positions 0..T-1, both times the rope type's attention factor."""
   rope = rope_parameters(hf, layer_type)
   r = int(head_dim(hf) * rope["partial_rotary_factor"])
-  freq = rope["rope_theta"] ** -(np.arange(0, r, 2) / r)  # [R/2]
+  freq = rope["rope_theta"]**-(np.arange(0, r, 2) / r)  # [R/2]
   scale, kind = 1.0, rope["rope_type"]
   if kind == "linear":
     freq = freq / rope["factor"]
@@ -328,9 +457,9 @@ def _rotate(x, cos, sin):
 
 def _act(hf, x):
   kind = hf["model_type"]
-  name = hf.get("hidden_activation") if kind in ("gemma2", "gemma3_text") else hf.get("hidden_act")
+  name = hf.get("hidden_activation") if kind in _GEMMAS[1:] else hf.get("hidden_act")
   if kind == "gemma" or name == "gelu_pytorch_tanh":  # Gemma 1 reads "gelu" as the tanh form.
-    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
   if name == "silu":
     return x / (1 + np.exp(-x))
   raise ValueError(f"activation {name!r} is not covered here")
@@ -389,7 +518,7 @@ def numpy_forward(hf: dict, weights: dict, ids) -> np.ndarray:
     cos, sin = rope_cos_sin(hf, layer_type, t)
     q, key = _rotate(q, cos, sin), _rotate(key, cos, sin)
     key, v = np.repeat(key, n // k, axis=1), np.repeat(v, n // k, axis=1)
-    scale = hf["query_pre_attn_scalar"] ** -0.5 if kind in ("gemma2", "gemma3_text") else h ** -0.5
+    scale = hf["query_pre_attn_scalar"]**-0.5 if kind in _GEMMAS[1:] else h**-0.5
     scores = np.einsum("inh,jnh->nij", q, key) * scale
     if kind == "gemma2":
       scores = cap(scores, hf.get("attn_logit_softcapping"))
@@ -401,11 +530,8 @@ def numpy_forward(hf: dict, weights: dict, ids) -> np.ndarray:
     probs /= probs.sum(-1, keepdims=True)
     o = linear(np.einsum("nij,jnh->inh", probs, v).reshape(t, n * h), pre + "self_attn.o_proj")
     x = x + (norm(o, pre + "post_attention_layernorm") if kind in _POST_NORMS else o)
-    if kind == "olmo2":
-      m = x
-    else:
-      m = norm(x, pre + ("pre_feedforward_layernorm" if kind in ("gemma2", "gemma3_text")
-                         else "post_attention_layernorm"))
+    pre_mlp = "pre_feedforward_layernorm" if kind in _GEMMAS[1:] else "post_attention_layernorm"
+    m = x if kind == "olmo2" else norm(x, pre + pre_mlp)
     if kind == "phi3":
       gate, up = np.split(linear(m, pre + "mlp.gate_up_proj"), 2, -1)
     else:

@@ -41,10 +41,11 @@ def greedy_tokens(model):
   out = {}
   for prefill_mode in generation.PREFILL_MODES:
     caches = transformer.init_caches(config, len(PROMPTS), tokens.shape[1] + N - 1)
-    out[prefill_mode] = np.asarray(generation.generate(
-        transformer.step_fn(config), params, caches, tokens, mask, max_new_tokens=N,
-        sampler=GREEDY, key=jax.random.key(0), prefill_mode=prefill_mode,
-        chunk_size=5 if prefill_mode == "chunked" else None).tokens)
+    out[prefill_mode] = np.asarray(
+        generation.generate(transformer.step_fn(config), params, caches, tokens, mask,
+                            max_new_tokens=N, sampler=GREEDY, key=jax.random.key(0),
+                            prefill_mode=prefill_mode,
+                            chunk_size=5 if prefill_mode == "chunked" else None).tokens)
   return out
 
 
@@ -57,8 +58,8 @@ def test_greedy_tokens_are_the_same_for_every_prefill(greedy_tokens, model):
 
 def test_stream_hands_over_the_same_tokens(greedy_tokens, model):
   seen = []
-  texts, tokens, lengths, timing = charlm.generate_text(
-      *model, PROMPTS, max_new_tokens=N, sampler=GREEDY, on_token=seen.append)
+  texts, tokens, lengths, timing = charlm.generate_text(*model, PROMPTS, max_new_tokens=N,
+                                                        sampler=GREEDY, on_token=seen.append)
   np.testing.assert_array_equal(tokens, greedy_tokens["one_pass"])
   np.testing.assert_array_equal(np.stack(seen, axis=1), tokens)
   np.testing.assert_array_equal(lengths, [N] * 3)
@@ -70,7 +71,8 @@ def test_stream_hands_over_the_same_tokens(greedy_tokens, model):
 def test_main_prints_the_text_the_timing_and_the_ids(greedy_tokens):
   flags = [f"--prompt={p}" for p in PROMPTS] + [
       f"--max_new_tokens={N}", "--temperature=0", "--prefill_mode=chunked", "--chunk_size=3",
-      "--print_ids"]
+      "--print_ids"
+  ]
   run = subprocess.run([sys.executable, "examples/generate.py", *flags], cwd=REPO,
                        capture_output=True, text=True, timeout=180, check=False)
   assert run.returncode == 0, run.stderr
@@ -82,7 +84,6 @@ def test_main_prints_the_text_the_timing_and_the_ids(greedy_tokens):
   assert "ms | decode 69 tokens: " in timing and "tokens/s | compile " in timing
   printed = [int(i) for i in lines[-1].split()]
   assert printed == greedy_tokens["one_pass"][0].tolist()
-
 
 
 def _run(script, *flags, cwd=REPO):
@@ -97,8 +98,8 @@ def test_training_writes_outside_the_package_and_generate_reads_it(tmp_path):
   generate.py runs it with --checkpoint (its int8 cache too).
   """
   bundled = charlm.DEFAULT_CHECKPOINT.read_bytes()
-  run = _run("train_charlm.py", "--steps=2", "--batch_size=2", "--seq_len=16",
-             "--num_layers=1", "--d_model=16", "--num_heads=2", cwd=tmp_path)
+  run = _run("train_charlm.py", "--steps=2", "--batch_size=2", "--seq_len=16", "--num_layers=1",
+             "--d_model=16", "--num_heads=2", cwd=tmp_path)
   assert run.returncode == 0, run.stderr
   assert charlm.DEFAULT_CHECKPOINT.read_bytes() == bundled
   trained = tmp_path / "charlm.npz"
@@ -107,8 +108,8 @@ def test_training_writes_outside_the_package_and_generate_reads_it(tmp_path):
   assert (config.num_layers, config.d_model) == (1, 16)
 
   prompt = "def f("
-  run = _run("generate.py", f"--checkpoint={trained}", f"--prompt={prompt}",
-             "--max_new_tokens=6", "--temperature=0", "--print_ids", "--quantized_cache")
+  run = _run("generate.py", f"--checkpoint={trained}", f"--prompt={prompt}", "--max_new_tokens=6",
+             "--temperature=0", "--print_ids", "--quantized_cache")
   assert run.returncode == 0, run.stderr
   _, tokens, _, _ = charlm.generate_text(params, config, vocab, [prompt], max_new_tokens=6,
                                          sampler=GREEDY, quantized_cache=True)
@@ -116,7 +117,7 @@ def test_training_writes_outside_the_package_and_generate_reads_it(tmp_path):
 
 
 def test_quantized_cache_is_int8_and_keeps_the_bundled_greedy_tokens(greedy_tokens, model,
-                                                                    monkeypatch):
+                                                                     monkeypatch):
   """Issue 20, item 10: `generate_text(..., quantized_cache=True)` runs on int8 caches."""
   seen = []
   run = runner.run
@@ -133,8 +134,8 @@ def test_quantized_cache_is_int8_and_keeps_the_bundled_greedy_tokens(greedy_toke
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--checkpoint=/no/such/charlm.npz"],
-     "--checkpoint should be a char-LM .npz file: but /no/such/charlm.npz does not exist"),
+    (["--checkpoint=/no/such/charlm.npz"
+     ], "--checkpoint should be a char-LM .npz file: but /no/such/charlm.npz does not exist"),
     (["--max_new_tokens=0"], "--max_new_tokens should be at least 1: but got 0"),
     (["--prompt="], "--prompt should not be empty: but got ['']"),
     (["--top_p=1.5"], "--top_p should be in (0, 1] or None: but got 1.5"),

@@ -23,8 +23,8 @@ from kvattn import generation
 from kvattn import sampling
 from tests import compiles
 
-CONFIG = transformer.Config(vocab_size=32, num_layers=2, d_model=32, num_heads=4,
-                            num_kv_heads=2, head_dim=8, d_ff=64, rope_base=10_000.0)
+CONFIG = transformer.Config(vocab_size=32, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2,
+                            head_dim=8, d_ff=64, rope_base=10_000.0)
 LEARNED = CONFIG._replace(max_positions=32, rope_base=None, tie_embeddings=False)
 GREEDY = sampling.Sampler()
 SAMPLER = sampling.Sampler(temperature=1.0, top_k=10, top_p=0.9)
@@ -106,7 +106,7 @@ def _counting_model(params, caches, tokens, mask):
 
 
 @pytest.mark.parametrize("prefill_mode, chunk_size", [("one_pass", None), ("chunked", 2),
-                                                 ("forced", None)])
+                                                      ("forced", None)])
 def test_eos_stops_each_row_and_the_loop_once_all_rows_are_done(prefill_mode, chunk_size):
   # These caches hold no KVCache, so their room is unknown and the prompts are not
   # padded to a bucket: the prefill calls below are those of P = 3.
@@ -116,9 +116,9 @@ def test_eos_stops_each_row_and_the_loop_once_all_rows_are_done(prefill_mode, ch
   out = generation.generate(_counting_model, None, caches, tokens, mask, max_new_tokens=8,
                             sampler=GREEDY, key=jax.random.key(0), eos_id=8, pad_id=-1,
                             prefill_mode=prefill_mode, chunk_size=chunk_size)
-  np.testing.assert_array_equal(out.tokens, [[3, 4, 5, 6, 7, 8, -1, -1],
-                                             [6, 7, 8, -1, -1, -1, -1, -1],
-                                             [8, -1, -1, -1, -1, -1, -1, -1]])
+  np.testing.assert_array_equal(
+      out.tokens,
+      [[3, 4, 5, 6, 7, 8, -1, -1], [6, 7, 8, -1, -1, -1, -1, -1], [8, -1, -1, -1, -1, -1, -1, -1]])
   np.testing.assert_array_equal(out.lengths, [6, 3, 1])
   calls, fed = out.caches
   prefill_calls = {"one_pass": 1, "chunked": 2, "forced": 3}[prefill_mode]
@@ -130,11 +130,11 @@ def test_several_eos_ids_each_end_a_row():
   """Llama 3 lists several EOS ids; a row stops at whichever comes first."""
   tokens = np.array([[1], [4], [7]], np.int32)
   caches = (jnp.zeros((), jnp.int32), jnp.zeros((3,), jnp.int32))
-  out = generation.generate(_counting_model, None, caches, tokens, np.ones((3, 1), bool),
-                            max_new_tokens=6, sampler=GREEDY, key=jax.random.key(0),
-                            eos_id=[4, 9], pad_id=-1)
-  np.testing.assert_array_equal(out.tokens, [[2, 3, 4, -1, -1, -1], [5, 6, 7, 8, 9, -1],
-                                             [8, 9, -1, -1, -1, -1]])
+  out = generation.generate(_counting_model, None, caches, tokens, np.ones(
+      (3, 1), bool), max_new_tokens=6, sampler=GREEDY, key=jax.random.key(0), eos_id=[4, 9],
+                            pad_id=-1)
+  np.testing.assert_array_equal(
+      out.tokens, [[2, 3, 4, -1, -1, -1], [5, 6, 7, 8, 9, -1], [8, 9, -1, -1, -1, -1]])
   np.testing.assert_array_equal(out.lengths, [3, 5, 2])
 
 
@@ -170,9 +170,10 @@ def test_eos_on_the_transformer_and_in_the_stream():
 
   # The stream stops at the same point and yields the same columns.
   caches = transformer.init_caches(CONFIG, B, P + N)
-  columns = list(generation.generate_stream(
-      transformer.step_fn(CONFIG), params, caches, tokens, mask, max_new_tokens=N,
-      sampler=SAMPLER, key=jax.random.key(0), eos_id=eos))
+  columns = list(
+      generation.generate_stream(transformer.step_fn(CONFIG), params, caches, tokens, mask,
+                                 max_new_tokens=N, sampler=SAMPLER, key=jax.random.key(0),
+                                 eos_id=eos))
   assert len(columns) == int(np.max(out.lengths))
   np.testing.assert_array_equal(np.stack(columns, 1), out.tokens[:, :len(columns)])
 
@@ -183,9 +184,9 @@ def test_stream_yields_the_compiled_loops_tokens():
   tokens, mask = _prompts([5, 2, 6], P, left_pad=False, seed=3)
   compiled = _generate(CONFIG, params, tokens, mask, sampler=SAMPLER, seed=4, eos_id=-1)
   caches = transformer.init_caches(CONFIG, B, P + N)
-  stream = generation.generate_stream(
-      transformer.step_fn(CONFIG), params, caches, tokens, mask, max_new_tokens=N,
-      sampler=SAMPLER, key=jax.random.key(4), eos_id=-1)
+  stream = generation.generate_stream(transformer.step_fn(CONFIG), params, caches, tokens, mask,
+                                      max_new_tokens=N, sampler=SAMPLER, key=jax.random.key(4),
+                                      eos_id=-1)
   columns = [np.asarray(c) for c in stream]
   np.testing.assert_array_equal(np.stack(columns, axis=1), compiled.tokens)
 
@@ -206,14 +207,12 @@ def test_seeds_are_reproducible_and_compile_once():
 def _bad(**kw):
   """A call of generate with kw changed; built lazily, so importing this file
   does not start the jax backend (under Bazel it is imported before conftest)."""
-
   def call():
     tokens, mask = _prompts([3, 2], 3, left_pad=False)
     args = dict(tokens=tokens, mask=mask, max_new_tokens=4) | kw
-    return generation.generate(
-        args.pop("step", transformer.step_fn(CONFIG)), _params(CONFIG),
-        transformer.init_caches(CONFIG, 2, 10),
-        args.pop("tokens"), args.pop("mask"), sampler=GREEDY, key=jax.random.key(0), **args)
+    return generation.generate(args.pop("step", transformer.step_fn(CONFIG)), _params(CONFIG),
+                               transformer.init_caches(CONFIG, 2, 10), args.pop("tokens"),
+                               args.pop("mask"), sampler=GREEDY, key=jax.random.key(0), **args)
 
   return call
 
@@ -222,8 +221,8 @@ def _bad(**kw):
 def test_ten_thousand_tokens_one_compilation_flat_memory_overflow_at_capacity():
   """A long run through generate: compiled once, no live buffer left behind, no NaN,
   and the cache overflows exactly when a write passes its capacity."""
-  config = transformer.Config(vocab_size=16, num_layers=1, d_model=16, num_heads=2,
-                              num_kv_heads=1, head_dim=8, d_ff=16, rope_base=10_000.0)
+  config = transformer.Config(vocab_size=16, num_layers=1, d_model=16, num_heads=2, num_kv_heads=1,
+                              head_dim=8, d_ff=16, rope_base=10_000.0)
   params = transformer.init_params(jax.random.key(0), config)
   tokens, mask = np.array([[1, 2, 3]], np.int32), np.ones((1, 3), bool)
   new_tokens = 10_000
@@ -237,8 +236,8 @@ def test_ten_thousand_tokens_one_compilation_flat_memory_overflow_at_capacity():
   out = generation.generate(step_fn, params, caches, tokens, mask, max_new_tokens=new_tokens,
                             sampler=sampler, key=jax.random.key(1))
   # One compiled prefill and one compiled loop for all 10,000 steps.
-  assert (generation.start._cache_size(), generation.finish._cache_size()) == (
-      compiled[0] + 1, compiled[1] + 1)
+  assert (generation.start._cache_size(), generation.finish._cache_size()) == (compiled[0] + 1,
+                                                                               compiled[1] + 1)
   assert int(out.lengths[0]) == new_tokens and np.all((out.tokens >= 0) & (out.tokens < 16))
   assert not bool(kvattn.overflowed(out.caches).any())
   np.testing.assert_array_equal(out.caches[0].index, [3 + new_tokens - 1])
@@ -313,9 +312,9 @@ def test_the_stream_pads_to_the_same_bucket():
   caches = transformer.init_caches(CONFIG, 2, BUCKET_MAX_LEN)
   with compiles.compilations("start") as compiled:
     # jax arrays are padded with jax (numpy ones stay numpy); the same compilation.
-    stream = generation.generate_stream(
-        transformer.step_fn(CONFIG), params, caches, jnp.asarray(tokens), jnp.asarray(mask),
-        max_new_tokens=n, sampler=GREEDY, key=jax.random.key(0))
+    stream = generation.generate_stream(transformer.step_fn(CONFIG), params, caches,
+                                        jnp.asarray(tokens), jnp.asarray(mask), max_new_tokens=n,
+                                        sampler=GREEDY, key=jax.random.key(0))
     np.testing.assert_array_equal(np.stack(list(stream), axis=1), out.tokens)
   assert not compiled  # generate's prefill for the bucket 16 served the stream.
 
@@ -340,7 +339,7 @@ def test_bucket_length():
   assert generation.bucket_length(5, default, room=15) == 5  # The bucket has no room.
   assert generation.bucket_length(9, [4, 8]) == 9  # Past the last bucket.
   assert generation.bucket_length(9, None) == 9
-  assert generation.bucket_length(2 ** 30, default) == 2 ** 30
+  assert generation.bucket_length(2**30, default) == 2**30
 
 
 @pytest.mark.parametrize("buckets", [[16, 8], [8, 8], [0, 16], [], [16.0], [True, 16], "16", 16])
@@ -350,7 +349,6 @@ def test_bad_prompt_buckets_raise(buckets):
     generation.bucket_length(5, buckets)
   with pytest.raises(ValueError, match=match):
     _bad(prompt_buckets=buckets)()
-
 
 
 @pytest.mark.slow
@@ -368,8 +366,9 @@ def test_buckets_count_the_slots_a_cache_already_holds():
   got = generation.generate(transformer.step_fn(CONFIG), params, caches, tokens, mask, **kw)
   np.testing.assert_array_equal(got.tokens, want.tokens)
   assert not np.any(np.asarray(got.caches[0].overflow))
-  with pytest.raises(ValueError, match=r"caches have 15 free slots .* too few for P \+ "
-                     r"max_new_tokens - 1 = 5 \+ 12 - 1 = 16"):
+  with pytest.raises(
+      ValueError, match=r"caches have 15 free slots .* too few for P \+ "
+      r"max_new_tokens - 1 = 5 \+ 12 - 1 = 16"):
     generation.generate(transformer.step_fn(CONFIG), params, caches, tokens, mask,
                         **(kw | dict(max_new_tokens=12)))
 
@@ -378,9 +377,9 @@ def test_eos_ids_as_an_array():
   tokens = np.array([[1], [7]], np.int32)
   caches = (jnp.zeros((), jnp.int32), jnp.zeros((2,), jnp.int32))
   for eos in (np.array([4, 9]), jnp.array([4, 9], jnp.int32)):
-    out = generation.generate(_counting_model, None, caches, tokens, np.ones((2, 1), bool),
-                              max_new_tokens=5, sampler=GREEDY, key=jax.random.key(0),
-                              eos_id=eos, pad_id=-1)
+    out = generation.generate(_counting_model, None, caches, tokens, np.ones(
+        (2, 1), bool), max_new_tokens=5, sampler=GREEDY, key=jax.random.key(0), eos_id=eos,
+                              pad_id=-1)
     np.testing.assert_array_equal(out.tokens, [[2, 3, 4, -1, -1], [8, 9, -1, -1, -1]])
 
 
@@ -391,8 +390,10 @@ def test_a_new_temperature_or_top_p_compiles_nothing():
   tokens, mask = _prompts([6, 2, 5], P, False)
   _generate(CONFIG, params, tokens, mask, sampler=sampling.Sampler(0.7, 10, 0.9))
   with compiles.compilations() as compiled:
-    outs = [_generate(CONFIG, params, tokens, mask, sampler=sampling.Sampler(t, 10, p), seed=3)
-            for t, p in [(1.3, 0.5), (0.2, 0.95), (0.0, 0.9)]]
+    outs = [
+        _generate(CONFIG, params, tokens, mask, sampler=sampling.Sampler(t, 10, p), seed=3)
+        for t, p in [(1.3, 0.5), (0.2, 0.95), (0.0, 0.9)]
+    ]
   assert compiled == [], compiled
   # Temperature 0 is greedy, traced or not.
   greedy = _generate(CONFIG, params, tokens, mask, seed=3)
@@ -431,8 +432,9 @@ def test_one_pass_prefill_asks_a_step_fn_for_the_last_logits_only():
   outs = []
   for fn in (with_logits_at, without):
     caches = transformer.init_caches(CONFIG, B, 16 + N)
-    outs.append(generation.generate(fn, params, caches, tokens, mask, max_new_tokens=N,
-                                    sampler=GREEDY, key=jax.random.key(0)).tokens)
+    outs.append(
+        generation.generate(fn, params, caches, tokens, mask, max_new_tokens=N, sampler=GREEDY,
+                            key=jax.random.key(0)).tokens)
   np.testing.assert_array_equal(outs[0], outs[1])
   assert shapes[0] == (16, 1)  # The prefill (prompts bucketed to 16): one column of logits.
   # transformer.step itself: the same numbers as the full logits at those columns.
@@ -453,8 +455,9 @@ def test_out_of_vocabulary_prompt_ids_are_refused_and_clipped_under_jit():
   for bad in (CONFIG.vocab_size, 100_000, -1):
     bad_tokens = tokens.copy()
     bad_tokens[1, 1] = bad
-    with pytest.raises(ValueError, match=rf"prompt_tokens should be ids in \[0, V\)=\[0, 32\): "
-                                         rf"but got {bad} at row 1, column 1"):
+    with pytest.raises(
+        ValueError, match=rf"prompt_tokens should be ids in \[0, V\)=\[0, 32\): "
+        rf"but got {bad} at row 1, column 1"):
       _bad(tokens=bad_tokens)()
   # Padding may hold any id.
   bad_tokens = tokens.copy()
@@ -500,8 +503,9 @@ def test_learned_positions_are_never_exceeded_silently():
 def test_a_row_without_a_real_token_is_refused():
   tokens, mask = _prompts([3, 2], 3, left_pad=False)
   mask[1] = False
-  with pytest.raises(ValueError, match=r"prompt_mask should mark at least one real token in "
-                                       r"every row: but rows \[1\] have none"):
+  with pytest.raises(
+      ValueError, match=r"prompt_mask should mark at least one real token in "
+      r"every row: but rows \[1\] have none"):
     _bad(mask=mask)()
 
 
@@ -521,8 +525,10 @@ def test_continue_from_equals_a_fresh_run_over_the_whole_history():
   assert nxt_mask[:, 0].all()
   second = generation.generate(fn, params, out.caches, nxt, nxt_mask, max_new_tokens=4)
   for row in range(2):  # Each row alone, from scratch.
-    history = np.concatenate([tokens[row][mask[row]], np.asarray(out.tokens)[row, :lengths[row]],
-                              turn[row][turn_mask[row]]])[None].astype(np.int32)
+    history = np.concatenate([
+        tokens[row][mask[row]],
+        np.asarray(out.tokens)[row, :lengths[row]], turn[row][turn_mask[row]]
+    ])[None].astype(np.int32)
     alone = generation.generate(fn, params, transformer.init_caches(CONFIG, 1, 64), history,
                                 max_new_tokens=4)
     np.testing.assert_array_equal(second.tokens[row], alone.tokens[0])
@@ -543,8 +549,9 @@ def test_greedy_needs_no_key_and_no_mask_and_takes_sampling_greedy():
   got = generation.generate(fn, params, transformer.init_caches(CONFIG, 1, 16), [[5, 6, 7]],
                             [[True, True, True]], max_new_tokens=4).tokens
   np.testing.assert_array_equal(got, want)
-  streamed = list(generation.generate_stream(fn, params, transformer.init_caches(CONFIG, 1, 16),
-                                             tokens, max_new_tokens=4))
+  streamed = list(
+      generation.generate_stream(fn, params, transformer.init_caches(CONFIG, 1, 16), tokens,
+                                 max_new_tokens=4))
   np.testing.assert_array_equal(np.stack(streamed, 1), want)
   with pytest.raises(ValueError, match=r"key should be a PRNG key .* but got None"):
     generation.generate(fn, params, transformer.init_caches(CONFIG, 1, 16), tokens,
@@ -556,7 +563,7 @@ def test_greedy_needs_no_key_and_no_mask_and_takes_sampling_greedy():
 
 @pytest.mark.parametrize("call, error, match", [
     (_bad(eos_id="63"), ValueError, r"eos_id should be None, an int or a .*list of ints: but "
-                                    r"got '63'"),
+     r"got '63'"),
     (_bad(pad_id="0"), ValueError, r"pad_id should be an int: but got '0'"),
     (_bad(tokens=[[1, 2], [3]]), ValueError, r"prompt_tokens should be a rectangular array"),
     (_bad(mask=[[True, True, True]]), ValueError,
@@ -571,7 +578,7 @@ def test_errors_name_the_argument_at_fault(call, error, match):
 def test_a_cache_batch_mismatch_blames_the_caches():
   tokens, mask = _prompts([3, 2], 3, left_pad=False)
   with pytest.raises(ValueError, match=r"caches batch size should be prompt_tokens' B=2: but "
-                                       r"got 3"):
+                     r"got 3"):
     generation.generate(transformer.step_fn(CONFIG), _params(CONFIG),
                         transformer.init_caches(CONFIG, 3, 10), tokens, mask, max_new_tokens=2)
   with pytest.raises(TypeError, match=r"config should be a transformer.Config: but got dict"):

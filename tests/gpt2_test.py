@@ -29,9 +29,16 @@ from kvattn.models import runner
 from kvattn.models import transformer
 
 HF_CONFIG = {
-    "model_type": "gpt2", "n_embd": 32, "n_head": 4, "n_layer": 2, "n_positions": 40,
-    "vocab_size": 50, "layer_norm_epsilon": 1e-5, "activation_function": "gelu_new",
-    "n_inner": None, "eos_token_id": 49,
+    "model_type": "gpt2",
+    "n_embd": 32,
+    "n_head": 4,
+    "n_layer": 2,
+    "n_positions": 40,
+    "vocab_size": 50,
+    "layer_norm_epsilon": 1e-5,
+    "activation_function": "gelu_new",
+    "n_inner": None,
+    "eos_token_id": 49,
 }
 REPO = pathlib.Path(__file__).absolute().parents[1]
 
@@ -45,17 +52,27 @@ def _random_weights(seed=0, prefix=""):
   def normal(*shape, std=0.2):
     return (rng.standard_normal(shape) * std).astype(np.float32)
 
-  w = {"wte.weight": normal(v, dm, std=0.5), "wpe.weight": normal(p, dm),
-       "ln_f.weight": 1 + normal(dm), "ln_f.bias": normal(dm)}
+  w = {
+      "wte.weight": normal(v, dm, std=0.5),
+      "wpe.weight": normal(p, dm),
+      "ln_f.weight": 1 + normal(dm),
+      "ln_f.bias": normal(dm)
+  }
   for i in range(HF_CONFIG["n_layer"]):
     pre = f"h.{i}."
     w.update({
-        pre + "ln_1.weight": 1 + normal(dm), pre + "ln_1.bias": normal(dm),
-        pre + "attn.c_attn.weight": normal(dm, 3 * dm), pre + "attn.c_attn.bias": normal(3 * dm),
-        pre + "attn.c_proj.weight": normal(dm, dm), pre + "attn.c_proj.bias": normal(dm),
-        pre + "ln_2.weight": 1 + normal(dm), pre + "ln_2.bias": normal(dm),
-        pre + "mlp.c_fc.weight": normal(dm, f), pre + "mlp.c_fc.bias": normal(f),
-        pre + "mlp.c_proj.weight": normal(f, dm), pre + "mlp.c_proj.bias": normal(dm),
+        pre + "ln_1.weight": 1 + normal(dm),
+        pre + "ln_1.bias": normal(dm),
+        pre + "attn.c_attn.weight": normal(dm, 3 * dm),
+        pre + "attn.c_attn.bias": normal(3 * dm),
+        pre + "attn.c_proj.weight": normal(dm, dm),
+        pre + "attn.c_proj.bias": normal(dm),
+        pre + "ln_2.weight": 1 + normal(dm),
+        pre + "ln_2.bias": normal(dm),
+        pre + "mlp.c_fc.weight": normal(dm, f),
+        pre + "mlp.c_fc.bias": normal(f),
+        pre + "mlp.c_proj.weight": normal(f, dm),
+        pre + "mlp.c_proj.bias": normal(dm),
         # Older checkpoints carry the causal-mask buffer; the loader ignores it.
         pre + "attn.bias": np.tril(np.ones((p, p), np.float32))[None, None],
     })
@@ -76,11 +93,11 @@ def numpy_gpt2(w, ids):
 
   def layer_norm(x, g, b):
     mu = x.mean(-1, keepdims=True)
-    var = ((x - mu) ** 2).mean(-1, keepdims=True)
+    var = ((x - mu)**2).mean(-1, keepdims=True)
     return (x - mu) / np.sqrt(var + eps) * g + b
 
   def gelu_new(x):
-    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))
+    return 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x**3)))
 
   x = w["wte.weight"][ids] + w["wpe.weight"][np.arange(t)]
   for i in range(HF_CONFIG["n_layer"]):
@@ -115,8 +132,9 @@ def test_logits_match_float64_numpy_gpt2(tmp_path, prefix):
   want = numpy_gpt2(weights, ids)
   assert np.std(want) > 1.0  # Not a degenerate model: the comparison means something.
 
-  logits = jax.jit(transformer.forward, static_argnames="config")(
-      params, jnp.asarray(ids[None], jnp.int32), config=config)
+  logits = jax.jit(transformer.forward, static_argnames="config")(params,
+                                                                  jnp.asarray(ids[None], jnp.int32),
+                                                                  config=config)
   _assert_close(logits[0], want)
 
   # Cached: a prefill of 7 tokens, then 5 single-token steps.
@@ -137,17 +155,17 @@ def test_cached_generation_equals_uncached_greedy(tmp_path):
   params, config, hf = gpt2.load(_write_checkpoint(tmp_path, weights))
   prompt = [3, 14, 15, 9, 26]
   ids, _ = runner.generate_ids(params, config, prompt, max_new_tokens=10,
-                             sampler=sampling.Sampler(), eos_id=hf["eos_token_id"])
+                               sampler=sampling.Sampler(), eos_id=hf["eos_token_id"])
   # Uncached: the float64 numpy forward over the whole sequence for each new token.
   np.testing.assert_array_equal(ids, _greedy_numpy(weights, prompt, 10, hf["eos_token_id"]))
 
 
 def test_config_mapping():
   config = gpt2.config_from_hf(HF_CONFIG)
-  assert config == transformer.Config(
-      vocab_size=50, num_layers=2, d_model=32, num_heads=4, num_kv_heads=4, head_dim=8,
-      d_ff=128, max_positions=40, rope_base=None, tie_embeddings=True, activation="gelu_tanh",
-      use_bias=True, norm_eps=1e-5)
+  assert config == transformer.Config(vocab_size=50, num_layers=2, d_model=32, num_heads=4,
+                                      num_kv_heads=4, head_dim=8, d_ff=128, max_positions=40,
+                                      rope_base=None, tie_embeddings=True, activation="gelu_tanh",
+                                      use_bias=True, norm_eps=1e-5)
   with pytest.raises(ValueError, match="unsupported activation_function 'swish'"):
     gpt2.config_from_hf({**HF_CONFIG, "activation_function": "swish"})
 
@@ -175,8 +193,13 @@ def test_load_takes_a_dtype(tmp_path):
 
 def test_load_refuses_another_family_and_names_the_loader_that_takes_it(tmp_path):
   """Issue 20, item 12: a Llama folder was `KeyError: 'n_embd'`."""
-  llama_config = {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
-                  "hidden_size": 32, "num_hidden_layers": 2, "vocab_size": 64}
+  llama_config = {
+      "architectures": ["LlamaForCausalLM"],
+      "model_type": "llama",
+      "hidden_size": 32,
+      "num_hidden_layers": 2,
+      "vocab_size": 64
+  }
   (tmp_path / "config.json").write_text(json.dumps(llama_config))
   match = (r"^config.json: gpt2.load takes architectures \['GPT2LMHeadModel'\] \(model_type "
            r"\['gpt2'\]\): but got architectures \['LlamaForCausalLM'\] and model_type "
@@ -184,8 +207,9 @@ def test_load_refuses_another_family_and_names_the_loader_that_takes_it(tmp_path
   with pytest.raises(ValueError, match=match):
     gpt2.load(tmp_path)
   # With `architectures` (as transformers writes it) or without (HF_CONFIG): both GPT-2.
-  assert gpt2.config_from_hf({**HF_CONFIG, "architectures": ["GPT2LMHeadModel"]}) == (
-      gpt2.config_from_hf(HF_CONFIG))
+  assert gpt2.config_from_hf({
+      **HF_CONFIG, "architectures": ["GPT2LMHeadModel"]
+  }) == (gpt2.config_from_hf(HF_CONFIG))
 
 
 @pytest.mark.parametrize("architectures", [None, ["GPT2LMHeadModel"]])
@@ -242,10 +266,10 @@ def test_main_with_a_tokenizer_prints_text_and_ids(tmp_path):
   tokenizer.pre_tokenizer = pre_tokenizers.Whitespace()
   tokenizer.save(str(tmp_path / "tokenizer.json"))
 
-  run = subprocess.run(
-      [sys.executable, "examples/gpt2.py", f"--checkpoint={tmp_path}", "--prompt=w3 w14 w15",
-       "--max_new_tokens=6", "--print_ids"],
-      cwd=REPO, capture_output=True, text=True, timeout=180, check=False)
+  run = subprocess.run([
+      sys.executable, "examples/gpt2.py", f"--checkpoint={tmp_path}", "--prompt=w3 w14 w15",
+      "--max_new_tokens=6", "--print_ids"
+  ], cwd=REPO, capture_output=True, text=True, timeout=180, check=False)
   assert run.returncode == 0, run.stderr
   lines = run.stdout.strip().splitlines()
   assert "tokens/s" in lines[-2] and "compile" in lines[-2]

@@ -53,8 +53,9 @@ def test_every_dtype_matches_float64_reference(dtype, prefix_lm):
   k = rng.standard_normal((B, total, K, H), np.float32)
   v = rng.standard_normal((B, total, K, H), np.float32)
   mask = reference.three_row_mask(total)
-  call = jax.jit(functools.partial(kvattn.cached_attention, implementation="pallas_gpu",
-                                   prefix_lm=prefix_lm, block_q=4, block_kv=5))
+  call = jax.jit(
+      functools.partial(kvattn.cached_attention, implementation="pallas_gpu", prefix_lm=prefix_lm,
+                        block_q=4, block_kv=5))
   cache, outs, ids, lo = reference.new_cache(B, 24, K, H, dtype), [], [], 0
   for c, size in enumerate(sizes):
     o, cache = call(q[:, lo:lo + size], k[:, lo:lo + size], v[:, lo:lo + size], cache,
@@ -68,8 +69,8 @@ def test_every_dtype_matches_float64_reference(dtype, prefix_lm):
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16", "int8"])
-@pytest.mark.parametrize("num_tokens, max_len, num_heads", [
-    (1, 256, 8), (64, 256, 8), (37, 1000, 6)])  # Odd T, S and G = 3 too.
+@pytest.mark.parametrize("num_tokens, max_len, num_heads",
+                         [(1, 256, 8), (64, 256, 8), (37, 1000, 6)])  # Odd T, S and G = 3 too.
 @pytest.mark.slow
 def test_lowers_to_triton_kernels_for_cuda(dtype, num_tokens, max_len, num_heads):
   """One kernel for the cache; a second for a chunk of 16 tokens or more.
@@ -132,16 +133,17 @@ def test_ring_int8_matches_the_xla_implementation():
   outs = {}
   for implementation in ("xla", "pallas_gpu"):
     cache = kvattn.init_cache(2, 64, 2, 8, quantized=True, window=5, rewind_room=2)
-    call = jax.jit(functools.partial(kvattn.cached_attention, implementation=implementation,
-                                     block_kv=3))
+    call = jax.jit(
+        functools.partial(kvattn.cached_attention, implementation=implementation, block_kv=3))
     o1, cache = call(q[:, :20], k[:, :20], v[:, :20], cache, mask[:, :20])
     o2, cache = call(q[:, 20:], k[:, 20:], v[:, 20:], cache, mask[:, 20:])
     outs[implementation] = np.concatenate([o1, o2], 1)
   np.testing.assert_allclose(outs["pallas_gpu"], outs["xla"], rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("head_dim, num_slots, ok", [
-    (64, 256, True), (128, 16, True), (48, 256, False), (8, 256, False), (64, 8, False)])
+@pytest.mark.parametrize("head_dim, num_slots, ok", [(64, 256, True), (128, 16, True),
+                                                     (48, 256, False), (8, 256, False),
+                                                     (64, 8, False)])
 def test_unsupported_shapes(head_dim, num_slots, ok):
   """The shapes the compiled kernel refuses, each with its reason (interpret mode takes any)."""
   why = pallas_gpu.unsupported(head_dim, num_slots)

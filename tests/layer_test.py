@@ -25,8 +25,8 @@ decode_step = jax.jit(kvattn.decode_step, static_argnames=("rope_base",))
 
 
 def make_params(num_kv_heads, use_bias=True, seed=0):
-  params = kvattn.init_params(jax.random.key(seed), DM, N, num_kv_heads=num_kv_heads,
-                              head_dim=H, use_bias=use_bias)
+  params = kvattn.init_params(jax.random.key(seed), DM, N, num_kv_heads=num_kv_heads, head_dim=H,
+                              use_bias=use_bias)
   if use_bias:  # Random biases, so a bias that is ignored or misplaced shows.
     keys = jax.random.split(jax.random.key(seed + 1), 4)
     for key, name in zip(keys, ("bq", "bk", "bv", "bo")):
@@ -49,8 +49,8 @@ def run_cached(params, x, mask, prompt_splits, num_decode, max_len, *, prefix_lm
   for c, (lo, hi) in enumerate(zip(cuts[:-1], cuts[1:])):
     if hi == lo:
       continue
-    o, cache = prefill(params, cache, x[:, lo:hi], mask[:, lo:hi],
-                       prefix_lm=prefix_lm, rope_base=rope_base)
+    o, cache = prefill(params, cache, x[:, lo:hi], mask[:, lo:hi], prefix_lm=prefix_lm,
+                       rope_base=rope_base)
     outs.append(o)
     chunk_ids += [c] * (hi - lo)
   for d in range(num_decode):
@@ -88,14 +88,13 @@ def test_invariant_prefill_chunks_decode_equal_full_attention(sc):
   params = make_params(sc["num_kv_heads"], seed=sc["seed"])
   total = sc["prompt_len"] + sc["num_decode"]
   x = jax.random.normal(jax.random.key(sc["seed"]), (sc["b"], total, DM))
-  prompt_mask = jnp.asarray(reference.ragged_mask(sc["lengths"], sc["prompt_len"],
-                                                 sc["left_pad"]))
+  prompt_mask = jnp.asarray(reference.ragged_mask(sc["lengths"], sc["prompt_len"], sc["left_pad"]))
   mask = jnp.concatenate([prompt_mask, jnp.ones((sc["b"], sc["num_decode"]), bool)], 1)
   kw = dict(prefix_lm=sc["prefix_lm"], rope_base=sc["rope_base"])
   max_len = 10
 
-  chunked, chunk_ids, cache = run_cached(params, x, mask, sc["splits"], sc["num_decode"],
-                                         max_len, **kw)
+  chunked, chunk_ids, cache = run_cached(params, x, mask, sc["splits"], sc["num_decode"], max_len,
+                                         **kw)
   want = reference.layer(params, x, mask, chunk_ids, **kw)
   np.testing.assert_allclose(chunked, want, **TOL)
   np.testing.assert_array_equal(cache.index, total)
@@ -272,6 +271,7 @@ def test_scan_over_layers_with_stacked_caches():
 
 # Errors: each names the argument, the expected shape and the actual one.
 
+
 def _setup():
   params = make_params(2)
   cache = kvattn.init_cache(2, 8, 2, H)
@@ -279,30 +279,47 @@ def _setup():
   return params, cache, x
 
 
-@pytest.mark.parametrize("mutate, match", [
-    (lambda p, c, x: (p, c, jnp.ones((2, 3, DM + 1))), r"x shape should be \(B, T, DM\)"),
-    (lambda p, c, x: (p, c, jnp.ones((3, 3, DM))), r"x shape should be \(B, T, DM\)=\(2,"),
-    (lambda p, c, x: (p, c, jnp.ones((2, 0, DM))), r"T >= 1"),
-    (lambda p, c, x: (p, c, jnp.ones((2, DM))), r"x shape"),
-    (lambda p, c, x: (p, c, [[[1.0] * DM] * 3] * 2),
-     r"x shape should be \(B, T, DM\)=\(2, None, 16\): but got a Python list \(pass an array"),
-    (lambda p, c, x: (p, c, jnp.ones((2, 9, DM))), r"max_len S=8"),
-    (lambda p, c, x: ({**p, "wk": p["wk"][:, :1]}, c, x), r"params\['wk'\] shape should be"),
-    (lambda p, c, x: ({**p, "wo": p["wo"][:, :, :3]}, c, x), r"params\['wo'\] shape should be"),
-    (lambda p, c, x: ({**p, "bo": p["bo"][:3]}, c, x), r"params\['bo'\] shape should be"),
-    (lambda p, c, x: ({**p, "wq": p["wq"][:, :3]}, c, x), r"query heads N=3 should be a multiple of the kv heads K="),
-    (lambda p, c, x: ({**p, "wq": p["wq"][..., :4]}, c, x), r"params\['wq'\].*head_dim"),
-    (lambda p, c, x: ({k: v for k, v in p.items() if k != "wv"}, c, x), r"missing \['wv'\]"),
-    (lambda p, c, x: ({**p, "w_q": p["wq"]}, c, x), r"unknown keys \['w_q'\]"),
-    # A cache of other kv heads or head size: the cache is blamed, not the params.
-    (lambda p, c, x: (p, kvattn.init_cache(2, 8, 1, H), x),
-     r"cache \(K, H\) should be params\['wk'\]'s \(DM, K, H\)=\(16, 2, 8\) K and H, \(2, 8\): "
-     r"but got \(1, 8\)"),
-    (lambda p, c, x: (p, kvattn.init_cache(2, 8, 2, 4), x), r"cache \(K, H\) should be .* but "
-                                                          r"got \(2, 4\)"),
-    (lambda p, c, x: (p, c._replace(valid=c.valid[:1]), x), r"cache.valid shape"),
-    (lambda p, c, x: (p, c._replace(index=c.index.astype(jnp.float32)), x), r"cache.index dtype"),
-])
+@pytest.mark.parametrize(
+    "mutate, match",
+    [
+        (lambda p, c, x: (p, c, jnp.ones((2, 3, DM + 1))), r"x shape should be \(B, T, DM\)"),
+        (lambda p, c, x: (p, c, jnp.ones((3, 3, DM))), r"x shape should be \(B, T, DM\)=\(2,"),
+        (lambda p, c, x: (p, c, jnp.ones((2, 0, DM))), r"T >= 1"),
+        (lambda p, c, x: (p, c, jnp.ones((2, DM))), r"x shape"),
+        (lambda p, c, x: (p, c, [[[1.0] * DM] * 3] * 2),
+         r"x shape should be \(B, T, DM\)=\(2, None, 16\): but got a Python list \(pass an array"),
+        (lambda p, c, x: (p, c, jnp.ones((2, 9, DM))), r"max_len S=8"),
+        (lambda p, c, x: ({
+            **p, "wk": p["wk"][:, :1]
+        }, c, x), r"params\['wk'\] shape should be"),
+        (lambda p, c, x: ({
+            **p, "wo": p["wo"][:, :, :3]
+        }, c, x), r"params\['wo'\] shape should be"),
+        (lambda p, c, x: ({
+            **p, "bo": p["bo"][:3]
+        }, c, x), r"params\['bo'\] shape should be"),
+        (lambda p, c, x: ({
+            **p, "wq": p["wq"][:, :3]
+        }, c, x), r"query heads N=3 should be a multiple of the kv heads K="),
+        (lambda p, c, x: ({
+            **p, "wq": p["wq"][..., :4]
+        }, c, x), r"params\['wq'\].*head_dim"),
+        (lambda p, c, x: ({
+            k: v for k, v in p.items() if k != "wv"
+        }, c, x), r"missing \['wv'\]"),
+        (lambda p, c, x: ({
+            **p, "w_q": p["wq"]
+        }, c, x), r"unknown keys \['w_q'\]"),
+        # A cache of other kv heads or head size: the cache is blamed, not the params.
+        (lambda p, c, x: (p, kvattn.init_cache(2, 8, 1, H), x),
+         r"cache \(K, H\) should be params\['wk'\]'s \(DM, K, H\)=\(16, 2, 8\) K and H, \(2, 8\): "
+         r"but got \(1, 8\)"),
+        (lambda p, c, x: (p, kvattn.init_cache(2, 8, 2, 4), x), r"cache \(K, H\) should be .* but "
+         r"got \(2, 4\)"),
+        (lambda p, c, x: (p, c._replace(valid=c.valid[:1]), x), r"cache.valid shape"),
+        (lambda p, c, x:
+         (p, c._replace(index=c.index.astype(jnp.float32)), x), r"cache.index dtype"),
+    ])
 def test_prefill_errors_name_the_argument(mutate, match):
   params, cache, x = mutate(*_setup())
   with pytest.raises(ValueError, match=match):
@@ -324,8 +341,9 @@ def test_token_ids_for_x_are_a_type_error():
   """An int x (token ids where activations belong) used to come out cast to int."""
   params, cache, x = _setup()
   ids = jnp.ones(x.shape, jnp.int32)
-  with pytest.raises(ValueError, match=r"x dtype should be a floating dtype \(activations, not "
-                                      r"token ids\): but got int32"):
+  with pytest.raises(
+      ValueError, match=r"x dtype should be a floating dtype \(activations, not "
+      r"token ids\): but got int32"):
     kvattn.prefill(params, cache, ids)
   with pytest.raises(ValueError, match=r"x dtype should be a floating dtype"):
     kvattn.decode_step(params, cache, ids[:, :1])
@@ -363,7 +381,8 @@ def test_bad_call_leaves_cache_untouched():
 
 @pytest.mark.parametrize("implementation", [
     pytest.param(name, marks=pytest.mark.slow) if name == "pallas_gpu" else name
-    for name in sorted(kvattn.attention.BACKENDS)])
+    for name in sorted(kvattn.attention.BACKENDS)
+])
 def test_implementation_argument_reaches_the_kernel(implementation):
   """prefill and decode_step pass `implementation` on; every one gives the reference."""
   params = make_params(2)
@@ -421,11 +440,10 @@ def test_self_attention_equals_prefill_on_an_empty_cache(num_kv_heads, causal):
   scaling = kvattn.rope.Scaling("linear", 2.0)
   want, _ = kvattn.prefill(params, kvattn.init_cache(2, 12, num_kv_heads, H), x, mask,
                            prefix_lm=not causal, rope_base=100.0, rope_scaling=scaling)
-  got = jax.jit(lambda p, x: kvattn.self_attention(
-      p, x, mask, causal=causal, rope_base=100.0, rope_scaling=scaling, block_size=4))(params, x)
+  got = jax.jit(lambda p, x: kvattn.self_attention(p, x, mask, causal=causal, rope_base=100.0,
+                                                   rope_scaling=scaling, block_size=4))(params, x)
   np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-  grads = jax.grad(lambda p: jnp.sum(kvattn.self_attention(p, x, mask, causal=causal) ** 2))(
-      params)
+  grads = jax.grad(lambda p: jnp.sum(kvattn.self_attention(p, x, mask, causal=causal)**2))(params)
   assert all(np.all(np.isfinite(g)) and np.any(g != 0) for g in jax.tree.leaves(grads))
 
 

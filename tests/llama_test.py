@@ -38,29 +38,60 @@ from tests import reference
 REPO = pathlib.Path(__file__).absolute().parents[1]
 
 LLAMA = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "vocab_size": 64,
-    "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
-    "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 8, "rms_norm_eps": 1e-5,
-    "rope_theta": 500000.0, "hidden_act": "silu", "tie_word_embeddings": False,
-    "max_position_embeddings": 64, "eos_token_id": [62, 63], "bos_token_id": 1,
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "vocab_size": 64,
+    "hidden_size": 32,
+    "intermediate_size": 48,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 2,
+    "head_dim": 8,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "hidden_act": "silu",
+    "tie_word_embeddings": False,
+    "max_position_embeddings": 64,
+    "eos_token_id": [62, 63],
+    "bos_token_id": 1,
     # A small original length, so that all three bands of the rule occur at H = 8.
-    "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                     "high_freq_factor": 4.0, "original_max_position_embeddings": 16},
+    "rope_scaling": {
+        "rope_type": "llama3",
+        "factor": 8.0,
+        "low_freq_factor": 1.0,
+        "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16
+    },
 }
 QWEN2 = {
-    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "vocab_size": 64,
-    "hidden_size": 32, "intermediate_size": 40, "num_hidden_layers": 2,
-    "num_attention_heads": 4, "num_key_value_heads": 1, "rms_norm_eps": 1e-6,
-    "rope_theta": 1000000.0, "hidden_act": "silu", "tie_word_embeddings": True,
-    "use_sliding_window": False, "sliding_window": 32, "max_position_embeddings": 64,
-    "eos_token_id": 63, "rope_scaling": None,
+    "architectures": ["Qwen2ForCausalLM"],
+    "model_type": "qwen2",
+    "vocab_size": 64,
+    "hidden_size": 32,
+    "intermediate_size": 40,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "num_key_value_heads": 1,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "hidden_act": "silu",
+    "tie_word_embeddings": True,
+    "use_sliding_window": False,
+    "sliding_window": 32,
+    "max_position_embeddings": 64,
+    "eos_token_id": 63,
+    "rope_scaling": None,
 }
 # Mistral: Llama's layout with a sliding window, much shorter than the tests' sequences.
-MISTRAL = {**LLAMA, "architectures": ["MistralForCausalLM"], "model_type": "mistral",
-           "sliding_window": 5, "rope_scaling": None, "rope_theta": 10000.0}
+MISTRAL = {
+    **LLAMA, "architectures": ["MistralForCausalLM"],
+    "model_type": "mistral",
+    "sliding_window": 5,
+    "rope_scaling": None,
+    "rope_theta": 10000.0
+}
 # Qwen2 with its window on the layers from max_window_layers on: layer 0 global, layer 1 local.
-QWEN2_WINDOWED = {**QWEN2, "use_sliding_window": True, "sliding_window": 5,
-                  "max_window_layers": 1}
+QWEN2_WINDOWED = {**QWEN2, "use_sliding_window": True, "sliding_window": 5, "max_window_layers": 1}
 CONFIGS = {"llama": LLAMA, "qwen2": QWEN2, "mistral": MISTRAL, "qwen2_windowed": QWEN2_WINDOWED}
 
 
@@ -92,9 +123,11 @@ def _random_weights(hf, seed=0):
         pre + "mlp.down_proj.weight": normal(dm, f),
     })
     if qwen2:
-      w.update({pre + "self_attn.q_proj.bias": normal(n * h),
-                pre + "self_attn.k_proj.bias": normal(kh * h),
-                pre + "self_attn.v_proj.bias": normal(kh * h)})
+      w.update({
+          pre + "self_attn.q_proj.bias": normal(n * h),
+          pre + "self_attn.k_proj.bias": normal(kh * h),
+          pre + "self_attn.v_proj.bias": normal(kh * h)
+      })
   return w
 
 
@@ -114,7 +147,10 @@ def _write_checkpoint(directory, hf, weights, shards=1, dtype=np.float32):
       save_file(part, str(directory / file))
       weight_map.update({name: file for name in part})
     (directory / "model.safetensors.index.json").write_text(
-        json.dumps({"metadata": {}, "weight_map": weight_map}))
+        json.dumps({
+            "metadata": {},
+            "weight_map": weight_map
+        }))
   (directory / "config.json").write_text(json.dumps(hf))
   return directory
 
@@ -151,8 +187,8 @@ def numpy_llama(hf, w, ids):
     k, v = np.repeat(k, n // kh, axis=1), np.repeat(v, n // kh, axis=1)
     scores = np.einsum("inh,jnh->nij", q, k) / np.sqrt(h)
     allowed = np.tril(np.ones((t, t), bool))
-    windowed = (hf["model_type"] == "mistral" or (
-        hf.get("use_sliding_window") and i >= hf.get("max_window_layers", 0)))
+    windowed = (hf["model_type"] == "mistral"
+                or (hf.get("use_sliding_window") and i >= hf.get("max_window_layers", 0)))
     if windowed and hf.get("sliding_window"):
       allowed &= ~np.tril(np.ones((t, t), bool), -hf["sliding_window"])
     scores = np.where(allowed, scores, -np.inf)
@@ -162,8 +198,8 @@ def numpy_llama(hf, w, ids):
     x = x + linear(o, pre + "self_attn.o_proj")
     m = rms_norm(x, w[pre + "post_attention_layernorm.weight"])
     gate = linear(m, pre + "mlp.gate_proj")
-    x = x + linear(gate / (1 + np.exp(-gate)) * linear(m, pre + "mlp.up_proj"),
-                   pre + "mlp.down_proj")
+    x = x + linear(gate /
+                   (1 + np.exp(-gate)) * linear(m, pre + "mlp.up_proj"), pre + "mlp.down_proj")
   x = rms_norm(x, w["model.norm.weight"])
   unembed = w.get("lm_head.weight", w["model.embed_tokens.weight"])
   return x @ unembed.T
@@ -176,7 +212,7 @@ def _assert_close(got, want, rel=1e-4):
 
 
 @pytest.mark.parametrize("name, shards", [("llama", 2), ("qwen2", 1), ("mistral", 1),
-                                         ("qwen2_windowed", 1)])
+                                          ("qwen2_windowed", 1)])
 def test_logits_match_float64_numpy(tmp_path, name, shards):
   hf = CONFIGS[name]
   weights = _random_weights(hf)
@@ -185,8 +221,9 @@ def test_logits_match_float64_numpy(tmp_path, name, shards):
   want = numpy_llama(hf, weights, ids)
   assert np.std(want) > 1.0  # Not a degenerate model: the comparison means something.
 
-  logits = jax.jit(transformer.forward, static_argnames="config")(
-      params, jnp.asarray(ids[None], jnp.int32), config=config)
+  logits = jax.jit(transformer.forward, static_argnames="config")(params,
+                                                                  jnp.asarray(ids[None], jnp.int32),
+                                                                  config=config)
   _assert_close(logits[0], want)
 
   # Cached: a prefill of 13 tokens, then single-token steps.
@@ -233,8 +270,15 @@ def test_load_maps_the_file_and_copies_each_tensor_once(tmp_path, stored, wanted
   place (transposed, stacked, cast). Before, safetensors' reader, the
   transposes and the stacking made up to 2.3x the params' bytes.
   """
-  hf = {**LLAMA, "hidden_size": 128, "intermediate_size": 256, "num_attention_heads": 8,
-        "num_key_value_heads": 4, "head_dim": 16, "vocab_size": 512, "num_hidden_layers": 4}
+  hf = {
+      **LLAMA, "hidden_size": 128,
+      "intermediate_size": 256,
+      "num_attention_heads": 8,
+      "num_key_value_heads": 4,
+      "head_dim": 16,
+      "vocab_size": 512,
+      "num_hidden_layers": 4
+  }
   weights = _random_weights(hf, seed=5)
   directory = _write_checkpoint(tmp_path, hf, weights, shards=2, dtype=stored)
   tracemalloc.start()
@@ -249,8 +293,7 @@ def test_load_maps_the_file_and_copies_each_tensor_once(tmp_path, stored, wanted
              for a in jax.tree.leaves(params))
   # The same numbers as the tensors, through their layout.
   q = weights["model.layers.2.self_attn.q_proj.weight"].astype(stored).astype(wanted)
-  np.testing.assert_array_equal(params["layers"]["attn"]["wq"][2],
-                                q.T.reshape(128, 8, 16))
+  np.testing.assert_array_equal(params["layers"]["attn"]["wq"][2], q.T.reshape(128, 8, 16))
 
 
 def test_a_damaged_safetensors_file_is_refused(tmp_path):
@@ -260,7 +303,7 @@ def test_a_damaged_safetensors_file_is_refused(tmp_path):
   path.write_bytes(data[:len(data) // 2])  # Cut short: offsets past the end.
   with pytest.raises(ValueError, match="within the file"):
     llama.load(directory)
-  path.write_bytes((10 ** 12).to_bytes(8, "little") + data[8:])
+  path.write_bytes((10**12).to_bytes(8, "little") + data[8:])
   with pytest.raises(ValueError, match="is not a safetensors file"):
     llama.load(directory)
 
@@ -272,8 +315,8 @@ def test_cached_greedy_equals_uncached(tmp_path, name):
   weights = _random_weights(hf, seed=2)
   params, config, _ = llama.load(_write_checkpoint(tmp_path, hf, weights))
   prompt = [3, 14, 15, 9, 26]
-  ids, _ = runner.generate_ids(params, config, prompt, max_new_tokens=8,
-                               sampler=sampling.Sampler(), eos_id=hf["eos_token_id"])
+  ids, _ = runner.generate_ids(params, config, prompt, max_new_tokens=8, sampler=sampling.Sampler(),
+                               eos_id=hf["eos_token_id"])
   np.testing.assert_array_equal(ids, _greedy_numpy(hf, weights, prompt, 8))
 
 
@@ -300,8 +343,9 @@ def test_gradient_through_forward_matches_float64_finite_differences(name):
 
   grads = jax.jit(jax.grad(loss))(llama.params_from_hf(weights, config))
   along = llama.params_from_hf(direction, config)
-  got = sum(float(jnp.vdot(g, jnp.asarray(d))) for g, d in
-            zip(jax.tree.leaves(grads), jax.tree.leaves(along)))
+  got = sum(
+      float(jnp.vdot(g, jnp.asarray(d)))
+      for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(along)))
 
   def numpy_loss(eps):
     moved = {k: np.float64(a) + eps * np.float64(direction[k]) for k, a in weights.items()}
@@ -325,11 +369,12 @@ def _greedy_numpy(hf, weights, prompt, max_new_tokens):
 
 def test_config_mapping():
   config = llama.config_from_hf(LLAMA)
-  assert config == transformer.Config(
-      vocab_size=64, num_layers=2, d_model=32, num_heads=4, num_kv_heads=2, head_dim=8,
-      d_ff=48, max_positions=0, rope_base=500000.0, tie_embeddings=False, activation="silu",
-      use_bias=False, norm_eps=1e-5, norm="rms_norm", gated_mlp=True, qkv_bias=False,
-      rope_scaling=rope.Scaling("llama3", 8.0, 1.0, 4.0, 16))
+  assert config == transformer.Config(vocab_size=64, num_layers=2, d_model=32, num_heads=4,
+                                      num_kv_heads=2, head_dim=8, d_ff=48, max_positions=0,
+                                      rope_base=500000.0, tie_embeddings=False, activation="silu",
+                                      use_bias=False, norm_eps=1e-5, norm="rms_norm",
+                                      gated_mlp=True, qkv_bias=False,
+                                      rope_scaling=rope.Scaling("llama3", 8.0, 1.0, 4.0, 16))
   qwen = llama.config_from_hf(QWEN2)
   assert (qwen.qkv_bias, qwen.use_bias, qwen.tie_embeddings, qwen.head_dim,
           qwen.rope_scaling) == (True, False, True, 8, None)
@@ -350,12 +395,21 @@ def test_config_mapping():
 
 
 @pytest.mark.parametrize("change, match", [
-    ({"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2"},
-     r"config.json: llama.load takes architectures \['LlamaForCausalLM', 'MistralForCausalLM', "
+    ({
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2"
+    }, r"config.json: llama.load takes architectures \['LlamaForCausalLM', 'MistralForCausalLM', "
      r"'Qwen2ForCausalLM'\] \(model_type \['llama', 'mistral', 'qwen2'\]\): but got "
      r"architectures \['GPT2LMHeadModel'\] and model_type 'gpt2'; kvattn.models.load"),
-    ({"hidden_act": "gelu"}, r"hidden_act should be 'silu': but got 'gelu'"),
-    ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, r"'yarn'"),
+    ({
+        "hidden_act": "gelu"
+    }, r"hidden_act should be 'silu': but got 'gelu'"),
+    ({
+        "rope_scaling": {
+            "rope_type": "yarn",
+            "factor": 4.0
+        }
+    }, r"'yarn'"),
 ])
 def test_unsupported_configs_are_refused(change, match):
   base = LLAMA
@@ -379,8 +433,9 @@ def test_a_config_without_architectures_is_read_by_its_model_type(name):
 def test_models_load_picks_the_llama_loader(tmp_path, name):
   """Issue 20, item 10: `kvattn.models.load` reads config.json and gives what llama.load does."""
   hf = CONFIGS[name]
-  directory = _write_checkpoint(tmp_path, {k: v for k, v in hf.items() if k != "architectures"},
-                                _random_weights(hf, seed=10), dtype=ml_dtypes.bfloat16)
+  directory = _write_checkpoint(tmp_path, {
+      k: v for k, v in hf.items() if k != "architectures"
+  }, _random_weights(hf, seed=10), dtype=ml_dtypes.bfloat16)
   assert loaders.family(hf).load is llama.load
   for dtype in (np.float32, ml_dtypes.bfloat16):
     params, config, got_hf = models.load(directory, dtype=dtype)
@@ -391,9 +446,13 @@ def test_models_load_picks_the_llama_loader(tmp_path, name):
 
 
 @pytest.mark.parametrize("hf, found", [
-    ({"architectures": ["BertForMaskedLM"], "model_type": "bert"},
-     r"architectures \['BertForMaskedLM'\] and model_type 'bert'"),
-    ({"model_type": "qwen3"}, r"architectures \[\] and model_type 'qwen3'"),
+    ({
+        "architectures": ["BertForMaskedLM"],
+        "model_type": "bert"
+    }, r"architectures \['BertForMaskedLM'\] and model_type 'bert'"),
+    ({
+        "model_type": "qwen3"
+    }, r"architectures \[\] and model_type 'qwen3'"),
     ({}, r"architectures \[\] and model_type None"),
 ])
 def test_models_load_refuses_a_family_it_has_no_loader_for(tmp_path, hf, found):
@@ -424,7 +483,8 @@ def test_missing_or_misshapen_tensors_are_named(tmp_path):
     llama.params_from_hf(weights, config)
   weights = _random_weights(QWEN2)
   weights["model.norm.weight"] = weights["model.norm.weight"][:5]
-  with pytest.raises(ValueError, match=r"model.norm.weight shape should be \(32,\): but got \(5,\)"):
+  with pytest.raises(ValueError,
+                     match=r"model.norm.weight shape should be \(32,\): but got \(5,\)"):
     llama.params_from_hf(weights, config)
   with pytest.raises(FileNotFoundError, match="model.safetensors"):
     llama.load(_write_config_only(tmp_path))
@@ -460,8 +520,8 @@ def test_main_runs_both_layouts_with_and_without_a_tokenizer(tmp_path):
   assert [int(i) for i in lines[-1].split()] == _greedy_numpy(LLAMA, weights, [3, 14, 15], 6)
 
   lines = main(f"--checkpoint={single}", "--prompt_ids=3,14,15", "--max_new_tokens=5",
-               "--print_ids", "--dtype=bfloat16", "--temperature=0.8", "--top_k=5",
-               "--top_p=0.9", "--seed=1", "--quantized_cache")
+               "--print_ids", "--dtype=bfloat16", "--temperature=0.8", "--top_k=5", "--top_p=0.9",
+               "--seed=1", "--quantized_cache")
   printed = [int(i) for i in lines[-1].split()]
   assert 1 <= len(printed) <= 5 and all(0 <= i < QWEN2["vocab_size"] for i in printed)
 
@@ -480,8 +540,8 @@ def test_main_stops_at_the_eos_ids_of_generation_config(tmp_path):
   # The first token that is new at its place, not the first: generation must stop after it.
   stop = next(i for i in range(1, len(greedy)) if greedy[i] not in greedy[:i])
   (directory / "generation_config.json").write_text(json.dumps({"eos_token_id": greedy[stop]}))
-  run = _run_example(f"--checkpoint={directory}", "--prompt_ids=3,14,15",
-                     "--max_new_tokens=8", "--print_ids")
+  run = _run_example(f"--checkpoint={directory}", "--prompt_ids=3,14,15", "--max_new_tokens=8",
+                     "--print_ids")
   assert run.returncode == 0, run.stderr
   assert [int(i) for i in run.stdout.splitlines()[-1].split()] == greedy[:stop + 1]
 
@@ -493,8 +553,10 @@ def test_main_decodes_prompt_and_continuation_together(tmp_path):
   weights = _random_weights(LLAMA, seed=3)
   directory = _write_checkpoint(tmp_path, LLAMA, weights)
   words = [f"\u2581w{i}" for i in range(LLAMA["vocab_size"])]
-  tokenizer = Tokenizer(tokenizer_models.WordLevel({w: i for i, w in enumerate(words)},
-                                                   unk_token=words[0]))
+  tokenizer = Tokenizer(
+      tokenizer_models.WordLevel({
+          w: i for i, w in enumerate(words)
+      }, unk_token=words[0]))
   tokenizer.pre_tokenizer = pre_tokenizers.Metaspace()
   tokenizer.decoder = decoders.Metaspace()
   tokenizer.save(str(directory / "tokenizer.json"))
@@ -509,19 +571,18 @@ def test_main_decodes_prompt_and_continuation_together(tmp_path):
 
 
 @pytest.mark.parametrize("flags, message", [
-    (["--prompt_ids=3,abc"],
-     "--prompt_ids should be comma-separated integer token ids: but got 'abc' in '3,abc'"),
-    (["--prompt_ids=3,100000"],
-     "--prompt_ids should be token ids in [0, 64) (the model's vocab_size): but got [100000]"),
-    (["--prompt_ids=-1,3"],
-     "--prompt_ids should be token ids in [0, 64) (the model's vocab_size): but got [-1]"),
-    (["--prompt_ids=3", "--max_new_tokens=0"],
-     "--max_new_tokens should be at least 1: but got 0"),
-    (["--prompt_ids=3", "--checkpoint=/no/such/folder"],
-     "--checkpoint should be a checkpoint directory with a config.json: but "
+    (["--prompt_ids=3,abc"
+     ], "--prompt_ids should be comma-separated integer token ids: but got 'abc' in '3,abc'"),
+    (["--prompt_ids=3,100000"
+     ], "--prompt_ids should be token ids in [0, 64) (the model's vocab_size): but got [100000]"),
+    (["--prompt_ids=-1,3"
+     ], "--prompt_ids should be token ids in [0, 64) (the model's vocab_size): but got [-1]"),
+    (["--prompt_ids=3", "--max_new_tokens=0"], "--max_new_tokens should be at least 1: but got 0"),
+    (["--prompt_ids=3", "--checkpoint=/no/such/folder"
+     ], "--checkpoint should be a checkpoint directory with a config.json: but "
      "/no/such/folder/config.json does not exist"),
-    (["--prompt_ids=3", "--checkpoint={bert}"],
-     "config.json: kvattn.models.load takes architectures"),
+    (["--prompt_ids=3", "--checkpoint={bert}"
+     ], "config.json: kvattn.models.load takes architectures"),
 ])
 @pytest.mark.slow
 def test_main_turns_flag_mistakes_into_usage_errors(tmp_path, flags, message):
@@ -557,9 +618,8 @@ def test_quantized_caches_hold_int8_and_keep_the_greedy_tokens(tmp_path, monkeyp
   monkeypatch.setattr(runner, "run", spy)
   prompt = [3, 14, 15, 9, 26]
   params, config, _ = llama.load(directory)
-  ids, _ = runner.generate_ids(params, config, prompt, max_new_tokens=8,
-                               sampler=sampling.Sampler(), eos_id=LLAMA["eos_token_id"],
-                               quantized_cache=True)
+  ids, _ = runner.generate_ids(params, config, prompt, max_new_tokens=8, sampler=sampling.Sampler(),
+                               eos_id=LLAMA["eos_token_id"], quantized_cache=True)
   assert seen[0][0].k.dtype == jnp.int8 and seen[0][0].k_scale.dtype == jnp.float32
   np.testing.assert_array_equal(ids, _greedy_numpy(LLAMA, weights, prompt, 8))
   # bfloat16 params with an int8 cache (float32 scales): run by

@@ -13,28 +13,17 @@ def _m(rows):
 
 
 def test_causal_mask_with_offset():
-  np.testing.assert_array_equal(
-      masks.causal_mask(3, 5, offset=2),
-      _m(["1 1 1 0 0",
-          "1 1 1 1 0",
-          "1 1 1 1 1"]))
+  np.testing.assert_array_equal(masks.causal_mask(3, 5, offset=2),
+                                _m(["1 1 1 0 0", "1 1 1 1 0", "1 1 1 1 1"]))
 
 
 def test_causal_mask_square():
-  np.testing.assert_array_equal(
-      masks.causal_mask(3, 3),
-      _m(["1 0 0",
-          "1 1 0",
-          "1 1 1"]))
+  np.testing.assert_array_equal(masks.causal_mask(3, 3), _m(["1 0 0", "1 1 0", "1 1 1"]))
 
 
 def test_prefix_lm_mask():
-  np.testing.assert_array_equal(
-      masks.prefix_lm_mask(4, 4, prefix_len=2),
-      _m(["1 1 0 0",
-          "1 1 0 0",
-          "1 1 1 0",
-          "1 1 1 1"]))
+  np.testing.assert_array_equal(masks.prefix_lm_mask(4, 4, prefix_len=2),
+                                _m(["1 1 0 0", "1 1 0 0", "1 1 1 0", "1 1 1 1"]))
 
 
 def test_window_mask_compares_token_positions():
@@ -43,37 +32,25 @@ def test_window_mask_compares_token_positions():
   pos = jnp.array([[0, 1, 2, 3], [0, 1, 1, 2]])
   got = masks.window_mask(pos, pos, 2) & (pos[:, None, :] <= pos[:, :, None])
   np.testing.assert_array_equal(got[0], masks.sliding_window_mask(4, 4, window=2))
-  np.testing.assert_array_equal(got[1], [[1, 0, 0, 0], [1, 1, 1, 0], [1, 1, 1, 0],
-                                         [0, 1, 1, 1]])
+  np.testing.assert_array_equal(got[1], [[1, 0, 0, 0], [1, 1, 1, 0], [1, 1, 1, 0], [0, 1, 1, 1]])
 
 
 def test_sliding_window_mask():
-  np.testing.assert_array_equal(
-      masks.sliding_window_mask(4, 4, window=2),
-      _m(["1 0 0 0",
-          "1 1 0 0",
-          "0 1 1 0",
-          "0 0 1 1"]))
+  np.testing.assert_array_equal(masks.sliding_window_mask(4, 4, window=2),
+                                _m(["1 0 0 0", "1 1 0 0", "0 1 1 0", "0 0 1 1"]))
 
 
 def test_padding_mask():
   valid = jnp.array([[False, True, True]])
   np.testing.assert_array_equal(
-      masks.padding_mask(valid, valid)[0],
-      _m(["0 0 0",
-          "0 1 1",
-          "0 1 1"]))
+      masks.padding_mask(valid, valid)[0], _m(["0 0 0", "0 1 1", "0 1 1"]))
 
 
 def test_combine_masks_broadcasts_and_skips_none():
   valid = jnp.array([[False, True, True]])
   got = masks.combine_masks(masks.causal_mask(3, 3), None, masks.padding_mask(valid, valid))
   assert got.shape == (1, 3, 3)
-  np.testing.assert_array_equal(
-      got[0],
-      _m(["0 0 0",
-          "0 1 0",
-          "0 1 1"]))
+  np.testing.assert_array_equal(got[0], _m(["0 0 0", "0 1 0", "0 1 1"]))
   assert masks.combine_masks(None, None) is None
 
 

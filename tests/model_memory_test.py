@@ -38,10 +38,10 @@ KINDS = {
 
 def config(ring: bool, capacity: int = 0) -> transformer.Config:
   # A ring's slots are its window: the two capacities are two windows.
-  return transformer.Config(
-      vocab_size=64, num_layers=2, d_model=64, num_heads=4, num_kv_heads=2, head_dim=32,
-      d_ff=128, rope_base=10_000.0, norm="rms_norm", gated_mlp=True, activation="silu",
-      use_bias=False, window_pattern=(capacity,) if ring else ())
+  return transformer.Config(vocab_size=64, num_layers=2, d_model=64, num_heads=4, num_kv_heads=2,
+                            head_dim=32, d_ff=128, rope_base=10_000.0, norm="rms_norm",
+                            gated_mlp=True, activation="silu", use_bias=False,
+                            window_pattern=(capacity,) if ring else ())
 
 
 def caches_for(kind: str, ring: bool, capacity: int):
@@ -67,8 +67,7 @@ def test_model_step_updates_stacked_caches_in_place(kind, ring, num_tokens):
   temps = {}
   for capacity in (SMALL, LARGE):
     c, caches = caches_for(kind, ring, capacity)
-    params = jax.eval_shape(functools.partial(transformer.init_params, config=c),
-                            jax.random.key(0))
+    params = jax.eval_shape(functools.partial(transformer.init_params, config=c), jax.random.key(0))
     step = jax.jit(transformer.step_fn(c), donate_argnums=1)
     tokens = jnp.zeros((B, num_tokens), jnp.int32)
     stats = step.lower(params, caches, tokens, None).compile().memory_analysis()
@@ -84,8 +83,7 @@ def test_generate_loop_holds_the_caches_once(kind):
   temps = {"start": {}, "finish": {}}
   for capacity in (SMALL, LARGE):
     c, caches = caches_for(kind, False, capacity)
-    params = jax.eval_shape(functools.partial(transformer.init_params, config=c),
-                            jax.random.key(0))
+    params = jax.eval_shape(functools.partial(transformer.init_params, config=c), jax.random.key(0))
     step_fn = transformer.step_fn(c)
     tokens, mask = jnp.zeros((B, 16), jnp.int32), jnp.ones((B, 16), jnp.bool_)
     kw = dict(max_new_tokens=8, sampler=sampling.Sampler(temperature=0.7, top_p=0.9))
@@ -102,10 +100,9 @@ def test_generate_loop_holds_the_caches_once(kind):
       # temporaries), on caches much larger than the params, within 1.5x the
       # caches + params + 10% (here the working set adds a few hundred KiB).
       if capacity == LARGE:
-        peak = (stats.argument_size_in_bytes + stats.output_size_in_bytes
-                - stats.alias_size_in_bytes + stats.temp_size_in_bytes)
-        held = cache_bytes(caches) + sum(x.size * x.dtype.itemsize
-                                         for x in jax.tree.leaves(params))
+        peak = (stats.argument_size_in_bytes + stats.output_size_in_bytes -
+                stats.alias_size_in_bytes + stats.temp_size_in_bytes)
+        held = cache_bytes(caches) + sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(params))
         assert peak <= 1.5 * 1.1 * held, (name, kind, peak, held)
   for name, t in temps.items():
     assert_flat(t, f"{name} {kind}")

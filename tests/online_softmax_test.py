@@ -34,8 +34,10 @@ def test_blocks_accumulated_in_any_order_equal_softmax_over_all_keys(cuts):
   mask = rng.random((R, c)) > 0.3
   mask[0] = False  # A row that sees nothing.
   bounds = [0, *cuts, c]
-  parts = [partial_of(logits[:, lo:hi], values[lo:hi], mask[:, lo:hi])
-           for lo, hi in zip(bounds[:-1], bounds[1:])]
+  parts = [
+      partial_of(logits[:, lo:hi], values[lo:hi], mask[:, lo:hi])
+      for lo, hi in zip(bounds[:-1], bounds[1:])
+  ]
   want = reference(logits, values, mask)
   for order in (parts, parts[::-1]):
     acc = online_softmax.empty((R,), H)

@@ -10,9 +10,18 @@ import kvattn
 
 def test_shapes_follow_flax_dense_general_layout():
   p = kvattn.init_params(jax.random.key(0), 32, 8, num_kv_heads=2, head_dim=16, use_bias=True)
-  assert {k: v.shape for k, v in p.items()} == {
-      "wq": (32, 8, 16), "wk": (32, 2, 16), "wv": (32, 2, 16), "wo": (8, 16, 32),
-      "bq": (8, 16), "bk": (2, 16), "bv": (2, 16), "bo": (32,)}
+  assert {
+      k: v.shape for k, v in p.items()
+  } == {
+      "wq": (32, 8, 16),
+      "wk": (32, 2, 16),
+      "wv": (32, 2, 16),
+      "wo": (8, 16, 32),
+      "bq": (8, 16),
+      "bk": (2, 16),
+      "bv": (2, 16),
+      "bo": (32,)
+  }
 
 
 def test_defaults_and_dtype():
@@ -23,7 +32,7 @@ def test_defaults_and_dtype():
 
 def test_kernel_scale_is_lecun_normal():
   p = kvattn.init_params(jax.random.key(1), 256, 8)
-  np.testing.assert_allclose(np.std(p["wq"]), 256 ** -0.5, rtol=0.05)
+  np.testing.assert_allclose(np.std(p["wq"]), 256**-0.5, rtol=0.05)
 
 
 @pytest.mark.parametrize("kwargs, match", [

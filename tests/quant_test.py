@@ -34,8 +34,7 @@ def test_quantized_cache_layout_and_bytes():
   assert i8.k.dtype == i8.v.dtype == jnp.int8
   assert i8.k_scale.shape == i8.v_scale.shape == (4, 256, 8)
   assert f32.k_scale is None and f32.v_scale is None
-  ratio = (sum(a.nbytes for a in jax.tree.leaves(i8)) /
-           sum(a.nbytes for a in jax.tree.leaves(f32)))
+  ratio = (sum(a.nbytes for a in jax.tree.leaves(i8)) / sum(a.nbytes for a in jax.tree.leaves(f32)))
   # int8 entries plus a float32 scale per 64 of them: (64 + 4) / 256 of float32.
   assert 0.25 < ratio < 0.28, ratio
 
@@ -62,8 +61,7 @@ def test_int8_close_to_float32_attention(params):
   assert cache.quantized and int(cache.index) == 24
   rel = np.linalg.norm(got - want) / np.linalg.norm(want)
   assert rel < 1e-2, rel
-  ref = reference.layer(params, x, np.ones((B, 24), bool), np.r_[[0] * 20, 1:5],
-                        rope_base=10_000.0)
+  ref = reference.layer(params, x, np.ones((B, 24), bool), np.r_[[0] * 20, 1:5], rope_base=10_000.0)
   np.testing.assert_allclose(got, ref, rtol=3e-2, atol=3e-2)
 
 
@@ -76,8 +74,8 @@ def test_int8_prefill_in_one_equals_prefill_then_decode(params):
   np.testing.assert_allclose(one_pass, stepped, rtol=1e-5, atol=1e-5)
   for name in ("k", "v"):  # The same entries, whichever route wrote them.
     np.testing.assert_array_equal(getattr(cache1, name), getattr(cache2, name))
-    np.testing.assert_allclose(getattr(cache1, name + "_scale"),
-                               getattr(cache2, name + "_scale"), rtol=1e-6)
+    np.testing.assert_allclose(getattr(cache1, name + "_scale"), getattr(cache2, name + "_scale"),
+                               rtol=1e-6)
 
 
 def test_quantized_needs_float32_dtype():
@@ -95,7 +93,8 @@ def _cache():
      r"cache.v_scale shape should be \(B, S, K\)=\(2, 8, 2\): but got \(2, 4, 2\)"),
     (lambda c: c._replace(k_scale=c.k_scale.astype(jnp.bfloat16)),
      r"cache.k_scale dtype should be float32"),
-    (lambda c: c._replace(v=c.v.astype(jnp.float32)), r"cache.v dtype should be cache.k.s, int8: but got float32"),
+    (lambda c: c._replace(v=c.v.astype(jnp.float32)),
+     r"cache.v dtype should be cache.k.s, int8: but got float32"),
     (lambda c: kvattn.init_cache(2, 8, 2, 4)._replace(k_scale=c.k_scale),
      r"cache.k_scale should be None for a float32 cache"),
 ])

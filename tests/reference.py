@@ -15,17 +15,31 @@ import math
 import numpy as np
 
 
-def rope_frequencies(h: int, base: float, scaling: dict | None = None) -> np.ndarray:
+def rope_frequencies(h: int, base: float, scaling: dict | None = None,
+                     seq_len: int | None = None) -> np.ndarray:
   """Float64 RoPE frequencies [H/2]; `scaling` as Hugging Face's `rope_scaling` dict.
 
-  Llama 3.1's rule is applied one frequency at a time, as its paper states it.
+  `h` is the number of rotated features. One frequency at a time, as the papers
+  state the rules: Llama 3.1's by wavelength bands; YaRN's (transformers'
+  variant) by the index where a pair turns beta_fast or beta_slow times in the
+  original context; LongRoPE's by the per-pair factor, long ones when
+  `seq_len` exceeds the original context, short ones otherwise (or without
+  `seq_len`). The dict needs `factor` and `original_max_position_embeddings`
+  for "yarn" and "longrope" (no defaults taken from a whole config here).
   """
-  freqs = [base ** (-2 * i / h) for i in range(h // 2)]
+  freqs = [base**(-2 * i / h) for i in range(h // 2)]
   kind = (scaling or {}).get("rope_type", (scaling or {}).get("type"))
   if kind is None:
     return np.array(freqs)
   if kind == "linear":
     return np.array(freqs) / scaling["factor"]
+  if kind == "yarn":
+    return np.array(_yarn_frequencies(freqs, h, base, scaling))
+  if kind == "longrope":
+    long = seq_len is not None and seq_len > scaling["original_max_position_embeddings"]
+    ext = scaling["long_factor" if long else "short_factor"]
+    assert len(ext) == h // 2, (len(ext), h)
+    return np.array([freq / e for freq, e in zip(freqs, ext)])
   factor, low, high = scaling["factor"], scaling["low_freq_factor"], scaling["high_freq_factor"]
   old = scaling["original_max_position_embeddings"]
   out = []
@@ -41,15 +55,60 @@ def rope_frequencies(h: int, base: float, scaling: dict | None = None) -> np.nda
   return np.array(out)
 
 
-def rope(x: np.ndarray, positions: np.ndarray, base: float,
-         scaling: dict | None = None) -> np.ndarray:
-  """x [L, M, H] rotated at integer positions [L], half-split layout, float64."""
-  h = x.shape[-1]
-  inv_freq = rope_frequencies(h, base, scaling)
+def _yarn_frequencies(freqs: list[float], h: int, base: float, scaling: dict) -> list[float]:
+  """YaRN: pair i blends freq (kept) and freq / factor by a ramp linear in i."""
+  old, factor = scaling["original_max_position_embeddings"], scaling["factor"]
+
+  # Pair i turns old * freq_i / (2 pi) times over the original context; solve that for i.
+  def index_turning(times):
+    return h / 2 * math.log(old / (2 * math.pi * times)) / math.log(base)
+
+  first = index_turning(scaling.get("beta_fast") or 32)  # Turns often: kept up to here.
+  last = index_turning(scaling.get("beta_slow") or 1)  # Turns rarely: divided from here.
+  if scaling.get("truncate", True):
+    first, last = math.floor(first), math.ceil(last)
+  first, last = max(first, 0), min(last, h - 1)
+  if first == last:
+    last += 0.001
+  out = []
+  for i, freq in enumerate(freqs):
+    ramp = min(max((i - first) / (last - first), 0.0), 1.0)
+    out.append(ramp * freq / factor + (1 - ramp) * freq)
+  return out
+
+
+def rope_attention_factor(scaling: dict | None) -> float:
+  """The factor of cos and sin (1 but for "yarn" and "longrope"), from the papers' formulas."""
+  kind = (scaling or {}).get("rope_type", (scaling or {}).get("type"))
+  if kind not in ("yarn", "longrope"):
+    return 1.0
+  if scaling.get("attention_factor") is not None:
+    return scaling["attention_factor"]
+  s = scaling["factor"]
+  if s <= 1:
+    return 1.0
+  if kind == "longrope":
+    return math.sqrt(1 + math.log(s) / math.log(scaling["original_max_position_embeddings"]))
+  m, m_all = scaling.get("mscale"), scaling.get("mscale_all_dim")
+  if m and m_all:  # DeepSeek's variant.
+    return (0.1 * m * math.log(s) + 1) / (0.1 * m_all * math.log(s) + 1)
+  return 0.1 * math.log(s) + 1
+
+
+def rope(x: np.ndarray, positions: np.ndarray, base: float, scaling: dict | None = None,
+         rotary_dim: int | None = None) -> np.ndarray:
+  """x [L, M, H] rotated at integer positions [L], half-split layout, float64.
+
+  The first `rotary_dim` features (all H if None) are rotated, feature i with
+  i + rotary_dim/2, and multiplied by the attention factor; the rest are copied.
+  LongRoPE picks its factors from max(positions) + 1, the whole call's.
+  """
+  r = x.shape[-1] if rotary_dim is None else rotary_dim
+  inv_freq = rope_frequencies(r, base, scaling, seq_len=int(np.max(positions)) + 1)
   angle = positions[:, None, None].astype(np.float64) * inv_freq
-  x1, x2 = x[..., : h // 2], x[..., h // 2:]
-  return np.concatenate(
-      [x1 * np.cos(angle) - x2 * np.sin(angle), x2 * np.cos(angle) + x1 * np.sin(angle)], -1)
+  cos, sin = (f(angle) * rope_attention_factor(scaling) for f in (np.cos, np.sin))
+  x1, x2, rest = x[..., :r // 2], x[..., r // 2:r], x[..., r:]
+  return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], -1)
 
 
 def attention(q, k, v, allowed):

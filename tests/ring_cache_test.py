@@ -28,8 +28,7 @@ decode_step = jax.jit(kvattn.decode_step, static_argnames=("rope_base",))
 
 
 def _params(seed=0):
-  return kvattn.init_params(jax.random.key(seed), DM, N, num_kv_heads=K, head_dim=H,
-                            use_bias=True)
+  return kvattn.init_params(jax.random.key(seed), DM, N, num_kv_heads=K, head_dim=H, use_bias=True)
 
 
 def _inputs(b, t, seed=0):
@@ -125,8 +124,7 @@ def test_ten_thousand_decode_steps_one_compilation_constant_memory():
   params = kvattn.init_params(jax.random.key(3), DM, N, num_kv_heads=K, head_dim=H)
   w, steps = 256, 10_000
   xs = jax.random.normal(jax.random.key(4), (steps, 1, 1, DM))
-  step = jax.jit(lambda c, x: kvattn.decode_step(params, c, x, rope_base=ROPE),
-                 donate_argnums=0)
+  step = jax.jit(lambda c, x: kvattn.decode_step(params, c, x, rope_base=ROPE), donate_argnums=0)
   cache = kvattn.init_cache(1, steps, K, H, window=w)
   outs = []
   with compiles.compilations("<lambda>") as compiled:
@@ -226,8 +224,9 @@ def test_a_second_rewind_counts_what_the_first_dropped():
   assert not bool(emptied.overflow)
 
 
-@pytest.mark.parametrize("implementation, block", [
-    ("xla", 4), ("xla", None), pytest.param("pallas_gpu", 5, marks=pytest.mark.slow)])
+@pytest.mark.parametrize("implementation, block",
+                         [("xla", 4), ("xla", None),
+                          pytest.param("pallas_gpu", 5, marks=pytest.mark.slow)])
 @pytest.mark.slow
 def test_blocks_of_the_ring_and_the_chunk(implementation, block):
   """Kernel level, small blocks: the ring's blocks (the last overlapping), block skipping
@@ -264,16 +263,17 @@ def test_a_window_wider_than_max_len_takes_max_len_slots():
   assert kvattn.init_cache(1, 16, K, H, window=64, rewind_room=4).k.shape == (1, 16, K, H)
 
 
-@pytest.mark.parametrize("windows", [dict(window_pattern=(4,)), dict(window_pattern=(4, None))],
-                         ids=["all_local", "local_and_global"])
+@pytest.mark.parametrize(
+    "windows",
+    [dict(window_pattern=(4,)), dict(window_pattern=(4, None))],
+    ids=["all_local", "local_and_global"])
 @pytest.mark.slow
 def test_generate_and_speculative_decoding_on_rings(windows):
   """Buckets apply (padding takes no ring slot); speculative decoding rewinds exactly
   with rewind_room = k - 1, and is refused with less."""
   from kvattn.models import transformer
-  config = transformer.Config(vocab_size=32, num_layers=2, d_model=DM, num_heads=N,
-                              num_kv_heads=K, head_dim=H, d_ff=32, rope_base=ROPE,
-                              norm="rms_norm", **windows)
+  config = transformer.Config(vocab_size=32, num_layers=2, d_model=DM, num_heads=N, num_kv_heads=K,
+                              head_dim=H, d_ff=32, rope_base=ROPE, norm="rms_norm", **windows)
   params = transformer.init_params(jax.random.key(0), config)
   step = transformer.step_fn(config)
   tokens = np.array([[3, 5, 7, 9, 11]], np.int32)
@@ -282,17 +282,19 @@ def test_generate_and_speculative_decoding_on_rings(windows):
   plain = kvattn.generate(step, params, transformer.init_caches(config, 1, 64), tokens, mask,
                           prompt_buckets=None, **kw)
   with compiles.compilations("start") as compiled:
-    bucketed = kvattn.generate(step, params, transformer.init_caches(config, 1, 64), tokens,
-                               mask, **kw)
+    bucketed = kvattn.generate(step, params, transformer.init_caches(config, 1, 64), tokens, mask,
+                               **kw)
   np.testing.assert_array_equal(bucketed.tokens, plain.tokens)
-  overflow = [np.asarray(c.overflow) for c in jax.tree.leaves(
-      bucketed.caches, is_leaf=lambda x: isinstance(x, kvattn.KVCache))]
+  overflow = [
+      np.asarray(c.overflow)
+      for c in jax.tree.leaves(bucketed.caches, is_leaf=lambda x: isinstance(x, kvattn.KVCache))
+  ]
   assert len(compiled) == 1 and not np.any(np.concatenate(overflow))
   k = 3
   caches = lambda room: transformer.init_caches(config, 1, 64, rewind_room=room)
-  got, _ = kvattn.speculative.speculative_generate(
-      step, params, caches(k - 1), step, params, caches(k - 1), tokens, mask,
-      max_new_tokens=12, num_draft=k)
+  got, _ = kvattn.speculative.speculative_generate(step, params, caches(k - 1), step, params,
+                                                   caches(k - 1), tokens, mask, max_new_tokens=12,
+                                                   num_draft=k)
   np.testing.assert_array_equal(got, plain.tokens)
   with pytest.raises(ValueError, match=r"rewind_room should be at least 2 to rewind 3"):
     kvattn.speculative.speculative_generate(step, params, caches(0), step, params, caches(0),
@@ -304,12 +306,12 @@ def test_generate_and_speculative_decoding_on_rings(windows):
     (lambda: kvattn.init_cache(1, 8, K, H, rewind_room=2), r"rewind_room should be 0 without"),
     (lambda: kvattn.init_cache(1, 8, K, H, window=4, rewind_room=-1),
      r"rewind_room should be a non-negative int"),
-    (lambda: kvattn.prefill(_params(), kvattn.init_cache(1, 8, K, H, window=4),
-                            jnp.ones((1, 2, DM)), prefix_lm=True),
-     r"prefix_lm should be False with a ring"),
-    (lambda: kvattn.prefill(_params(), kvattn.init_cache(1, 8, K, H, window=4)._replace(
-        window=None), jnp.ones((1, 2, DM))),
-     r"cache.window should be a positive int in a ring cache"),
+    (lambda: kvattn.prefill(_params(), kvattn.init_cache(1, 8, K, H, window=4), jnp.ones(
+        (1, 2, DM)), prefix_lm=True), r"prefix_lm should be False with a ring"),
+    (lambda: kvattn.prefill(
+        _params(),
+        kvattn.init_cache(1, 8, K, H, window=4)._replace(window=None), jnp.ones(
+            (1, 2, DM))), r"cache.window should be a positive int in a ring cache"),
 ])
 def test_bad_ring_arguments_raise(call, match):
   with pytest.raises(ValueError, match=match):

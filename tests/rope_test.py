@@ -54,12 +54,12 @@ def test_errors(x_shape, pos_shape, match):
 # numpy positions: a jax array built at import would start the backend before
 # tests/conftest.py sets its flags (a test file runs as a script under Bazel).
 @pytest.mark.parametrize("positions, base, error, match", [
-    (np.zeros((1, 2), np.float32), 10_000.0, ValueError,
-     r"positions dtype should be an integer dtype"),
-    (np.zeros((1, 2), np.int32), True, ValueError,
-     r"base should be a positive float: but got True"),
-    (np.zeros((1, 2), np.int32), -1.0, ValueError,
-     r"base should be a positive float: but got -1.0"),
+    (np.zeros(
+        (1, 2), np.float32), 10_000.0, ValueError, r"positions dtype should be an integer dtype"),
+    (np.zeros(
+        (1, 2), np.int32), True, ValueError, r"base should be a positive float: but got True"),
+    (np.zeros(
+        (1, 2), np.int32), -1.0, ValueError, r"base should be a positive float: but got -1.0"),
 ])
 def test_bad_positions_or_base(positions, base, error, match):
   with pytest.raises(error, match=match):
@@ -74,13 +74,21 @@ def test_numpy_and_jax_scalar_bases_are_accepted():
   np.testing.assert_allclose(traced, want, rtol=1e-5)
 
 
-LLAMA3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-          "original_max_position_embeddings": 64}
+LLAMA3 = {
+    "rope_type": "llama3",
+    "factor": 8.0,
+    "low_freq_factor": 1.0,
+    "high_freq_factor": 4.0,
+    "original_max_position_embeddings": 64
+}
 
 
 @pytest.mark.parametrize("hf_scaling, scaling", [
     (LLAMA3, Scaling("llama3", 8.0, 1.0, 4.0, 64)),
-    ({"type": "linear", "factor": 4.0}, Scaling("linear", 4.0)),
+    ({
+        "type": "linear",
+        "factor": 4.0
+    }, Scaling("linear", 4.0)),
 ])
 def test_scaled_frequencies_match_float64_reference(hf_scaling, scaling):
   h = 32  # With base 500000 and an original length of 64, all three llama3 bands occur.
@@ -96,9 +104,12 @@ def test_scaled_frequencies_match_float64_reference(hf_scaling, scaling):
 
 
 @pytest.mark.parametrize("scaling, error, match", [
-    ({"factor": 8.0}, TypeError, r"scaling should be None or a kvattn.rope.Scaling"),
+    ({
+        "factor": 8.0
+    }, TypeError, r"scaling should be None or a kvattn.rope.Scaling"),
     (Scaling("yarn", 8.0), ValueError, r"scaling.kind should be one of \('linear', 'llama3'\)"),
-    (Scaling("linear", 0.0), ValueError, r"scaling.factor should be a positive number: but got 0.0"),
+    (Scaling("linear",
+             0.0), ValueError, r"scaling.factor should be a positive number: but got 0.0"),
     (Scaling("llama3", 8.0, 4.0, 1.0), ValueError, r"high_freq_factor > low_freq_factor"),
 ])
 def test_bad_scaling(scaling, error, match):

@@ -24,8 +24,8 @@ def _frequencies(key, temperature=1.0, top_k=None, top_p=1.0):
     draws = _draws(key, jnp.asarray(LOGITS), temperature, top_p)
   else:
     batch = jnp.broadcast_to(jnp.asarray(LOGITS)[None], (NUM_DRAWS, LOGITS.size))
-    draws = jax.jit(sampling.sample, static_argnames="top_k")(
-        key, batch, temperature=temperature, top_k=top_k, top_p=top_p)
+    draws = jax.jit(sampling.sample, static_argnames="top_k")(key, batch, temperature=temperature,
+                                                              top_k=top_k, top_p=top_p)
   return np.bincount(np.asarray(draws), minlength=LOGITS.size) / NUM_DRAWS
 
 
@@ -42,8 +42,8 @@ def test_plain_sampling_follows_softmax():
 
 
 def test_temperature_sharpens_and_flattens():
-  _assert_distribution(_frequencies(jax.random.key(1), temperature=0.5), PROBS ** 2)
-  _assert_distribution(_frequencies(jax.random.key(2), temperature=2.0), PROBS ** 0.5)
+  _assert_distribution(_frequencies(jax.random.key(1), temperature=0.5), PROBS**2)
+  _assert_distribution(_frequencies(jax.random.key(2), temperature=2.0), PROBS**0.5)
 
 
 @pytest.mark.parametrize("k", [2, 3])
@@ -64,20 +64,16 @@ def test_top_k_then_top_p_with_temperature():
   scaled = np.sqrt(PROBS[:4]) / np.sqrt(PROBS[:4]).sum()  # 0.328, 0.284, 0.201, 0.164...
   kept = int(np.sum(np.cumsum(scaled) - scaled < 0.5))
   want = np.where(np.arange(PROBS.size) < kept, np.sqrt(PROBS), 0.0)
-  _assert_distribution(_frequencies(jax.random.key(5), temperature=2.0, top_k=4, top_p=0.5),
-                       want)
+  _assert_distribution(_frequencies(jax.random.key(5), temperature=2.0, top_k=4, top_p=0.5), want)
 
 
 def test_filters_exactly():
   logits = jnp.array([[1.0, 3.0, 2.0, 3.0, 0.0]])
   np.testing.assert_array_equal(np.isfinite(sampling.top_k_logits(logits, 2)),
                                 [[0, 1, 0, 1, 0]])  # The tie with the 2nd largest is kept.
-  np.testing.assert_array_equal(np.isfinite(sampling.top_k_logits(logits, 3)),
-                                [[0, 1, 1, 1, 0]])
-  np.testing.assert_array_equal(np.isfinite(sampling.top_p_logits(logits, 1e-6)),
-                                [[0, 1, 0, 1, 0]])
-  np.testing.assert_array_equal(np.isfinite(sampling.top_p_logits(logits, 1.0)),
-                                [[1, 1, 1, 1, 1]])
+  np.testing.assert_array_equal(np.isfinite(sampling.top_k_logits(logits, 3)), [[0, 1, 1, 1, 0]])
+  np.testing.assert_array_equal(np.isfinite(sampling.top_p_logits(logits, 1e-6)), [[0, 1, 0, 1, 0]])
+  np.testing.assert_array_equal(np.isfinite(sampling.top_p_logits(logits, 1.0)), [[1, 1, 1, 1, 1]])
 
 
 def test_top_p_one_keeps_a_large_vocabulary_whole():
@@ -91,8 +87,7 @@ def test_top_p_cuts_a_token_whose_mass_above_is_exactly_p():
   """Issue 20: mass above the 0.1 tokens is exactly 0.8, so top_p=0.8 keeps 0.5 and 0.3 only."""
   logits = jnp.log(jnp.array([[0.3, 0.1, 0.1, 0.5]], jnp.float32))
   np.testing.assert_array_equal(np.isfinite(sampling.top_p_logits(logits, 0.8)), [[1, 0, 0, 1]])
-  draws = sampling.sample(jax.random.key(11), jnp.broadcast_to(logits, (NUM_DRAWS, 4)),
-                          top_p=0.8)
+  draws = sampling.sample(jax.random.key(11), jnp.broadcast_to(logits, (NUM_DRAWS, 4)), top_p=0.8)
   assert set(np.unique(np.asarray(draws))) == {0, 3}
 
 
@@ -103,11 +98,12 @@ def test_sampler_with_top_k_or_top_p_alone_samples_at_temperature_one():
   assert sampling.Sampler(top_k=3).temperature == 1.0
   logits = jnp.broadcast_to(jnp.asarray(LOGITS)[None], (NUM_DRAWS, LOGITS.size))
   draws = jax.jit(sampling.Sampler(top_p=0.8))(jax.random.key(12), logits)
-  _assert_distribution(np.bincount(np.asarray(draws), minlength=LOGITS.size) / NUM_DRAWS,
-                       np.where(np.arange(PROBS.size) < 3, PROBS, 0.0))
+  _assert_distribution(
+      np.bincount(np.asarray(draws), minlength=LOGITS.size) / NUM_DRAWS,
+      np.where(np.arange(PROBS.size) < 3, PROBS, 0.0))
   # An explicit temperature of 0 stays greedy.
-  np.testing.assert_array_equal(sampling.Sampler(0.0, top_p=0.8)(jax.random.key(0), logits),
-                                np.zeros(NUM_DRAWS))
+  np.testing.assert_array_equal(
+      sampling.Sampler(0.0, top_p=0.8)(jax.random.key(0), logits), np.zeros(NUM_DRAWS))
 
 
 def test_sampler_settings_are_traced_leaves():
@@ -128,8 +124,9 @@ def test_sampler_settings_are_traced_leaves():
     draw(sampling.Sampler(t, 5, p), jax.random.key(0), logits)
   assert len(calls) == 1
   # Traced temperature 0 is greedy too.
-  np.testing.assert_array_equal(draw(sampling.Sampler(0.0, 5, 0.9), jax.random.key(1),
-                                     jnp.asarray(LOGITS[::-1])[None]), [4])
+  np.testing.assert_array_equal(
+      draw(sampling.Sampler(0.0, 5, 0.9), jax.random.key(1),
+           jnp.asarray(LOGITS[::-1])[None]), [4])
 
 
 def test_top_k_at_or_above_the_vocabulary_keeps_everything():
@@ -186,8 +183,8 @@ def test_sampler_is_hashable_by_value():
     (lambda: sampling.top_k_logits(jnp.zeros((2, 5)), 0), r"k should be a positive int: but got 0"),
     (lambda: sampling.top_k_logits(jnp.zeros((2, 5)), True), r"k should be a positive int"),
     (lambda: sampling.top_p_logits(jnp.zeros((2, 5)), 0.0), r"p should be in \(0, 1\]"),
-    (lambda: sampling.sample(jax.random.key(0), jnp.zeros((2, 5)), temperature=-1.0),
-     r"temperature should be >= 0"),
+    (lambda: sampling.sample(jax.random.key(0), jnp.zeros(
+        (2, 5)), temperature=-1.0), r"temperature should be >= 0"),
     (lambda: sampling.Sampler(top_p=1.5), r"top_p should be in \(0, 1\]"),
     (lambda: sampling.Sampler(top_k=0), r"top_k should be a positive int"),
     (lambda: sampling.Sampler(top_k=True), r"top_k should be a positive int"),

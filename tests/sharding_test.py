@@ -46,14 +46,16 @@ def _inputs(num_kv_heads):
   rng = np.random.default_rng(num_kv_heads)
   normal = lambda *shape: rng.standard_normal(shape, np.float32)
   k = num_kv_heads
-  params = {"wq": normal(DM, N, H) * DM ** -0.5, "wk": normal(DM, k, H) * DM ** -0.5,
-            "wv": normal(DM, k, H) * DM ** -0.5, "wo": normal(N, H, DM) * (N * H) ** -0.5}
+  params = {
+      "wq": normal(DM, N, H) * DM**-0.5,
+      "wk": normal(DM, k, H) * DM**-0.5,
+      "wv": normal(DM, k, H) * DM**-0.5,
+      "wo": normal(N, H, DM) * (N * H)**-0.5
+  }
   x = normal(B, T + DECODE_STEPS, DM)
   # Ragged rows: left padding, right padding, a one-token prompt, a full one.
-  mask = np.array([[0, 0, 1, 1, 1, 1],
-                   [1, 1, 1, 1, 0, 0],
-                   [0, 0, 0, 0, 0, 1],
-                   [1, 1, 1, 1, 1, 1]], np.bool_)
+  mask = np.array([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 0, 0], [0, 0, 0, 0, 0, 1], [1, 1, 1, 1, 1, 1]],
+                  np.bool_)
   return params, x, mask
 
 
@@ -130,14 +132,13 @@ def test_uneven_kv_heads_are_replicated_over_model(num_kv_heads):
 
 def test_stacked_caches_and_params_get_a_leading_layers_axis():
   mesh = _mesh()
-  cache = jax.eval_shape(lambda: jax.tree.map(lambda a: jnp.stack([a] * 3),
-                                              kvattn.init_cache(B, S, 4, H)))
+  cache = jax.eval_shape(
+      lambda: jax.tree.map(lambda a: jnp.stack([a] * 3), kvattn.init_cache(B, S, 4, H)))
   specs = sharding.cache_specs(cache, mesh)
   assert specs.k == PartitionSpec(None, "data", None, "model", None)
   assert specs.index == PartitionSpec(None)
-  params = jax.eval_shape(lambda: jax.vmap(
-      lambda k: kvattn.init_params(k, DM, N, num_kv_heads=4, head_dim=H, use_bias=True))(
-          jax.random.split(jax.random.key(0), 3)))
+  params = jax.eval_shape(lambda: jax.vmap(lambda k: kvattn.init_params(
+      k, DM, N, num_kv_heads=4, head_dim=H, use_bias=True))(jax.random.split(jax.random.key(0), 3)))
   p_specs = sharding.params_specs(params, mesh)
   assert p_specs["wq"] == PartitionSpec(None, None, "model", None)
   assert p_specs["bk"] == PartitionSpec(None, "model", None)
@@ -148,11 +149,11 @@ def test_stacked_caches_and_params_get_a_leading_layers_axis():
                     reason="this KVCache has no int8 scale fields")
 def test_int8_scales_are_sharded_like_the_cache():
   shape = lambda dtype, *dims: jax.ShapeDtypeStruct(dims, dtype)
-  cache = kvattn.KVCache(
-      k=shape(jnp.int8, B, S, 4, H), v=shape(jnp.int8, B, S, 4, H),
-      valid=shape(jnp.bool_, B, S), lengths=shape(jnp.int32, B),
-      index=shape(jnp.int32), overflow=shape(jnp.bool_),
-      k_scale=shape(jnp.float32, B, S, 4), v_scale=shape(jnp.float32, B, S, 4))
+  cache = kvattn.KVCache(k=shape(jnp.int8, B, S, 4, H), v=shape(jnp.int8, B, S, 4,
+                                                                H), valid=shape(jnp.bool_, B, S),
+                         lengths=shape(jnp.int32,
+                                       B), index=shape(jnp.int32), overflow=shape(jnp.bool_),
+                         k_scale=shape(jnp.float32, B, S, 4), v_scale=shape(jnp.float32, B, S, 4))
   specs = sharding.cache_specs(cache, _mesh())
   assert specs.k_scale == specs.v_scale == PartitionSpec("data", None, "model")
   unquantised = sharding.cache_specs(kvattn.init_cache(B, S, 4, H), _mesh())
@@ -160,12 +161,13 @@ def test_int8_scales_are_sharded_like_the_cache():
 
 
 def test_logical_to_mesh_axes_raises_on_collisions_and_unknown_axes():
-  assert sharding.logical_to_mesh_axes(("batch", None, "kv_heads")) == PartitionSpec("data", None, "model")
+  assert sharding.logical_to_mesh_axes(
+      ("batch", None, "kv_heads")) == PartitionSpec("data", None, "model")
   with pytest.raises(ValueError, match="uses a mesh axis twice"):
     sharding.logical_to_mesh_axes(("heads", "kv_heads"))
   with pytest.raises(ValueError, match="uses a mesh axis twice"):
-    sharding.logical_to_mesh_axes(("batch", "embed"), rules=(("batch", ("data", "model")),
-                                                            ("embed", "model")))
+    sharding.logical_to_mesh_axes(("batch", "embed"),
+                                  rules=(("batch", ("data", "model")), ("embed", "model")))
   with pytest.raises(ValueError, match="'vocab' has no rule"):
     sharding.logical_to_mesh_axes(("vocab",))
   with pytest.raises(ValueError, match="'batch' is named twice"):
@@ -174,21 +176,23 @@ def test_logical_to_mesh_axes_raises_on_collisions_and_unknown_axes():
 
 def test_dimensions_that_do_not_divide_raise():
   mesh = _mesh()
-  with pytest.raises(ValueError, match=r"cache.k dimension 0 \(batch\) has size 3, which "
-                     r"should divide by mesh axes \('data',\) of size 2"):
+  with pytest.raises(
+      ValueError, match=r"cache.k dimension 0 \(batch\) has size 3, which "
+      r"should divide by mesh axes \('data',\) of size 2"):
     sharding.cache_specs(kvattn.init_cache(3, S, 4, H), mesh)
   params = {"wq": jax.ShapeDtypeStruct((DM, 6, H), jnp.float32)}
   with pytest.raises(ValueError, match=r"params\['wq'\] dimension 1 \(heads\) has size 6"):
     sharding.params_specs(params, mesh)
   with pytest.raises(ValueError, match="does not have"):
-    sharding.cache_specs(kvattn.init_cache(B, S, 4, H), mesh, rules=(
-        ("batch", "replica"),) + sharding.DEFAULT_RULES[1:])
+    sharding.cache_specs(kvattn.init_cache(B, S, 4, H), mesh,
+                         rules=(("batch", "replica"),) + sharding.DEFAULT_RULES[1:])
 
 
 def test_malformed_trees_raise_naming_the_argument():
   mesh = _mesh()
-  with pytest.raises(TypeError, match="cache should be a KVCache or a pytree whose leaves are "
-                                      "all in KVCaches: but got ndarray"):
+  with pytest.raises(
+      TypeError, match="cache should be a KVCache or a pytree whose leaves are "
+      "all in KVCaches: but got ndarray"):
     sharding.cache_specs((np.zeros((B, S, 4, H)),), mesh)
   # A pytree of caches (a model's tuple of stacks) gives the same pytree of specs.
   one = kvattn.init_cache(B, S, 4, H)
@@ -205,8 +209,8 @@ def test_malformed_trees_raise_naming_the_argument():
 # Explicit axes make the output projection's einsum (a sum over split heads)
 # demand an out_sharding, which kvattn does not give: refused up front.
 def test_explicit_mesh_axes_are_refused():
-  mesh = jax.make_mesh((2, 4), ("data", "model"),
-                       axis_types=(jax.sharding.AxisType.Explicit,) * 2, devices=jax.devices("cpu"))
+  mesh = jax.make_mesh((2, 4), ("data", "model"), axis_types=(jax.sharding.AxisType.Explicit,) * 2,
+                       devices=jax.devices("cpu"))
   with pytest.raises(ValueError, match="should be Auto"):
     sharding.cache_specs(kvattn.init_cache(B, S, 4, H), mesh)
 
@@ -241,8 +245,7 @@ def test_jit_sharded_equals_single_device_and_keeps_cache_sharding(num_kv_heads)
   def keeps_sharding(new):
     jax.tree.map(_assert_sharding, new, c_shard)
 
-  out, cache = _run(prefill, decode, sharding.put(params, p_shard), cache, x, mask,
-                    keeps_sharding)
+  out, cache = _run(prefill, decode, sharding.put(params, p_shard), cache, x, mask, keeps_sharding)
   assert first.k.is_deleted(), "the cache should be donated"
   np.testing.assert_allclose(out, want, **TOL)
   np.testing.assert_allclose(cache.k, want_cache.k, **TOL)
@@ -257,14 +260,12 @@ _COLLECTIVE = re.compile(
     r"=\s*(\w+\[[\d,]*\])(?:\{[^}]*\})?\s+"
     r"(all-gather|all-to-all|collective-permute|reduce-scatter|all-reduce)(?:-start)?\(")
 
-
 # The factored mesh: for K=2 kv heads on a 4-way model axis, "model" becomes
 # kv:2 x rep:2, kv heads split over "kv" and query heads over both, so each
 # device holds just the kv head its query heads use.
 _FACTORED_RULES = (("heads", ("kv", "rep")), ("kv_heads", "kv")) + tuple(
-    (axis, mesh_axes) for axis, mesh_axes in sharding.DEFAULT_RULES
-    if axis not in ("heads", "kv_heads"))
-
+    (axis, mesh_axes)
+    for axis, mesh_axes in sharding.DEFAULT_RULES if axis not in ("heads", "kv_heads"))
 
 _INT8 = "quantized" in inspect.signature(kvattn.init_cache).parameters
 
@@ -282,8 +283,8 @@ def test_compiled_decode_step_moves_no_cache_bytes(num_kv_heads, mesh_axes, rule
   cache = kvattn.init_cache(B, S, num_kv_heads, H, **({"quantized": True} if quantized else {}))
   x_shard = NamedSharding(mesh, PartitionSpec("data", None, None))
   c_shard = sharding.cache_shardings(cache, mesh, rules)
-  decode = jax.jit(_decode, in_shardings=(sharding.params_shardings(params, mesh, rules),
-                                          c_shard, x_shard),
+  decode = jax.jit(_decode, in_shardings=(sharding.params_shardings(params, mesh,
+                                                                    rules), c_shard, x_shard),
                    out_shardings=(x_shard, c_shard), donate_argnums=1)
   hlo = decode.lower(params, cache, np.zeros((B, 1, DM), np.float32)).compile().as_text()
   collectives = _COLLECTIVE.findall(hlo)
@@ -328,13 +329,15 @@ def test_shard_map_per_shard_equals_single_device():
     def run(*args):
       out, new_cache = fn(*args)
       return jax.lax.psum(out, "model"), new_cache
+
     return run
 
-  prefill = jax.jit(jax.shard_map(local(_prefill), mesh=mesh,
-                                  in_specs=(p_spec, c_spec, x_spec, m_spec),
-                                  out_specs=(x_spec, c_spec)), donate_argnums=1)
-  decode = jax.jit(jax.shard_map(local(_decode), mesh=mesh, in_specs=(p_spec, c_spec, x_spec),
-                                 out_specs=(x_spec, c_spec)), donate_argnums=1)
+  prefill = jax.jit(
+      jax.shard_map(local(_prefill), mesh=mesh, in_specs=(p_spec, c_spec, x_spec, m_spec),
+                    out_specs=(x_spec, c_spec)), donate_argnums=1)
+  decode = jax.jit(
+      jax.shard_map(local(_decode), mesh=mesh, in_specs=(p_spec, c_spec, x_spec),
+                    out_specs=(x_spec, c_spec)), donate_argnums=1)
   out, cache = _run(prefill, decode, params, cache, x, mask)
   np.testing.assert_allclose(out, want, **TOL)
   np.testing.assert_allclose(cache.k, want_cache.k, **TOL)

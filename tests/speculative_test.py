@@ -28,8 +28,8 @@ from tests import compiles
 REPO = pathlib.Path(__file__).absolute().parents[1]
 PROMPTS = ["class Stack:\n    def push(self, item):\n", "def f(", "import sys\n"]
 M = 20  # max_new_tokens
-RANDOM = transformer.Config(vocab_size=98, num_layers=1, d_model=16, num_heads=2,
-                            num_kv_heads=1, head_dim=8, d_ff=32, rope_base=10_000.0)
+RANDOM = transformer.Config(vocab_size=98, num_layers=1, d_model=16, num_heads=2, num_kv_heads=1,
+                            head_dim=8, d_ff=32, rope_base=10_000.0)
 
 
 @functools.lru_cache(maxsize=None)
@@ -45,8 +45,8 @@ def _draft(kind):
   if kind == "same":
     return params, config
   if kind == "one_layer":
-    return dict(params, layers=jax.tree.map(lambda a: a[:1], params["layers"])), config._replace(
-        num_layers=1)
+    return dict(params, layers=jax.tree.map(lambda a: a[:1],
+                                            params["layers"])), config._replace(num_layers=1)
   assert RANDOM.vocab_size == config.vocab_size
   return transformer.init_params(jax.random.key(7), RANDOM), RANDOM
 
@@ -67,9 +67,10 @@ def _greedy(batch, left_pad):
   params, config, _ = _model()
   tokens, mask = _prompts(batch, left_pad)
   caches = transformer.init_caches(config, batch, tokens.shape[1] + M - 1)
-  return np.asarray(generation.generate(
-      transformer.step_fn(config), params, caches, tokens, mask, max_new_tokens=M,
-      sampler=sampling.Sampler(), key=jax.random.key(0)).tokens)
+  return np.asarray(
+      generation.generate(transformer.step_fn(config), params, caches, tokens, mask,
+                          max_new_tokens=M, sampler=sampling.Sampler(),
+                          key=jax.random.key(0)).tokens)
 
 
 def _speculative(kind, tokens, mask, k, max_len=None):
@@ -77,11 +78,11 @@ def _speculative(kind, tokens, mask, k, max_len=None):
   draft_params, draft_config = _draft(kind)
   b, p = tokens.shape
   s = max_len or speculative.required_max_len(b, p, M, k)
-  return speculative.speculative_generate(
-      transformer.step_fn(config), params, transformer.init_caches(config, b, s),
-      transformer.step_fn(draft_config), draft_params,
-      transformer.init_caches(draft_config, b, s), tokens, mask, max_new_tokens=M,
-      num_draft=k)
+  return speculative.speculative_generate(transformer.step_fn(config), params,
+                                          transformer.init_caches(config, b, s),
+                                          transformer.step_fn(draft_config), draft_params,
+                                          transformer.init_caches(draft_config, b, s), tokens, mask,
+                                          max_new_tokens=M, num_draft=k)
 
 
 @pytest.mark.parametrize("kind, batch, left_pad, k", [
@@ -118,24 +119,25 @@ def test_eos_ends_each_row_as_in_generate():
   greedy = _greedy(3, False)
   # An EOS every row reaches before M: the token each row draws third.
   eos = [int(t) for t in greedy[:, 2]]
-  want = generation.generate(
-      transformer.step_fn(config), params, transformer.init_caches(config, b, p + M - 1),
-      tokens, mask, max_new_tokens=M, eos_id=eos, pad_id=97).tokens
+  want = generation.generate(transformer.step_fn(config), params,
+                             transformer.init_caches(config, b, p + M - 1), tokens, mask,
+                             max_new_tokens=M, eos_id=eos, pad_id=97).tokens
   assert np.all(np.asarray(want)[:, -1] == 97)  # Every row ended early.
   s = speculative.required_max_len(b, p, M, 2)
-  out, stats = speculative.speculative_generate(
-      transformer.step_fn(config), params, transformer.init_caches(config, b, s),
-      transformer.step_fn(draft_config), draft_params,
-      transformer.init_caches(draft_config, b, s), tokens, mask, max_new_tokens=M,
-      num_draft=2, eos_id=eos, pad_id=97)
+  out, stats = speculative.speculative_generate(transformer.step_fn(config), params,
+                                                transformer.init_caches(config, b, s),
+                                                transformer.step_fn(draft_config), draft_params,
+                                                transformer.init_caches(draft_config, b, s), tokens,
+                                                mask, max_new_tokens=M, num_draft=2, eos_id=eos,
+                                                pad_id=97)
   np.testing.assert_array_equal(out, want)
   assert int(stats.rounds) <= 3  # Three tokens per row at most: rounds stop with them.
   with pytest.raises(ValueError, match=r"eos_id should be None, an int or a non-empty list"):
-    speculative.speculative_generate(
-        transformer.step_fn(config), params, transformer.init_caches(config, b, s),
-        transformer.step_fn(draft_config), draft_params,
-        transformer.init_caches(draft_config, b, s), tokens, mask, max_new_tokens=M,
-        num_draft=2, eos_id="1")
+    speculative.speculative_generate(transformer.step_fn(config), params,
+                                     transformer.init_caches(config, b, s),
+                                     transformer.step_fn(draft_config), draft_params,
+                                     transformer.init_caches(draft_config, b, s), tokens, mask,
+                                     max_new_tokens=M, num_draft=2, eos_id="1")
 
 
 @pytest.mark.slow
@@ -153,11 +155,11 @@ def test_one_round_compiles_once_and_runs_from_python_as_in_the_loop():
   with compiles.compilations() as compiled:
     for tokens, mask in batches:
       s = speculative.required_max_len(3, tokens.shape[1], M, k)
-      state = speculative.start(
-          transformer.step_fn(config), params, transformer.init_caches(config, 3, s),
-          transformer.step_fn(draft_config), draft_params,
-          transformer.init_caches(draft_config, 3, s), tokens, mask, max_new_tokens=M,
-          num_draft=k)
+      state = speculative.start(transformer.step_fn(config), params,
+                                transformer.init_caches(config, 3, s),
+                                transformer.step_fn(draft_config), draft_params,
+                                transformer.init_caches(draft_config, 3, s), tokens, mask,
+                                max_new_tokens=M, num_draft=k)
       rounds = 0
       while bool(np.any(np.asarray(state.count) < M)):
         state = speculative.advance(transformer.step_fn(config), params,
@@ -179,50 +181,53 @@ def test_required_max_len_is_exactly_enough_for_one_row():
   s = speculative.required_max_len(1, tokens.shape[1], M, k)
   assert s == tokens.shape[1] + M + k - 1
   assert speculative.required_max_len(3, tokens.shape[1], M, k) == tokens.shape[1] + (M - 1) * 5
-  with pytest.raises(ValueError, match=rf"target_caches max_len should be at least "
-                     rf"P \+ M \+ k - 1 = {tokens.shape[1]} \+ {M} \+ {k} - 1 = {s}: but got "
-                     rf"S={s - 1}"):
+  with pytest.raises(
+      ValueError, match=rf"target_caches max_len should be at least "
+      rf"P \+ M \+ k - 1 = {tokens.shape[1]} \+ {M} \+ {k} - 1 = {s}: but got "
+      rf"S={s - 1}"):
     _speculative("one_layer", tokens, mask, k, max_len=s - 1)
 
 
 def _bad(**kw):
   """A call of speculative_generate with kw changed; built lazily, so importing this
   file does not start the jax backend (under Bazel it is imported before conftest)."""
-
   def call():
     params, config, _ = _model()
     tokens, mask = np.ones((2, 3), np.int32), np.ones((2, 3), bool)
     args = dict(target_step_fn=transformer.step_fn(config), target_params=params,
-                target_caches=transformer.init_caches(config, 2, 40),
-                draft_step_fn=transformer.step_fn(config), draft_params=params,
-                draft_caches=transformer.init_caches(config, 2, 40),
-                prompt_tokens=tokens, prompt_mask=mask, max_new_tokens=4, num_draft=2) | kw
+                target_caches=transformer.init_caches(
+                    config, 2, 40), draft_step_fn=transformer.step_fn(config), draft_params=params,
+                draft_caches=transformer.init_caches(config, 2, 40), prompt_tokens=tokens,
+                prompt_mask=mask, max_new_tokens=4, num_draft=2) | kw
     return speculative.speculative_generate(**args)
 
   return call
 
 
-@pytest.mark.parametrize("call, error, match", [
-    (_bad(num_draft=0), ValueError, r"num_draft should be a positive int: but got 0"),
-    (_bad(max_new_tokens=2.0), ValueError, r"max_new_tokens should be a positive int"),
-    (_bad(prompt_tokens=np.ones((3,), np.int32)), ValueError,
-     r"prompt_tokens shape should be \(B, P\)"),
-    (_bad(prompt_tokens=np.ones((2, 3), np.float32)), ValueError,
-     r"prompt_tokens dtype should be an integer"),
-    (_bad(prompt_mask=np.ones((2, 4), bool)), ValueError,
-     r"mask shape should be \(B, T\)=\(2, 3\)"),
-    (_bad(max_new_tokens=30), ValueError,
-     r"target_caches max_len should be at least P \+ \(M - 1\)\(k \+ 1\) = 3 \+ 29 \* 3 = 90: "
-     r"but got S=40"),
-    (_bad(draft_step_fn=None), TypeError, r"draft_step_fn should be callable: but got NoneType"),
-    # The prompt rules of generate: ids within the vocabulary, a real token in every row.
-    (_bad(prompt_tokens=np.array([[1, 2, 3], [4, 5, 98]], np.int32)), ValueError,
-     r"prompt_tokens should be ids in \[0, V\)=\[0, 98\): but got 98 at row 1, column 2"),
-    (_bad(prompt_mask=np.array([[1, 1, 1], [0, 0, 0]], bool)), ValueError,
-     r"prompt_mask should mark at least one real token in every row: but rows \[1\]"),
-    (_bad(target_caches={"k": np.zeros((2, 40, 1, 8))}), TypeError,
-     r"target_caches should be a KVCache or a pytree whose leaves are all in KVCaches"),
-])
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (_bad(num_draft=0), ValueError, r"num_draft should be a positive int: but got 0"),
+        (_bad(max_new_tokens=2.0), ValueError, r"max_new_tokens should be a positive int"),
+        (_bad(prompt_tokens=np.ones((3,), np.int32)), ValueError,
+         r"prompt_tokens shape should be \(B, P\)"),
+        (_bad(prompt_tokens=np.ones((2, 3), np.float32)), ValueError,
+         r"prompt_tokens dtype should be an integer"),
+        (_bad(prompt_mask=np.ones((2, 4), bool)), ValueError,
+         r"mask shape should be \(B, T\)=\(2, 3\)"),
+        (_bad(max_new_tokens=30), ValueError,
+         r"target_caches max_len should be at least P \+ \(M - 1\)\(k \+ 1\) = 3 \+ 29 \* 3 = 90: "
+         r"but got S=40"),
+        (_bad(draft_step_fn=None), TypeError,
+         r"draft_step_fn should be callable: but got NoneType"),
+        # The prompt rules of generate: ids within the vocabulary, a real token in every row.
+        (_bad(prompt_tokens=np.array([[1, 2, 3], [4, 5, 98]], np.int32)), ValueError,
+         r"prompt_tokens should be ids in \[0, V\)=\[0, 98\): but got 98 at row 1, column 2"),
+        (_bad(prompt_mask=np.array([[1, 1, 1], [0, 0, 0]], bool)), ValueError,
+         r"prompt_mask should mark at least one real token in every row: but rows \[1\]"),
+        (_bad(target_caches={"k": np.zeros((2, 40, 1, 8))}), TypeError,
+         r"target_caches should be a KVCache or a pytree whose leaves are all in KVCaches"),
+    ])
 def test_bad_arguments_raise(call, error, match):
   with pytest.raises(error, match=match):
     call()
@@ -231,22 +236,25 @@ def test_bad_arguments_raise(call, error, match):
 def test_different_vocabularies_raise():
   params, config, _ = _model()
   small = RANDOM._replace(vocab_size=50)
-  with pytest.raises(ValueError, match=r"the target's vocabulary size should be the draft's, "
-                     r"V=50: but got 98"):
-    speculative.speculative_generate(
-        transformer.step_fn(config), params, transformer.init_caches(config, 1, 12),
-        transformer.step_fn(small), transformer.init_params(jax.random.key(0), small),
-        transformer.init_caches(small, 1, 12), np.ones((1, 3), np.int32), np.ones((1, 3), bool),
-        max_new_tokens=4, num_draft=2)
+  with pytest.raises(
+      ValueError, match=r"the target's vocabulary size should be the draft's, "
+      r"V=50: but got 98"):
+    speculative.speculative_generate(transformer.step_fn(config), params,
+                                     transformer.init_caches(config, 1, 12),
+                                     transformer.step_fn(small),
+                                     transformer.init_params(jax.random.key(0), small),
+                                     transformer.init_caches(small, 1, 12), np.ones((1, 3),
+                                                                                    np.int32),
+                                     np.ones((1, 3), bool), max_new_tokens=4, num_draft=2)
 
 
 @pytest.mark.slow
 def test_main_prints_the_text_the_acceptance_rate_and_the_speed_up():
   prompt = "def f("
-  run = subprocess.run(
-      [sys.executable, "examples/speculative.py", f"--prompt={prompt}", f"--max_new_tokens={M}",
-       "--num_draft=2", "--repeats=1"],
-      cwd=REPO, capture_output=True, text=True, timeout=180, check=False)
+  run = subprocess.run([
+      sys.executable, "examples/speculative.py", f"--prompt={prompt}", f"--max_new_tokens={M}",
+      "--num_draft=2", "--repeats=1"
+  ], cwd=REPO, capture_output=True, text=True, timeout=180, check=False)
   assert run.returncode == 0, run.stderr
   lines = run.stdout.splitlines()
   assert lines[-1] == "identical to the target alone: True", run.stdout

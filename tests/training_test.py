@@ -37,8 +37,8 @@ def test_training_lowers_the_loss():
   data = vocab.encode(text)
   config = TINY._replace(vocab_size=len(vocab))
   logs = []
-  _, loss = training.train(config, data, steps=30, batch_size=8, seq_len=32, lr=1e-2,
-                               log_every=10, log=logs.append)
+  _, loss = training.train(config, data, steps=30, batch_size=8, seq_len=32, lr=1e-2, log_every=10,
+                           log=logs.append)
   first = float(logs[0].split("loss ")[1].split()[0])
   assert loss < first - 0.5, logs
   assert "steps/s" in logs[-1] and "eta" in logs[-1]

@@ -14,20 +14,19 @@ import pytest
 import kvattn
 from kvattn.models import transformer
 
-ROPE_GQA = transformer.Config(vocab_size=40, num_layers=3, d_model=32, num_heads=4,
-                              num_kv_heads=2, head_dim=8, d_ff=64, rope_base=10_000.0,
-                              tie_embeddings=False, activation="relu", use_bias=False)
-LEARNED = transformer.Config(vocab_size=40, num_layers=2, d_model=32, num_heads=4,
-                             num_kv_heads=4, head_dim=8, d_ff=64, max_positions=16)
+ROPE_GQA = transformer.Config(vocab_size=40, num_layers=3, d_model=32, num_heads=4, num_kv_heads=2,
+                              head_dim=8, d_ff=64, rope_base=10_000.0, tie_embeddings=False,
+                              activation="relu", use_bias=False)
+LEARNED = transformer.Config(vocab_size=40, num_layers=2, d_model=32, num_heads=4, num_kv_heads=4,
+                             head_dim=8, d_ff=64, max_positions=16)
 # The Llama family's pieces: RMSNorm, SwiGLU, q/k/v biases only, scaled RoPE.
-LLAMA_LIKE = ROPE_GQA._replace(norm="rms_norm", gated_mlp=True, activation="silu",
-                               qkv_bias=True, tie_embeddings=True,
+LLAMA_LIKE = ROPE_GQA._replace(norm="rms_norm", gated_mlp=True, activation="silu", qkv_bias=True,
+                               tie_embeddings=True,
                                rope_scaling=kvattn.rope.Scaling("llama3", 4.0, 1.0, 4.0, 8))
 TOL = dict(rtol=1e-4, atol=1e-4)
 
 forward = jax.jit(transformer.forward, static_argnames="config")
 step = jax.jit(transformer.step, static_argnames="config")
-
 
 # Local and global layers: the caches are rings with a window per layer.
 MIXED_WINDOWS = LLAMA_LIKE._replace(window_pattern=(3, None, 2))
@@ -86,13 +85,12 @@ def test_init_shapes_and_stacked_caches():
 
 
 @pytest.mark.parametrize("call, match", [
-    (lambda p, c: transformer.step(p, c, jnp.zeros((2,), jnp.int32), None, config=LEARNED),
-     r"tokens should be int with shape \(B, T\)"),
-    (lambda p, c: transformer.step(p, c, jnp.zeros((2, 3)), None, config=LEARNED),
-     r"tokens should be int"),
-    (lambda p, c: transformer.step(p, c, jnp.zeros((2, 3), jnp.int32), jnp.ones((2, 4), bool),
-                                   config=LEARNED),
-     r"mask should be bool with shape \(B, T\)=\(2, 3\)"),
+    (lambda p, c: transformer.step(p, c, jnp.zeros(
+        (2,), jnp.int32), None, config=LEARNED), r"tokens should be int with shape \(B, T\)"),
+    (lambda p, c: transformer.step(p, c, jnp.zeros(
+        (2, 3)), None, config=LEARNED), r"tokens should be int"),
+    (lambda p, c: transformer.step(p, c, jnp.zeros((2, 3), jnp.int32), jnp.ones(
+        (2, 4), bool), config=LEARNED), r"mask should be bool with shape \(B, T\)=\(2, 3\)"),
 ])
 def test_bad_inputs_raise(call, match):
   params = transformer.init_params(jax.random.key(0), LEARNED)
@@ -112,8 +110,8 @@ def test_llama_like_params_layout():
     (dict(norm="batch_norm"), r"config.norm should be one of \('layer_norm', 'rms_norm'\)"),
     (dict(num_kv_heads=3), r"query heads N=4 should be a multiple of the kv heads K=3"),
     (dict(d_ff=0), r"d_ff should be a positive int"),
-    (dict(rope_base=None, max_positions=8, rope_scaling=kvattn.rope.Scaling("linear", 2.0)),
-     r"config.rope_scaling needs config.rope_base"),
+    (dict(rope_base=None, max_positions=8, rope_scaling=kvattn.rope.Scaling(
+        "linear", 2.0)), r"config.rope_scaling needs config.rope_base"),
     (dict(rope_scaling=kvattn.rope.Scaling("ntk", 2.0)), r"config.rope_scaling.kind"),
     (dict(window_pattern=(4, 0)), r"config.window_pattern should be a positive int: but got 0"),
 ])
@@ -126,12 +124,12 @@ def test_bad_configs_raise(change, match):
 
 @pytest.mark.parametrize("window_pattern", [4, [4, None]])
 def test_a_window_pattern_that_is_not_a_tuple_raises(window_pattern):
-  with pytest.raises(TypeError, match=r"config.window_pattern should be a tuple of positive ints "
-                                      r"and Nones \(W for every layer: \(W,\)\)"):
+  with pytest.raises(
+      TypeError, match=r"config.window_pattern should be a tuple of positive ints "
+      r"and Nones \(W for every layer: \(W,\)\)"):
     transformer.check_config(ROPE_GQA._replace(window_pattern=window_pattern))
   with pytest.raises(TypeError, match=r"sliding_window"):  # Issue 21: window_pattern=(W,) now.
     transformer.Config(**ROPE_GQA._asdict(), sliding_window=4)
-
 
 
 def test_one_window_for_every_layer_equals_the_per_layer_pattern():
@@ -197,7 +195,6 @@ def test_out_of_range_pad_ids_change_no_real_logit(pad_id):
   np.testing.assert_allclose(outs[1][real], outs[0][real], rtol=1e-6, atol=1e-6)
 
 
-
 @pytest.mark.parametrize("pad_id", [-100, 40], ids=["negative", "vocab_size"])
 @pytest.mark.slow
 def test_out_of_range_pad_ids_leave_the_gradient_finite_and_unchanged(pad_id):
@@ -209,7 +206,7 @@ def test_out_of_range_pad_ids_leave_the_gradient_finite_and_unchanged(pad_id):
 
   def loss(p, pad):
     padded = jnp.asarray(np.where(mask, tokens, pad), jnp.int32)
-    return jnp.sum(transformer.forward(p, padded, jnp.asarray(mask), config=config) ** 2)
+    return jnp.sum(transformer.forward(p, padded, jnp.asarray(mask), config=config)**2)
 
   want = jax.grad(loss)(params, 0)
   got = jax.grad(loss)(params, pad_id)
@@ -238,8 +235,8 @@ def test_unstacked_layers_give_the_same_logits_and_caches(config):
                              forward(params, tokens, mask, config=config), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("config", [ROPE_GQA, LEARNED, LLAMA_LIKE], ids=["untied", "learned",
-                                                                        "llama_like"])
+@pytest.mark.parametrize("config", [ROPE_GQA, LEARNED, LLAMA_LIKE],
+                         ids=["untied", "learned", "llama_like"])
 @pytest.mark.parametrize("unstacked", [False, True], ids=["stacked", "unstacked"])
 def test_params_logical_axes_shard_every_leaf_on_a_mesh(config, unstacked):
   """Every param has logical axes (MLP and vocabulary too, gated or not, stacked or per
@@ -254,8 +251,8 @@ def test_params_logical_axes_shard_every_leaf_on_a_mesh(config, unstacked):
   for leaf, spec in zip(flat, specs):
     assert len(spec) == leaf.ndim, (leaf.shape, spec)
   mesh = kvattn.sharding.make_mesh("data:2,model:4", jax.devices("cpu")[:8])
-  shardings = kvattn.sharding.named(kvattn.sharding.tree_specs(
-      params, axes, mesh, transformer.RULES, name="params"), mesh)
+  shardings = kvattn.sharding.named(
+      kvattn.sharding.tree_specs(params, axes, mesh, transformer.RULES, name="params"), mesh)
   layer_shardings = shardings["layers"][0] if unstacked else shardings["layers"]
   lead = () if unstacked else (None,)
   assert layer_shardings["mlp"]["w_in"].spec == jax.sharding.PartitionSpec(*lead, None, "model")

@@ -127,8 +127,7 @@ def attend(q: jax.Array, k_new: jax.Array, v_new: jax.Array, cache: KVCache, sta
 
 def attend_ring(q: jax.Array, k_new: jax.Array, v_new: jax.Array, cache: KVCache,
                 positions: jax.Array, mask: jax.Array, *, block_q: int | None = None,
-                block_kv: int | None = None, interpret: bool = False
-                ) -> tuple[jax.Array, KVCache]:
+                block_kv: int | None = None, interpret: bool = False) -> tuple[jax.Array, KVCache]:
   """`kvattn.kernels.xla.attend_ring` as Pallas kernels: a ring cache, read before its write.
 
   The same kernels, with each key's token position (the ring's `positions`,
@@ -156,8 +155,8 @@ BACKEND = Backend("pallas_gpu", attend, attend_ring, platforms=("cuda",),
                   interpret_platforms=("cpu",), unsupported=unsupported)
 
 
-def _attention(q, k_new, v_new, cache, end, mask, *, causal, window, positions, block_q,
-               block_kv, interpret):
+def _attention(q, k_new, v_new, cache, end, mask, *, causal, window, positions, block_q, block_kv,
+               interpret):
   """o `[B, T, N, H]`: the new queries over cache slots [0, end) and the new keys.
 
   With `window`, a ring cache: `positions` are the new tokens', the cache's
@@ -169,7 +168,7 @@ def _attention(q, k_new, v_new, cache, end, mask, *, causal, window, positions, 
   low = cache.k.dtype in (jnp.bfloat16, jnp.float16)
   dot_dtype = cache.k.dtype if low else jnp.float32
   # Rows grouped by kv head, token-major: [B, K, R, H], pre-scaled.
-  rows = (q.astype(jnp.float32) * h ** -0.5).reshape(b, t, kh, g, h).transpose(0, 2, 1, 3, 4)
+  rows = (q.astype(jnp.float32) * h**-0.5).reshape(b, t, kh, g, h).transpose(0, 2, 1, 3, 4)
   rows = rows.reshape(b, kh, t * g, h).astype(dot_dtype)
   row_ok = jnp.repeat(mask, g, axis=1)  # [B, R]
   row_pos = None if window is None else jnp.repeat(positions, g, axis=1)  # [B, R]
@@ -245,10 +244,10 @@ def _flash(rows, row_ok, k, v, key_ok, scales, end, *, causal, group, row_block,
   # Causal chunks do not split: their programs already cover every row block.
   splits = 1 if causal else max(1, min(key_blocks, _TARGET_PROGRAMS // (b * kh * row_blocks)))
   per_split = -(-key_blocks // splits)
-  kernel = functools.partial(
-      _kernel, key_block=key_block, per_split=per_split, length=length, row_block=row_block,
-      group=group, causal=causal, quantized=scales is not None, windowed=windowed,
-      dot_dtype=dot_dtype, precision=_precision(dot_dtype))
+  kernel = functools.partial(_kernel, key_block=key_block, per_split=per_split, length=length,
+                             row_block=row_block, group=group, causal=causal, quantized=scales
+                             is not None, windowed=windowed, dot_dtype=dot_dtype,
+                             precision=_precision(dot_dtype))
 
   def keys(*block):  # A (b, kv head)'s whole key axis.
     return pl.BlockSpec(block, lambda i, j, m, s: (i, 0, j, 0)[:len(block)])
@@ -262,31 +261,40 @@ def _flash(rows, row_ok, k, v, key_ok, scales, end, *, causal, group, row_block,
       pl.BlockSpec((None, length), lambda i, j, m, s: (i, 0)),
   ]
   # The scalars: end, and the window (unused without one).
-  scalars = jnp.stack([jnp.asarray(end, jnp.int32),
-                       jnp.asarray(0 if window is None else window, jnp.int32)])
+  scalars = jnp.stack(
+      [jnp.asarray(end, jnp.int32),
+       jnp.asarray(0 if window is None else window, jnp.int32)])
   operands = [scalars, rows, row_ok, k, v, key_ok.astype(jnp.int32)]
   if scales is not None:
     scale_spec = pl.BlockSpec((None, length, None), lambda i, j, m, s: (i, 0, j))
     in_specs += [scale_spec, scale_spec]
     operands += list(scales)
   if windowed:
-    in_specs += [pl.BlockSpec((None, row_block), lambda i, j, m, s: (i, m)),
-                 pl.BlockSpec((None, length), lambda i, j, m, s: (i, 0))]
-    operands += [jnp.pad(row_pos, ((0, 0), (0, padded - r))).astype(jnp.int32),
-                 key_pos.astype(jnp.int32)]
-  out_shape = [jax.ShapeDtypeStruct((b, kh, splits, padded, h), jnp.float32),
-               jax.ShapeDtypeStruct((b, kh, splits, padded), jnp.float32),
-               jax.ShapeDtypeStruct((b, kh, splits, padded), jnp.float32)]
-  out_specs = [pl.BlockSpec((None, None, None, row_block, h), lambda i, j, m, s: (i, j, s, m, 0)),
-               pl.BlockSpec((None, None, None, row_block), lambda i, j, m, s: (i, j, s, m)),
-               pl.BlockSpec((None, None, None, row_block), lambda i, j, m, s: (i, j, s, m))]
+    in_specs += [
+        pl.BlockSpec((None, row_block), lambda i, j, m, s: (i, m)),
+        pl.BlockSpec((None, length), lambda i, j, m, s: (i, 0))
+    ]
+    operands += [
+        jnp.pad(row_pos, ((0, 0), (0, padded - r))).astype(jnp.int32),
+        key_pos.astype(jnp.int32)
+    ]
+  out_shape = [
+      jax.ShapeDtypeStruct((b, kh, splits, padded, h), jnp.float32),
+      jax.ShapeDtypeStruct((b, kh, splits, padded), jnp.float32),
+      jax.ShapeDtypeStruct((b, kh, splits, padded), jnp.float32)
+  ]
+  out_specs = [
+      pl.BlockSpec((None, None, None, row_block, h), lambda i, j, m, s: (i, j, s, m, 0)),
+      pl.BlockSpec((None, None, None, row_block), lambda i, j, m, s: (i, j, s, m)),
+      pl.BlockSpec((None, None, None, row_block), lambda i, j, m, s: (i, j, s, m))
+  ]
   params = {}
   if not interpret:
     from jax.experimental.pallas import triton as plgpu  # Only where it compiles.
     params["compiler_params"] = plgpu.CompilerParams(num_warps=4, num_stages=2)
-  o, m, l = pl.pallas_call(
-      kernel, grid=(b, kh, row_blocks, splits), in_specs=in_specs, out_specs=out_specs,
-      out_shape=out_shape, interpret=interpret, name="kvattn_flash", **params)(*operands)
+  o, m, l = pl.pallas_call(kernel, grid=(b, kh, row_blocks, splits), in_specs=in_specs,
+                           out_specs=out_specs, out_shape=out_shape, interpret=interpret,
+                           name="kvattn_flash", **params)(*operands)
   part = accumulate_axis(Partial(o, m, l), axis=2)  # Over the splits.
   return Partial(part.o[:, :, :r], part.m[:, :, :r], part.l[:, :, :r])
 
@@ -332,8 +340,8 @@ def _kernel(scalars_ref, q_ref, q_ok_ref, k_ref, v_ref, k_ok_ref, *refs, key_blo
     column = at + lax.broadcasted_iota(jnp.int32, (key_block, 1), 0)
     key_ok = ((k_ok_ref[keys] != 0)[:, None] & (column >= first) & (column < needed))
     v = jnp.where(key_ok, v, jnp.zeros_like(v))
-    logits = lax.dot_general(q, k.astype(dot_dtype), (((1,), (1,)), ((), ())),
-                             precision=precision, preferred_element_type=jnp.float32)  # [RB, C]
+    logits = lax.dot_general(q, k.astype(dot_dtype), (((1,), (1,)), ((), ())), precision=precision,
+                             preferred_element_type=jnp.float32)  # [RB, C]
     if quantized:
       logits = logits * k_scale_ref[keys][None, :]
     p, m = probabilities(logits, allowed, 1)

@@ -85,14 +85,13 @@ def group_queries(q: jax.Array, num_kv_heads: int) -> jax.Array:
   `kvattn.kernels.xla_training`) feeds `attend_chunk` the same numbers.
   """
   b, t, n, h = q.shape
-  qh = q.astype(jnp.float32) * (h ** -0.5)
+  qh = q.astype(jnp.float32) * (h**-0.5)
   return qh.reshape(b, t, num_kv_heads, n // num_kv_heads, h).transpose(0, 2, 3, 1, 4)
 
 
 def attend_ring(q: jax.Array, k_new: jax.Array, v_new: jax.Array, cache: KVCache,
                 positions: jax.Array, mask: jax.Array, *, block_q: int | None = None,
-                block_kv: int | None = None, interpret: bool = False
-                ) -> tuple[jax.Array, KVCache]:
+                block_kv: int | None = None, interpret: bool = False) -> tuple[jax.Array, KVCache]:
   """Attention of the new tokens over a ring cache (read before the write) and themselves.
 
   Args:
@@ -120,8 +119,7 @@ def attend_ring(q: jax.Array, k_new: jax.Array, v_new: jax.Array, cache: KVCache
   return o.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q.dtype), cache
 
 
-def _attend_ring_slots(qh, q_mask, q_positions, cache: KVCache,
-                       block) -> tuple[Partial, KVCache]:
+def _attend_ring_slots(qh, q_mask, q_positions, cache: KVCache, block) -> tuple[Partial, KVCache]:
   """Partial softmax of the queries over every slot of a ring, block by block.
 
   A slot is seen when it holds a real token of the row (`valid`) within the
@@ -139,8 +137,8 @@ def _attend_ring_slots(qh, q_mask, q_positions, cache: KVCache,
     take = lambda name: read_slots(bufs[name], start, block, cache.layer)
     slot = start + lax.broadcasted_iota(jnp.int32, (1, block), 1)
     valid = take("valid") & (slot >= first)
-    allowed = (masks.padding_mask(q_mask, valid)
-               & masks.window_mask(q_positions, take("positions"), window))
+    allowed = (masks.padding_mask(q_mask, valid) &
+               masks.window_mask(q_positions, take("positions"), window))
     scales = (take("k_scale"), take("v_scale")) if cache.quantized else None
     return accumulate(acc, _partial(qh, take("k"), take("v"), allowed, scales)), bufs
 
@@ -199,8 +197,7 @@ def _attend_cache(qh, q_mask, cache: KVCache, end, block) -> tuple[Partial, KVCa
     scales = (take(bufs["k_scale"]), take(bufs["v_scale"])) if cache.quantized else None
     slot = start + lax.broadcasted_iota(jnp.int32, (1, block), 1)
     valid = take(bufs["valid"]) & (slot >= first) & (slot < end)  # [B, C]
-    part = _partial(qh, take(bufs["k"]), take(bufs["v"]), masks.padding_mask(q_mask, valid),
-                    scales)
+    part = _partial(qh, take(bufs["k"]), take(bufs["v"]), masks.padding_mask(q_mask, valid), scales)
     return accumulate(acc, part), bufs
 
   b, kh, g, t, h = qh.shape

@@ -57,8 +57,7 @@ def _forward(q, k, v, mask, window, causal: bool, block: int):
   b, t, n, h = q.shape
   kh = k.shape[2]
   positions = None if window is None else masks.real_before(mask)
-  part = attend_chunk(group_queries(q, kh), k, v, mask, not causal, block, positions,
-                          window)
+  part = attend_chunk(group_queries(q, kh), k, v, mask, not causal, block, positions, window)
   o_rows = normalize(part)
   seen = part.l > 0.0
   lse = jnp.where(seen, part.m + jnp.log(jnp.where(seen, part.l, 1.0)), 0.0)
@@ -114,6 +113,7 @@ def _backward(causal: bool, block: int, residuals, do):
   def dq_block(i):
     def body(j, dq):
       return dq + jnp.einsum("BKGTC,BKCH->BKGTH", block_grads(i, j)[1], take(kt, j, 2))
+
     init = varying_like(jnp.zeros((b, kh, g, block, h), f32), (reads, i))
     return lax.fori_loop(0, i + 1 if causal else num_blocks, body, init)
 
@@ -123,18 +123,18 @@ def _backward(causal: bool, block: int, residuals, do):
       dk = acc[0] + jnp.einsum("BKGTC,BKGTH->BKCH", ds, take(qh, i, 3))
       dv = acc[1] + jnp.einsum("BKGTC,BKGTH->BKCH", p, take(doh, i, 3))
       return dk, dv
+
     init = varying_like((jnp.zeros((b, kh, block, h), f32),) * 2, (reads, j))
     return lax.fori_loop(j if causal else 0, num_blocks, body, init)
 
   blocks = jnp.arange(num_blocks, dtype=jnp.int32)
   dq = lax.map(dq_block, blocks)  # [num_blocks, B, K, G, C, H]
   dk, dv = lax.map(dkv_block, blocks)  # [num_blocks, B, K, C, H] each
-  dq = jnp.moveaxis(dq, 0, 3).reshape(b, kh, g, padded, h)[:, :, :, :t] * (h ** -0.5)
+  dq = jnp.moveaxis(dq, 0, 3).reshape(b, kh, g, padded, h)[:, :, :, :t] * (h**-0.5)
   dq = dq.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
   unblock = lambda x: jnp.moveaxis(x, 0, 2).reshape(b, kh, padded, h)[:, :, :t].transpose(
       0, 2, 1, 3)
-  return (dq.astype(q.dtype), unblock(dk).astype(k.dtype), unblock(dv).astype(v.dtype), None,
-          None)
+  return (dq.astype(q.dtype), unblock(dk).astype(k.dtype), unblock(dv).astype(v.dtype), None, None)
 
 
 attend_sequence.defvjp(_forward, _backward)

@@ -32,7 +32,6 @@ _PAD_CHAR = "\x00"
 
 class Vocab:
   """Characters <-> ids. Id 0 is padding and stands for unknown characters."""
-
   def __init__(self, chars: Sequence[str]):
     if not chars or chars[0] != _PAD_CHAR:
       raise ValueError("chars[0] should be the padding character '\\x00'")
@@ -80,14 +79,14 @@ def save(path: str | pathlib.Path, params: transformer.Params, config: transform
   np.savez_compressed(path, **arrays)
 
 
-def load(path: str | pathlib.Path = DEFAULT_CHECKPOINT
-         ) -> tuple[transformer.Params, transformer.Config, Vocab]:
+def load(
+    path: str | pathlib.Path = DEFAULT_CHECKPOINT
+) -> tuple[transformer.Params, transformer.Config, Vocab]:
   """Reads a checkpoint written by `save`; params come back as float32 numpy arrays."""
   with np.load(path, allow_pickle=False) as f:
     config = _config_from_json(json.loads(str(f["config"])))
     vocab = Vocab(json.loads(str(f["vocab"])))
-    flat = {name: f[name].astype(np.float32) for name in f.files
-            if name not in ("config", "vocab")}
+    flat = {name: f[name].astype(np.float32) for name in f.files if name not in ("config", "vocab")}
   return _unflatten(flat), config, vocab
 
 
@@ -129,13 +128,11 @@ def _unflatten(flat: dict[str, Any]) -> dict[str, Any]:
   return tree
 
 
-def generate_text(params: transformer.Params, config: transformer.Config, vocab: Vocab,
-                  prompts: Sequence[str], *, max_new_tokens: int,
-                  sampler: sampling.Sampler, seed: int = 0, prefill_mode: str = "one_pass",
-                  chunk_size: int | None = None,
-                  on_token: Callable[[np.ndarray], None] | None = None,
-                  quantized_cache: bool = False
-                  ) -> tuple[list[str], np.ndarray, np.ndarray, runner.Timing]:
+def generate_text(
+    params: transformer.Params, config: transformer.Config, vocab: Vocab, prompts: Sequence[str], *,
+    max_new_tokens: int, sampler: sampling.Sampler, seed: int = 0, prefill_mode: str = "one_pass",
+    chunk_size: int | None = None, on_token: Callable[[np.ndarray], None] | None = None,
+    quantized_cache: bool = False) -> tuple[list[str], np.ndarray, np.ndarray, runner.Timing]:
   """Continues each prompt with the char-LM, the prompts as one ragged batch.
 
   `runner.run` does the work (see there for `on_token`, the streaming mode).
@@ -149,9 +146,9 @@ def generate_text(params: transformer.Params, config: transformer.Config, vocab:
     raise ValueError("every prompt needs at least one character")
   caches = transformer.init_caches(config, len(prompts), tokens.shape[1] + max_new_tokens - 1,
                                    quantized=quantized_cache)
-  out, lengths, timing = runner.run(
-      transformer.step_fn(config), params, caches, tokens, mask, max_new_tokens=max_new_tokens,
-      sampler=sampler, seed=seed, prefill_mode=prefill_mode, chunk_size=chunk_size,
-      on_token=on_token)
+  out, lengths, timing = runner.run(transformer.step_fn(config), params, caches, tokens, mask,
+                                    max_new_tokens=max_new_tokens, sampler=sampler, seed=seed,
+                                    prefill_mode=prefill_mode, chunk_size=chunk_size,
+                                    on_token=on_token)
   texts = [vocab.decode(row[:n]) for row, n in zip(out, lengths)]
   return texts, out, lengths, timing

@@ -29,9 +29,18 @@ INDEX_FILE = "model.safetensors.index.json"
 GENERATION_CONFIG = "generation_config.json"
 
 # safetensors dtype names -> numpy dtypes.
-_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16,
-           "BF16": ml_dtypes.bfloat16, "I64": np.int64, "I32": np.int32, "I16": np.int16,
-           "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+    "I64": np.int64,
+    "I32": np.int32,
+    "I16": np.int16,
+    "I8": np.int8,
+    "U8": np.uint8,
+    "BOOL": np.bool_
+}
 
 
 def read_config(directory: str | pathlib.Path) -> dict[str, Any]:
@@ -82,8 +91,7 @@ def _map_safetensors(path: pathlib.Path, keep: Callable[[str], bool]) -> dict[st
       raise ValueError(f"{path}: tensor {name} of shape {shape} and dtype {dtype} should "
                        f"take {int(np.prod(shape)) * dtype.itemsize} bytes within the file: "
                        f"but got offsets {begin}..{end}")
-    tensors[name] = np.frombuffer(buffer, dtype, int(np.prod(shape)),
-                                  start + begin).reshape(shape)
+    tensors[name] = np.frombuffer(buffer, dtype, int(np.prod(shape)), start + begin).reshape(shape)
   return tensors
 
 
@@ -109,7 +117,6 @@ class Tensors:
   `dtype` is the loader's: `take` returns views in the stored dtype, and
   `own` and `tree_stack` make the one copy in it.
   """
-
   def __init__(self, tensors: dict[str, np.ndarray], dtype, source: str):
     self._tensors = tensors
     self.dtype = dtype
@@ -204,7 +211,6 @@ def architecture(hf: dict[str, Any], model_types: Mapping[str, str], loader: str
     return model_types[model_type]
   hint = "" if loader == "kvattn.models.load" else (
       "; kvattn.models.load(directory) picks the loader that config.json names")
-  raise ValueError(
-      f"config.json: {loader} takes architectures {sorted(set(model_types.values()))} "
-      f"(model_type {sorted(model_types)}): but got architectures {classes} and "
-      f"model_type {model_type!r}{hint}")
+  raise ValueError(f"config.json: {loader} takes architectures {sorted(set(model_types.values()))} "
+                   f"(model_type {sorted(model_types)}): but got architectures {classes} and "
+                   f"model_type {model_type!r}{hint}")

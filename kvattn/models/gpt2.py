@@ -37,18 +37,22 @@ def config_from_hf(hf: dict[str, Any]) -> transformer.Config:
   dm, n = hf["n_embd"], hf["n_head"]
   if dm % n:
     raise ValueError(f"config.json: n_embd={dm} should be a multiple of n_head={n}")
-  activation = {"gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh", "gelu": "gelu",
-                "relu": "relu"}.get(hf.get("activation_function", "gelu_new"))
+  activation = {
+      "gelu_new": "gelu_tanh",
+      "gelu_pytorch_tanh": "gelu_tanh",
+      "gelu": "gelu",
+      "relu": "relu"
+  }.get(hf.get("activation_function", "gelu_new"))
   if activation is None:
     raise ValueError(f"config.json: unsupported activation_function "
                      f"{hf['activation_function']!r}")
   if not hf.get("scale_attn_weights", True) or hf.get("scale_attn_by_inverse_layer_idx"):
     raise ValueError("config.json: only the standard 1/sqrt(H) attention scale is supported")
-  return transformer.Config(
-      vocab_size=hf["vocab_size"], num_layers=hf["n_layer"], d_model=dm, num_heads=n,
-      num_kv_heads=n, head_dim=dm // n, d_ff=hf.get("n_inner") or 4 * dm,
-      max_positions=hf["n_positions"], rope_base=None, tie_embeddings=True,
-      activation=activation, use_bias=True, norm_eps=hf.get("layer_norm_epsilon", 1e-5))
+  return transformer.Config(vocab_size=hf["vocab_size"], num_layers=hf["n_layer"], d_model=dm,
+                            num_heads=n, num_kv_heads=n, head_dim=dm // n, d_ff=hf.get("n_inner")
+                            or 4 * dm, max_positions=hf["n_positions"], rope_base=None,
+                            tie_embeddings=True, activation=activation, use_bias=True,
+                            norm_eps=hf.get("layer_norm_epsilon", 1e-5))
 
 
 def params_from_hf(weights: dict[str, np.ndarray], config: transformer.Config,
@@ -60,8 +64,9 @@ def params_from_hf(weights: dict[str, np.ndarray], config: transformer.Config,
   `[N, H, DM]`. The unembedding is tied to `wte`. `dtype` is the params'
   numpy dtype, e.g. np.float32 or ml_dtypes.bfloat16.
   """
-  w = checkpoint.Tensors({name.removeprefix("transformer."): a for name, a in weights.items()},
-                         dtype, "model.safetensors")
+  w = checkpoint.Tensors({
+      name.removeprefix("transformer."): a for name, a in weights.items()
+  }, dtype, "model.safetensors")
   get = w.take
   dm, n, h = config.d_model, config.num_heads, config.head_dim
 
@@ -72,15 +77,30 @@ def params_from_hf(weights: dict[str, np.ndarray], config: transformer.Config,
     wq, wk, wv = (a.reshape(dm, n, h) for a in np.split(qkv, 3, axis=1))
     bq, bk, bv = (a.reshape(n, h) for a in np.split(qkv_b, 3))
     return {
-        "ln1": {"scale": get(pre + "ln_1.weight", (dm,)), "bias": get(pre + "ln_1.bias", (dm,))},
-        "attn": {"wq": wq, "wk": wk, "wv": wv, "bq": bq, "bk": bk, "bv": bv,
-                 "wo": get(pre + "attn.c_proj.weight", (dm, dm)).reshape(n, h, dm),
-                 "bo": get(pre + "attn.c_proj.bias", (dm,))},
-        "ln2": {"scale": get(pre + "ln_2.weight", (dm,)), "bias": get(pre + "ln_2.bias", (dm,))},
-        "mlp": {"w_in": get(pre + "mlp.c_fc.weight", (dm, config.d_ff)),
-                "b_in": get(pre + "mlp.c_fc.bias", (config.d_ff,)),
-                "w_out": get(pre + "mlp.c_proj.weight", (config.d_ff, dm)),
-                "b_out": get(pre + "mlp.c_proj.bias", (dm,))},
+        "ln1": {
+            "scale": get(pre + "ln_1.weight", (dm,)),
+            "bias": get(pre + "ln_1.bias", (dm,))
+        },
+        "attn": {
+            "wq": wq,
+            "wk": wk,
+            "wv": wv,
+            "bq": bq,
+            "bk": bk,
+            "bv": bv,
+            "wo": get(pre + "attn.c_proj.weight", (dm, dm)).reshape(n, h, dm),
+            "bo": get(pre + "attn.c_proj.bias", (dm,))
+        },
+        "ln2": {
+            "scale": get(pre + "ln_2.weight", (dm,)),
+            "bias": get(pre + "ln_2.bias", (dm,))
+        },
+        "mlp": {
+            "w_in": get(pre + "mlp.c_fc.weight", (dm, config.d_ff)),
+            "b_in": get(pre + "mlp.c_fc.bias", (config.d_ff,)),
+            "w_out": get(pre + "mlp.c_proj.weight", (config.d_ff, dm)),
+            "b_out": get(pre + "mlp.c_proj.bias", (dm,))
+        },
     }
 
   # Views of the file until here: the stacking and `w.own` copy each tensor once.
@@ -90,12 +110,15 @@ def params_from_hf(weights: dict[str, np.ndarray], config: transformer.Config,
       "embed": w.own(get("wte.weight", (config.vocab_size, dm))),
       "pos_embed": w.own(get("wpe.weight", (config.max_positions, dm))),
       "layers": stacked,
-      "ln_f": {"scale": w.own(get("ln_f.weight", (dm,))), "bias": w.own(get("ln_f.bias", (dm,)))},
+      "ln_f": {
+          "scale": w.own(get("ln_f.weight", (dm,))),
+          "bias": w.own(get("ln_f.bias", (dm,)))
+      },
   }
 
 
-def load(directory: str | pathlib.Path, dtype=np.float32
-         ) -> tuple[transformer.Params, transformer.Config, dict[str, Any]]:
+def load(directory: str | pathlib.Path,
+         dtype=np.float32) -> tuple[transformer.Params, transformer.Config, dict[str, Any]]:
   """Reads a checkpoint directory; returns (numpy params, config, hf_config).
 
   Args:

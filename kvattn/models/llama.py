@@ -43,8 +43,11 @@ from kvattn.models import transformer
 
 ARCHITECTURES = ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM")
 # config.json's model_type -> the class it stands for, as transformers maps them.
-MODEL_TYPES = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
-               "qwen2": "Qwen2ForCausalLM"}
+MODEL_TYPES = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM"
+}
 
 
 def config_from_hf(hf: dict[str, Any]) -> transformer.Config:
@@ -62,33 +65,130 @@ def config_from_hf(hf: dict[str, Any]) -> transformer.Config:
   attention_bias = bool(hf.get("attention_bias", False))
   mlp_bias = bool(hf.get("mlp_bias", False))
   return transformer.Config(
-      vocab_size=hf["vocab_size"], num_layers=hf["num_hidden_layers"], d_model=dm,
-      num_heads=n, num_kv_heads=hf.get("num_key_value_heads") or n, head_dim=head_dim,
-      d_ff=hf["intermediate_size"], max_positions=0, rope_base=float(theta),
-      tie_embeddings=bool(hf.get("tie_word_embeddings", False)), activation="silu",
+      vocab_size=hf["vocab_size"],
+      num_layers=hf["num_hidden_layers"],
+      d_model=dm,
+      num_heads=n,
+      num_kv_heads=hf.get("num_key_value_heads") or n,
+      head_dim=head_dim,
+      d_ff=hf["intermediate_size"],
+      max_positions=0,
+      rope_base=float(theta),
+      tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+      activation="silu",
       # A bias that the checkpoint lacks while the Config wants it is loaded as zeros.
-      use_bias=attention_bias or mlp_bias, norm_eps=hf.get("rms_norm_eps", 1e-6),
-      norm="rms_norm", gated_mlp=True, qkv_bias=qwen2 or attention_bias,
+      use_bias=attention_bias or mlp_bias,
+      norm_eps=hf.get("rms_norm_eps", 1e-6),
+      norm="rms_norm",
+      gated_mlp=True,
+      qkv_bias=qwen2 or attention_bias,
       rope_scaling=rope_scaling_from_hf(hf.get("rope_scaling") or parameters),
       window_pattern=pattern)
 
 
-def rope_scaling_from_hf(scaling: dict[str, Any] | None) -> rope.Scaling | None:
-  """Maps Hugging Face's `rope_scaling` dict onto `kvattn.rope.Scaling` (None: none)."""
+def rope_scaling_from_hf(scaling: dict[str, Any] | None,
+                         hf: dict[str, Any] | None = None) -> rope.Scaling | None:
+  """Maps Hugging Face's RoPE scaling dict onto `kvattn.rope.Scaling` (None: none).
+
+  Reads config.json's `rope_scaling`, or transformers 5's `rope_parameters` (the
+  same keys, with `rope_theta` and `partial_rotary_factor` beside them, which are
+  left to the caller), as transformers 5 reads them:
+
+    * "linear": `factor`.
+    * "llama3": `factor`, `low_freq_factor` (default 1), `high_freq_factor`
+      (default 4), `original_max_position_embeddings`.
+    * "yarn": `factor`, `original_max_position_embeddings`, `beta_fast` (32 where
+      missing or 0), `beta_slow` (1 likewise), `truncate` (default True),
+      `attention_factor`; where that is missing and both `mscale` and
+      `mscale_all_dim` are set, it is `(0.1 * mscale * ln(factor) + 1) /
+      (0.1 * mscale_all_dim * ln(factor) + 1)` (DeepSeek's form; the softmax
+      scale that DeepSeek's attention also derives from `mscale_all_dim` is the
+      model's business, not RoPE's).
+    * "longrope": `short_factor`, `long_factor`, `original_max_position_embeddings`,
+      `factor` (only the default attention factor uses it), `attention_factor`.
+
+  `original_max_position_embeddings` and a missing `factor` come from the whole
+  config where transformers takes them from it, so pass it as `hf`: as
+  transformers' `standardize_rope_params`, for "llama3", "yarn" and "longrope" a
+  top-level `original_max_position_embeddings` overrides the dict's (for
+  model_type "phi3" always, with Phi3Config's default of 4096), a missing one is
+  `max_position_embeddings`, and a missing or null `factor` of "yarn" and
+  "longrope" is `max_position_embeddings / original_max_position_embeddings`
+  (Phi-3's configs set no factor). For model_type "phi3", the types "su" and
+  "yarn" mean "longrope", as Phi3Config reads them. Without `hf`, the dict must
+  hold what it needs ("llama3"'s original length defaults to 8192).
+
+  Args:
+    scaling: the `rope_scaling` or `rope_parameters` dict, or None.
+    hf: None, or the whole config.json dict.
+
+  Raises:
+    ValueError: for "dynamic" (its rotation of a cached token changes as the
+      context grows), a type not listed, or a missing field.
+  """
   if not scaling:
     return None
+  hf = hf or {}
   kind = scaling.get("rope_type", scaling.get("type", "default"))
+
+  def field(name):
+    if scaling.get(name) is None:
+      raise ValueError(f"config.json: rope_scaling {kind!r} should have {name}: but it has none")
+    return scaling[name]
+
+  if hf.get("model_type") == "phi3" and kind in ("su", "yarn"):
+    kind = "longrope"
   if kind == "default":
     return None
   if kind == "linear":
-    return rope.Scaling("linear", float(scaling["factor"]))
+    return rope.Scaling("linear", float(field("factor")))
+  if kind == "dynamic":
+    raise ValueError("config.json: rope_scaling type 'dynamic' is not supported: its frequencies "
+                     "depend on the longest sequence seen so far, so growing the context changes "
+                     "the rotation of tokens already cached (not a rotation per position)")
+  if kind not in ("llama3", "yarn", "longrope"):
+    raise ValueError(f"config.json: rope_scaling type should be 'default', 'linear', 'llama3', "
+                     f"'yarn' or 'longrope': but got {kind!r}")
+  if hf.get("model_type") == "phi3":
+    original = hf.get("original_max_position_embeddings", 4096)
+  else:
+    original = (hf.get("original_max_position_embeddings")
+                or scaling.get("original_max_position_embeddings")
+                or hf.get("max_position_embeddings"))
   if kind == "llama3":
-    return rope.Scaling("llama3", float(scaling["factor"]),
-                        float(scaling.get("low_freq_factor", 1.0)),
-                        float(scaling.get("high_freq_factor", 4.0)),
-                        int(scaling.get("original_max_position_embeddings", 8192)))
-  raise ValueError(f"config.json: rope_scaling type should be 'default', 'linear' or "
-                   f"'llama3': but got {kind!r}")
+    low, high = scaling.get("low_freq_factor", 1.0), scaling.get("high_freq_factor", 4.0)
+    return rope.Scaling("llama3", float(field("factor")), float(low), float(high),
+                        int(original or 8192))
+  if not original:
+    raise ValueError(f"config.json: rope_scaling {kind!r} should have "
+                     f"original_max_position_embeddings (in it, or pass the whole config as hf= "
+                     f"for its max_position_embeddings): but it has none")
+  factor = scaling.get("factor")
+  if factor is None:
+    if not hf.get("max_position_embeddings"):
+      raise ValueError(f"config.json: rope_scaling {kind!r} without a factor needs "
+                       f"max_position_embeddings / original_max_position_embeddings: pass the "
+                       f"whole config as hf=")
+    factor = hf["max_position_embeddings"] / original
+  attention_factor = scaling.get("attention_factor")
+  attention_factor = None if attention_factor is None else float(attention_factor)
+  if kind == "longrope":
+    return rope.Scaling("longrope", float(factor), original_max_positions=int(original),
+                        attention_factor=attention_factor,
+                        short_factor=tuple(map(float, field("short_factor"))),
+                        long_factor=tuple(map(float, field("long_factor"))))
+  mscale, mscale_all_dim = scaling.get("mscale"), scaling.get("mscale_all_dim")
+  if attention_factor is None and mscale and mscale_all_dim:
+
+    def yarn_mscale(m):  # transformers' yarn_get_mscale(factor, m).
+      return 1.0 if factor <= 1 else 0.1 * m * float(np.log(factor)) + 1.0
+
+    attention_factor = yarn_mscale(mscale) / yarn_mscale(mscale_all_dim)
+  beta_fast, beta_slow = scaling.get("beta_fast") or 32, scaling.get("beta_slow") or 1
+  truncate = bool(scaling.get("truncate", True))
+  return rope.Scaling("yarn", float(factor), original_max_positions=int(original),
+                      beta_fast=float(beta_fast), beta_slow=float(beta_slow), truncate=truncate,
+                      attention_factor=attention_factor)
 
 
 def params_from_hf(weights: dict[str, np.ndarray], config: transformer.Config,
@@ -122,37 +222,51 @@ def params_from_hf(weights: dict[str, np.ndarray], config: transformer.Config,
 
   def layer(i):
     pre = f"model.layers.{i}."
-    attn = {"wq": linear(pre + "self_attn.q_proj.weight", (n, h), dm),
-            "wk": linear(pre + "self_attn.k_proj.weight", (kh, h), dm),
-            "wv": linear(pre + "self_attn.v_proj.weight", (kh, h), dm),
-            "wo": w.take(pre + "self_attn.o_proj.weight", (dm, n * h)).T.reshape(n, h, dm)}
+    attn = {
+        "wq": linear(pre + "self_attn.q_proj.weight", (n, h), dm),
+        "wk": linear(pre + "self_attn.k_proj.weight", (kh, h), dm),
+        "wv": linear(pre + "self_attn.v_proj.weight", (kh, h), dm),
+        "wo": w.take(pre + "self_attn.o_proj.weight", (dm, n * h)).T.reshape(n, h, dm)
+    }
     if c.qkv_bias:
-      attn.update(bq=bias(pre + "self_attn.q_proj.bias", (n, h), True),
-                  bk=bias(pre + "self_attn.k_proj.bias", (kh, h), True),
+      attn.update(bq=bias(pre + "self_attn.q_proj.bias", (n, h),
+                          True), bk=bias(pre + "self_attn.k_proj.bias", (kh, h), True),
                   bv=bias(pre + "self_attn.v_proj.bias", (kh, h), True))
-    mlp = {"w_gate": linear(pre + "mlp.gate_proj.weight", (f,), dm),
-           "w_in": linear(pre + "mlp.up_proj.weight", (f,), dm),
-           "w_out": linear(pre + "mlp.down_proj.weight", (dm,), f)}
+    mlp = {
+        "w_gate": linear(pre + "mlp.gate_proj.weight", (f,), dm),
+        "w_in": linear(pre + "mlp.up_proj.weight", (f,), dm),
+        "w_out": linear(pre + "mlp.down_proj.weight", (dm,), f)
+    }
     if c.use_bias:
       attn["bo"] = bias(pre + "self_attn.o_proj.bias", (dm,), False)
-      mlp.update(b_gate=bias(pre + "mlp.gate_proj.bias", (f,), False),
-                 b_in=bias(pre + "mlp.up_proj.bias", (f,), False),
+      mlp.update(b_gate=bias(pre + "mlp.gate_proj.bias", (f,),
+                             False), b_in=bias(pre + "mlp.up_proj.bias", (f,), False),
                  b_out=bias(pre + "mlp.down_proj.bias", (dm,), False))
-    return {"ln1": {"scale": w.take(pre + "input_layernorm.weight", (dm,))},
-            "attn": attn,
-            "ln2": {"scale": w.take(pre + "post_attention_layernorm.weight", (dm,))},
-            "mlp": mlp}
+    return {
+        "ln1": {
+            "scale": w.take(pre + "input_layernorm.weight", (dm,))
+        },
+        "attn": attn,
+        "ln2": {
+            "scale": w.take(pre + "post_attention_layernorm.weight", (dm,))
+        },
+        "mlp": mlp
+    }
 
-  params = {"embed": w.own(w.take("model.embed_tokens.weight", (c.vocab_size, dm))),
-            "layers": checkpoint.tree_stack((layer(i) for i in range(c.num_layers)), dtype),
-            "ln_f": {"scale": w.own(w.take("model.norm.weight", (dm,)))}}
+  params = {
+      "embed": w.own(w.take("model.embed_tokens.weight", (c.vocab_size, dm))),
+      "layers": checkpoint.tree_stack((layer(i) for i in range(c.num_layers)), dtype),
+      "ln_f": {
+          "scale": w.own(w.take("model.norm.weight", (dm,)))
+      }
+  }
   if not c.tie_embeddings:
     params["unembed"] = w.own(w.take("lm_head.weight", (c.vocab_size, dm)).T)
   return params
 
 
-def load(directory: str | pathlib.Path, dtype=np.float32
-         ) -> tuple[transformer.Params, transformer.Config, dict[str, Any]]:
+def load(directory: str | pathlib.Path,
+         dtype=np.float32) -> tuple[transformer.Params, transformer.Config, dict[str, Any]]:
   """Reads a checkpoint directory; returns (numpy params, config, hf_config).
 
   Args:
@@ -185,7 +299,8 @@ def _window_pattern(hf: dict[str, Any], architecture: str) -> tuple[int | None, 
   layers = hf["num_hidden_layers"]
   kinds = hf.get("layer_types") or [
       "sliding_attention" if i >= hf.get("max_window_layers", 28) else "full_attention"
-      for i in range(layers)]
+      for i in range(layers)
+  ]
   pattern = tuple(window if kind == "sliding_attention" else None for kind in kinds)
   if all(w is None for w in pattern):
     return ()

@@ -44,8 +44,8 @@ def family(hf: dict[str, Any]) -> Family:
   return next(row for row in FAMILIES if name in row.model_types.values())
 
 
-def load(directory: str | pathlib.Path, dtype=np.float32
-         ) -> tuple[transformer.Params, transformer.Config, dict[str, Any]]:
+def load(directory: str | pathlib.Path,
+         dtype=np.float32) -> tuple[transformer.Params, transformer.Config, dict[str, Any]]:
   """Reads a checkpoint directory with the loader its `config.json` names.
 
   Args:

@@ -45,11 +45,12 @@ class Timing(NamedTuple):
             f"compile {self.compile_s:.2f} s")
 
 
-def run(step_fn: Callable, params: Any, caches: Any, tokens: np.ndarray, mask: np.ndarray, *,
-        max_new_tokens: int, sampler: sampling.Sampler, seed: int = 0,
-        eos_id: int | list[int] | None = None, pad_id: int = 0, prefill_mode: str = "one_pass",
-        chunk_size: int | None = None, on_token: Callable[[np.ndarray], None] | None = None
-        ) -> tuple[np.ndarray, np.ndarray, Timing]:
+def run(
+    step_fn: Callable, params: Any, caches: Any, tokens: np.ndarray, mask: np.ndarray, *,
+    max_new_tokens: int, sampler: sampling.Sampler, seed: int = 0,
+    eos_id: int | list[int] | None = None, pad_id: int = 0, prefill_mode: str = "one_pass",
+    chunk_size: int | None = None,
+    on_token: Callable[[np.ndarray], None] | None = None) -> tuple[np.ndarray, np.ndarray, Timing]:
   """Generates for prompts `tokens [B, P]` (mask `[B, P]`) and times the stages.
 
   Without `on_token` the decode loop is the compiled `lax.while_loop`; its two
@@ -71,10 +72,9 @@ def run(step_fn: Callable, params: Any, caches: Any, tokens: np.ndarray, mask: n
   t0 = time.perf_counter()
   if on_token is None:
     # The sampler, eos_id and pad_id are traced: the compiled stages take them again.
-    start = generation.start.lower(step_fn, params, caches, tokens, mask, key,
-                                   **start_kw).compile()
-    state_shape = jax.eval_shape(functools.partial(generation.start, step_fn, **start_kw),
-                                 params, caches, tokens, mask, key)
+    start = generation.start.lower(step_fn, params, caches, tokens, mask, key, **start_kw).compile()
+    state_shape = jax.eval_shape(functools.partial(generation.start, step_fn, **start_kw), params,
+                                 caches, tokens, mask, key)
     finish = generation.finish.lower(step_fn, params, state_shape, **loop_kw).compile()
     t1 = time.perf_counter()
     state = jax.block_until_ready(start(params, caches, tokens, mask, key, **traced_kw))
@@ -113,10 +113,10 @@ def _lengths(tokens: np.ndarray, steps: int, eos_id) -> np.ndarray:
   return first.astype(np.int32)
 
 
-def generate_ids(params: transformer.Params, config: transformer.Config, prompt_ids: list[int],
-                 *, max_new_tokens: int, sampler: sampling.Sampler, seed: int = 0,
-                 eos_id: int | list[int] | None = None, quantized_cache: bool = False
-                 ) -> tuple[np.ndarray, Timing]:
+def generate_ids(params: transformer.Params, config: transformer.Config, prompt_ids: list[int], *,
+                 max_new_tokens: int, sampler: sampling.Sampler, seed: int = 0,
+                 eos_id: int | list[int] | None = None,
+                 quantized_cache: bool = False) -> tuple[np.ndarray, Timing]:
   """Continues one prompt; returns the new ids (up to and including EOS) and timing.
 
   The caches hold k and v in the params' dtype, or with `quantized_cache` as
@@ -129,16 +129,15 @@ def generate_ids(params: transformer.Params, config: transformer.Config, prompt_
   mask = np.ones(tokens.shape, bool)
   # Quantized caches dequantise to float32, the only dtype they take.
   dtype = jax.numpy.float32 if quantized_cache else jax.numpy.dtype(params["embed"].dtype)
-  caches = transformer.init_caches(config, 1, tokens.shape[1] + max_new_tokens - 1,
-                                   dtype=dtype, quantized=quantized_cache)
-  out, lengths, timing = run(transformer.step_fn(config), params, caches, tokens,
-                             mask, max_new_tokens=max_new_tokens, sampler=sampler,
-                             seed=seed, eos_id=eos_id)
+  caches = transformer.init_caches(config, 1, tokens.shape[1] + max_new_tokens - 1, dtype=dtype,
+                                   quantized=quantized_cache)
+  out, lengths, timing = run(transformer.step_fn(config), params, caches, tokens, mask,
+                             max_new_tokens=max_new_tokens, sampler=sampler, seed=seed,
+                             eos_id=eos_id)
   return out[0, :lengths[0]], timing
 
 
-def _length_problem(config: transformer.Config, prompt_len: int, max_new_tokens: int
-                    ) -> str | None:
+def _length_problem(config: transformer.Config, prompt_len: int, max_new_tokens: int) -> str | None:
   """Why a prompt and max_new_tokens do not fit the model's learned positions; None if they do."""
   if config.max_positions and prompt_len + max_new_tokens - 1 > config.max_positions:
     return (f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) - 1 should fit "
@@ -148,8 +147,8 @@ def _length_problem(config: transformer.Config, prompt_len: int, max_new_tokens:
 
 def main_for_checkpoint(load: Callable[[str], tuple[Any, transformer.Config, dict]], *,
                         checkpoint: str, prompt: str | None, prompt_ids: list[str] | None,
-                        max_new_tokens: int, sampler: sampling.Sampler, seed: int,
-                        print_ids: bool, quantized_cache: bool = False) -> None:
+                        max_new_tokens: int, sampler: sampling.Sampler, seed: int, print_ids: bool,
+                        quantized_cache: bool = False) -> None:
   """The body of the checkpoint examples' mains (gpt2.py, llama.py): load, generate, print.
 
   Prints the prompt and its continuation decoded together (with a
@@ -192,9 +191,8 @@ def main_for_checkpoint(load: Callable[[str], tuple[Any, transformer.Config, dic
   if problem:
     raise UsageError(f"--max_new_tokens: {problem}")
   eos = model_checkpoint.eos_ids(hf, model_checkpoint.read_generation_config(checkpoint))
-  ids, timing = generate_ids(params, config, ids_in, max_new_tokens=max_new_tokens,
-                             sampler=sampler, seed=seed, eos_id=eos or None,
-                             quantized_cache=quantized_cache)
+  ids, timing = generate_ids(params, config, ids_in, max_new_tokens=max_new_tokens, sampler=sampler,
+                             seed=seed, eos_id=eos or None, quantized_cache=quantized_cache)
   if tokenizer is not None:
     # Together: decoded apart, a SentencePiece (Metaspace) tokenizer drops the
     # space that the first new token starts with ("w12" + "w449" for "w12 w449").

@@ -24,8 +24,10 @@ import numpy as np
 
 from kvattn.models import transformer
 
-_SKIPPED_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idlelib",
-                           "turtledemo", "lib2to3", "__pycache__"})
+_SKIPPED_DIRS = frozenset({
+    "site-packages", "dist-packages", "test", "tests", "idlelib", "turtledemo", "lib2to3",
+    "__pycache__"
+})
 
 
 def read_corpus(root: str | None = None, max_chars: int | None = None) -> str:
@@ -74,8 +76,8 @@ def adam_update(params, grads, state: AdamState, lr, *, b1=0.9, b2=0.99, eps=1e-
   step = state.step + 1
   mu = jax.tree.map(lambda m, g: b1 * m + (1 - b1) * g, state.mu, grads)
   nu = jax.tree.map(lambda v, g: b2 * v + (1 - b2) * g * g, state.nu, grads)
-  c1 = 1 - b1 ** step.astype(jnp.float32)
-  c2 = 1 - b2 ** step.astype(jnp.float32)
+  c1 = 1 - b1**step.astype(jnp.float32)
+  c2 = 1 - b2**step.astype(jnp.float32)
 
   def update(p, m, v):
     decay = weight_decay * p if p.ndim >= 2 else 0.0
@@ -98,7 +100,6 @@ def learning_rate(progress, peak: float, warmup: float = 0.05):
 
 def make_train_step(config: transformer.Config, peak_lr: float):
   """Returns a jitted `(params, opt_state, batch, progress) -> (params, opt_state, loss)`."""
-
   def train_step(params, opt_state, batch, progress):
     loss, grads = jax.value_and_grad(loss_fn)(params, batch, config)
     # Clip the global gradient norm at 1: keeps the early steps stable.

@@ -163,10 +163,17 @@ def layer_runs(config: Config) -> tuple[tuple[int | None, int, int], ...]:
 # The logical axes of the params beyond attention (whose own come from
 # kvattn.sharding), by leaf name: "vocab" and "mlp" are this model's own.
 PARAM_AXES: dict[str, tuple[str | None, ...]] = {
-    "embed": ("vocab", "embed"), "pos_embed": (None, "embed"), "unembed": ("embed", "vocab"),
-    "scale": ("embed",), "bias": ("embed",),
-    "w_in": ("embed", "mlp"), "b_in": ("mlp",), "w_gate": ("embed", "mlp"), "b_gate": ("mlp",),
-    "w_out": ("mlp", "embed"), "b_out": ("embed",),
+    "embed": ("vocab", "embed"),
+    "pos_embed": (None, "embed"),
+    "unembed": ("embed", "vocab"),
+    "scale": ("embed",),
+    "bias": ("embed",),
+    "w_in": ("embed", "mlp"),
+    "b_in": ("mlp",),
+    "w_gate": ("embed", "mlp"),
+    "b_gate": ("mlp",),
+    "w_out": ("mlp", "embed"),
+    "b_out": ("embed",),
 }
 
 # kvattn.sharding's rules plus this model's axes: the vocabulary replicated,
@@ -198,8 +205,9 @@ def params_logical_axes(params: Params) -> Params:
   layers = params["layers"]
   others = {k: v for k, v in params.items() if k != "layers"}
   out = jax.tree_util.tree_map_with_path(axes, others)
-  out["layers"] = (tuple(one_layer(layer) for layer in layers)
-                   if isinstance(layers, (list, tuple)) else one_layer(layers))
+  out["layers"] = (tuple(
+      one_layer(layer) for layer in layers) if isinstance(layers,
+                                                          (list, tuple)) else one_layer(layers))
   return out
 
 
@@ -231,16 +239,17 @@ def init_params(key: jax.Array, config: Config, dtype=jnp.float32) -> Params:
   def layer(rng):
     k_attn, k_in, k_mlp_out, k_gate = jax.random.split(rng, 4)
     attn = kvattn.init_params(k_attn, c.d_model, c.num_heads, num_kv_heads=c.num_kv_heads,
-                              head_dim=c.head_dim, use_bias=c.use_bias or _qkv_bias(c),
-                              dtype=dtype)
+                              head_dim=c.head_dim, use_bias=c.use_bias or _qkv_bias(c), dtype=dtype)
     if not _qkv_bias(c):
       attn = {name: a for name, a in attn.items() if name not in ("bq", "bk", "bv")}
     if not c.use_bias:
       attn.pop("bo", None)
-    mlp = {"w_in": normal(k_in, (c.d_model, c.d_ff), c.d_model ** -0.5),
-           "w_out": normal(k_mlp_out, (c.d_ff, c.d_model), c.d_ff ** -0.5)}
+    mlp = {
+        "w_in": normal(k_in, (c.d_model, c.d_ff), c.d_model**-0.5),
+        "w_out": normal(k_mlp_out, (c.d_ff, c.d_model), c.d_ff**-0.5)
+    }
     if c.gated_mlp:
-      mlp["w_gate"] = normal(k_gate, (c.d_model, c.d_ff), c.d_model ** -0.5)
+      mlp["w_gate"] = normal(k_gate, (c.d_model, c.d_ff), c.d_model**-0.5)
     if c.use_bias:
       mlp.update(b_in=jnp.zeros((c.d_ff,), dtype), b_out=jnp.zeros((c.d_model,), dtype))
       if c.gated_mlp:
@@ -255,14 +264,14 @@ def init_params(key: jax.Array, config: Config, dtype=jnp.float32) -> Params:
   if c.max_positions:
     params["pos_embed"] = normal(k_pos, (c.max_positions, c.d_model), 0.02)
   if not c.tie_embeddings:
-    params["unembed"] = normal(k_out, (c.d_model, c.vocab_size), c.d_model ** -0.5)
+    params["unembed"] = normal(k_out, (c.d_model, c.vocab_size), c.d_model**-0.5)
   return params
 
 
-@functools.partial(jax.jit, static_argnames=("config", "batch", "max_len", "dtype",
-                                             "rewind_room", "quantized"))
-def init_caches(config: Config, batch: int, max_len: int, dtype=jnp.float32,
-                rewind_room: int = 0, quantized: bool = False) -> tuple[kvattn.KVCache, ...]:
+@functools.partial(
+    jax.jit, static_argnames=("config", "batch", "max_len", "dtype", "rewind_room", "quantized"))
+def init_caches(config: Config, batch: int, max_len: int, dtype=jnp.float32, rewind_room: int = 0,
+                quantized: bool = False) -> tuple[kvattn.KVCache, ...]:
   """Returns a tuple of stacked `KVCache`s, one per run of layers sharing a window.
 
   Always a tuple (of one stack, for a model whose layers share one window):
@@ -285,8 +294,7 @@ def init_caches(config: Config, batch: int, max_len: int, dtype=jnp.float32,
   return tuple(stack(window, stop - start) for window, start, stop in layer_runs(config))
 
 
-def step(params: Params, caches: Any, tokens: jax.Array,
-         mask: jax.Array | None, *, config: Config,
+def step(params: Params, caches: Any, tokens: jax.Array, mask: jax.Array | None, *, config: Config,
          logits_at: jax.Array | None = None) -> tuple[jax.Array, Any]:
   """Runs T new tokens through the model with caches: the `step_fn` of `kvattn.generate`.
 
@@ -319,8 +327,7 @@ def step(params: Params, caches: Any, tokens: jax.Array,
   if len(stacks) != len(runs):
     raise ValueError(f"caches should be init_caches' tuple of {len(runs)} stacks (one per run "
                      f"of layers sharing a window): but got {len(stacks)}")
-  positions = kvattn.token_positions(kvattn.layer_view(stacks[0], 0), mask,
-                                     num_tokens=t)  # [B, T]
+  positions = kvattn.token_positions(kvattn.layer_view(stacks[0], 0), mask, num_tokens=t)  # [B, T]
   h = _embed(params, tokens, positions, config, mask)
 
   def body(h, p, cache):
@@ -368,8 +375,8 @@ def _step_fn(config: Config):
   return fn
 
 
-def forward(params: Params, tokens: jax.Array, mask: jax.Array | None = None, *,
-            config: Config, block_size: int | None = None) -> jax.Array:
+def forward(params: Params, tokens: jax.Array, mask: jax.Array | None = None, *, config: Config,
+            block_size: int | None = None) -> jax.Array:
   """The model over whole sequences, without a cache: logits `[B, T, V]` float32.
 
   For training and as the oracle of cached decoding: each layer's attention is
@@ -394,9 +401,9 @@ def forward(params: Params, tokens: jax.Array, mask: jax.Array | None = None, *,
   h = _embed(params, tokens, kvattn.masks.real_before(real), config, mask)
 
   def body(window, h, p):
-    a = kvattn.self_attention(
-        p["attn"], _norm(p["ln1"], h, config), mask, window=window,
-        rope_base=config.rope_base, rope_scaling=config.rope_scaling, block_size=block_size)
+    a = kvattn.self_attention(p["attn"], _norm(p["ln1"], h, config), mask, window=window,
+                              rope_base=config.rope_base, rope_scaling=config.rope_scaling,
+                              block_size=block_size)
     h = h + a
     return h + _mlp(p["mlp"], _norm(p["ln2"], h, config), config), None
 
@@ -478,9 +485,8 @@ def _dense(x, w, b):
 
 
 def _mlp(p, x, config):
-  h = _ACTIVATIONS[config.activation](
-      _dense(x, p["w_gate"], p.get("b_gate")) if config.gated_mlp
-      else _dense(x, p["w_in"], p.get("b_in")))
+  h = _ACTIVATIONS[config.activation](_dense(x, p["w_gate"], p.get("b_gate")) if config.
+                                      gated_mlp else _dense(x, p["w_in"], p.get("b_in")))
   if config.gated_mlp:
     h = h * _dense(x, p["w_in"], p.get("b_in"))
   out = jnp.einsum("BTF,FD->BTD", h, p["w_out"], preferred_element_type=jnp.float32)
