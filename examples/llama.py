@@ -1,4 +1,5 @@
-r"""Runs a Hugging Face checkpoint (Llama, Mistral, Qwen2 or GPT-2) on kvattn.
+r"""Runs a Hugging Face checkpoint on kvattn: Llama, Mistral, Qwen2, Qwen3, Gemma 1-3, Phi-3,
+OLMo 2 or GPT-2 (`kvattn.models.loaders.FAMILIES`).
 
 A checkpoint directory holds `config.json`, `model.safetensors` (or the shards
 of `model.safetensors.index.json`) and, for text prompts, `tokenizer.json`;
@@ -40,7 +41,7 @@ logging.getLogger("jax._src.xla_bridge").setLevel(logging.WARNING)
 _DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16}
 
 _CHECKPOINT = flags.DEFINE_string("checkpoint", None,
-                                  "Directory of a Llama, Mistral, Qwen2 or GPT-2 checkpoint.",
+                                  "Directory of a Hugging Face checkpoint of a supported family.",
                                   required=True)
 _PROMPT = flags.DEFINE_string("prompt", None, "Text prompt (needs tokenizer.json).")
 _PROMPT_IDS = flags.DEFINE_list("prompt_ids", None, "Prompt as token ids: 1,2,3.")

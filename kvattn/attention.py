@@ -50,7 +50,7 @@ import numpy as np
 
 from kvattn import cache as cache_lib
 from kvattn._checks import check_cache, check_heads, check_mask, check_positive_ints
-from kvattn._checks import check_shape, is_concrete
+from kvattn._checks import check_shape, is_concrete, is_real
 from kvattn.cache import KVCache
 from kvattn.kernels import Backend
 from kvattn.kernels import pallas_gpu
@@ -77,13 +77,16 @@ def cached_attention(
     implementation: str | None = None,
     block_q: int | None = None,
     block_kv: int | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
 ) -> tuple[jax.Array, KVCache]:
   """Attends T new tokens over the cache and themselves, then caches them.
 
   Each new query sees every valid cached slot, and the new keys causally
   (bidirectionally with `prefix_lm`), skipping padding. Queries that are
   padding see nothing and give zeros. Logits and softmax are float32 whatever
-  the storage dtype; scale is 1/sqrt(H). Query head n uses kv head n // G.
+  the storage dtype; scale is 1/sqrt(H) unless given. Query head n uses kv
+  head n // G.
 
   The new keys and values are first cast to the cache's dtype (quantised and
   dequantised for an int8 cache), so attending to them now gives the same
@@ -111,6 +114,11 @@ def cached_attention(
     block_kv: keys per block (cache slots of the cached prefix; "pallas_gpu"
       also blocks the new chunk's keys with it); None for the default.
       Neither block size changes the result beyond float32 rounding.
+    scale: the logits' scale, a positive Python float; None for 1/sqrt(H)
+      (Gemma 2 and 3 use `query_pre_attn_scalar ** -0.5`).
+    softcap: None, or c, a positive Python float: each logit (after scale)
+      becomes `c * tanh(logit / c)` before the mask and the softmax (Gemma
+      2's attention logit soft-capping).
 
   Returns:
     `(o, new_cache)`: o `[B, T, N, H]` in q's dtype, and the updated cache.
@@ -118,9 +126,10 @@ def cached_attention(
   check_cache(cache, views=True)
   mask = check_qkv(q, k, v, cache, mask)
   check_options(prefix_lm, implementation, block_q=block_q, block_kv=block_kv)
+  check_logits(scale, softcap)
   check_ring_options(cache, prefix_lm)
   return attend(q, k, v, cache, mask, prefix_lm=prefix_lm, implementation=implementation,
-                block_q=block_q, block_kv=block_kv)
+                block_q=block_q, block_kv=block_kv, scale=scale, softcap=softcap)
 
 
 def check_qkv(q, k, v, cache: KVCache, mask) -> jax.Array:
@@ -156,6 +165,13 @@ def check_options(prefix_lm, implementation, **blocks) -> None:
   check_positive_ints(**{name: size for name, size in blocks.items() if size is not None})
 
 
+def check_logits(scale, softcap) -> None:
+  """scale and softcap: None or a positive, finite Python number (static: they shape the code)."""
+  for name, value in (("scale", scale), ("softcap", softcap)):
+    if value is not None and not (is_real(value) and 0 < value < float("inf")):
+      raise ValueError(f"{name} should be None or a positive Python float: but got {value!r}")
+
+
 def check_ring_options(cache: KVCache, prefix_lm) -> None:
   """A ring cache is causal: prefix_lm must be False."""
   if not cache.ring:
@@ -166,10 +182,12 @@ def check_ring_options(cache: KVCache, prefix_lm) -> None:
 
 
 def attend(q, k, v, cache: KVCache, mask, *, prefix_lm, implementation=None, block_q=None,
-           block_kv=None) -> tuple[jax.Array, KVCache]:
+           block_kv=None, scale=None, softcap=None) -> tuple[jax.Array, KVCache]:
   """`cached_attention` without the checks, for callers that made them (`kvattn.prefill`)."""
+  scale = q.shape[-1]**-0.5 if scale is None else float(scale)
+  softcap = None if softcap is None else float(softcap)
   run = functools.partial(_dispatch, implementation, q.shape[-1], cache.num_slots, ring=cache.ring,
-                          block_q=block_q, block_kv=block_kv)
+                          block_q=block_q, block_kv=block_kv, scale=scale, softcap=softcap)
   if cache.ring:  # Read the ring before the write: a long chunk overwrites what it needs.
     positions = cache_lib.token_positions(cache, mask)
     k_new, v_new = cache_lib.as_stored(cache, k, v, mask)
@@ -252,13 +270,15 @@ def dot_product_attention(
     causal: bool = True,
     window: int | None = None,
     block_size: int | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
 ) -> jax.Array:
   """Self-attention of T tokens, with the cached path's numbers and a gradient.
 
   Each query attends to the real keys at or before its own position (all of
   them with `causal=False`), skipping padding, which may be anywhere. Padded
   queries give zeros. Logits and softmax are float32 whatever the input
-  dtype; scale is 1/sqrt(H). Query head n uses kv head n // G.
+  dtype; scale is 1/sqrt(H) unless given. Query head n uses kv head n // G.
 
   The output equals `kvattn.cached_attention` (implementation "xla") on an
   empty cache to float32 rounding; `causal=False` is its `prefix_lm=True`.
@@ -288,11 +308,14 @@ def dot_product_attention(
     block_size: C, queries (and keys) per block; None for
       `kvattn.kernels.xla.BLOCK_Q`. Capped at T. Tuning only: it changes
       the result by float32 rounding at most.
+    scale, softcap: as in `cached_attention` (the gradient goes through the
+      cap).
 
   Returns:
     o `[B, T, N, H]` in q's dtype.
   """
   mask = _check_sequence(q, k, v, mask, causal, block_size)
+  check_logits(scale, softcap)
   if window is not None:
     if getattr(window, "shape", None) == () and hasattr(window, "dtype") and jnp.issubdtype(
         window.dtype, jnp.integer):
@@ -309,7 +332,9 @@ def dot_product_attention(
   # arithmetic, and jnp.where gives it an exactly zero gradient.
   real = mask[:, :, None, None]
   q, k, v = (jnp.where(real, x, jnp.zeros_like(x)) for x in (q, k, v))
-  return xla_training.attend_sequence(q, k, v, mask, window, causal, block)
+  return xla_training.attend_sequence(q, k, v, mask, window, causal, block,
+                                      q.shape[-1]**-0.5 if scale is None else float(scale),
+                                      None if softcap is None else float(softcap))
 
 
 def _check_sequence(q, k, v, mask, causal, block_size) -> jax.Array:

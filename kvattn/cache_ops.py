@@ -26,6 +26,7 @@ import numpy as np
 from jax import lax
 
 from kvattn import layout
+from kvattn import masks
 from kvattn._cache_tree import check_tree, map_caches
 from kvattn._checks import check_cache, check_shape, is_concrete
 from kvattn.cache import KVCache
@@ -97,9 +98,9 @@ def rewind(cache: Any, n: Any) -> Any:
   count = jnp.clip(n, 0, cache.lengths)
   if cache.ring:
     return _rewind_ring(cache, count)
-  real = cache.valid.astype(jnp.int32)
   # from_end[b, j]: real tokens of row b in slots j..S-1, so 1 at its last real token.
-  from_end = jnp.sum(real, axis=1, keepdims=True) - jnp.cumsum(real, axis=1) + real
+  from_end = jnp.sum(cache.valid, axis=1, keepdims=True, dtype=jnp.int32) - masks.real_before(
+      cache.valid)
   drop = cache.valid & (from_end <= count[:, None])
   slot = lax.broadcasted_iota(jnp.int32, (b, s), 1)
   index = jnp.max(jnp.where(cache.valid & ~drop, slot + 1, 0))

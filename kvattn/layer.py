@@ -12,15 +12,16 @@ Shape legend:
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from kvattn import attention
 from kvattn import masks
 from kvattn import rope
-from kvattn._checks import check_cache, check_mask, check_shape
+from kvattn._checks import check_cache, check_mask, check_shape, is_real
 from kvattn.cache import KVCache, token_positions
 from kvattn.params import Params, check_params
 
@@ -35,6 +36,10 @@ def prefill(
     rope_base: float | None = None,
     rope_scaling: rope.Scaling | None = None,
     implementation: str | None = None,
+    rotary_dim: int | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+    qk_norm_eps: float = 1e-6,
 ) -> tuple[jax.Array, KVCache]:
   """Runs T >= 1 new tokens through attention in one pass and caches them.
 
@@ -57,22 +62,41 @@ def prefill(
       (Llama 3.1's "llama3", or "linear"); needs rope_base.
     implementation: the attention implementation, as in
       `kvattn.cached_attention`; None for the platform's default.
+    rotary_dim: None to rotate all H features; R (even, <= H) to rotate the
+      first R only (Phi's `partial_rotary_factor`); needs rope_base.
+    scale: the logits' scale, as in `kvattn.cached_attention` (None:
+      1/sqrt(H)).
+    softcap: None, or the logits' soft cap, as in `kvattn.cached_attention`.
+    qk_norm_eps: the epsilon of the qk-norm, used when the params hold its
+      scales (`q_norm`/`k_norm`, or `q_norm_proj`/`k_norm_proj`).
 
   Returns:
     `(out, new_cache)`: out `[B, T, DM]` in x's dtype, zeros at padding.
   """
-  _check(params, cache, x, mask, prefix_lm, rope_base, rope_scaling, implementation)
-  return _prefill(params, cache, x, mask, prefix_lm=prefix_lm, rope_base=rope_base,
-                  rope_scaling=rope_scaling, implementation=implementation)
+  options = Options(rope_base, rope_scaling, rotary_dim, scale, softcap, qk_norm_eps)
+  _check(params, cache, x, mask, prefix_lm, options, implementation)
+  return _prefill(params, cache, x, mask, prefix_lm=prefix_lm, options=options,
+                  implementation=implementation)
 
 
-def _prefill(params, cache, x, mask, *, prefix_lm, rope_base, rope_scaling, implementation):
+class Options(NamedTuple):
+  """The layer's static settings beyond the params (see `prefill`'s arguments)."""
+  rope_base: float | None = None
+  rope_scaling: rope.Scaling | None = None
+  rotary_dim: int | None = None
+  scale: float | None = None
+  softcap: float | None = None
+  qk_norm_eps: float = 1e-6
+
+
+def _prefill(params, cache, x, mask, *, prefix_lm, options: Options, implementation):
   """`prefill` without the checks."""
   positions = token_positions(cache, mask, num_tokens=x.shape[1])
-  q, k, v = project_qkv(params, x, positions, rope_base, rope_scaling)
+  q, k, v = project_qkv(params, x, _real_positions(positions, mask), options)
   full = jnp.ones(x.shape[:2], jnp.bool_) if mask is None else mask
   o, cache = attention.attend(q, k, v, cache, full, prefix_lm=prefix_lm,
-                              implementation=implementation)
+                              implementation=implementation, scale=options.scale,
+                              softcap=options.softcap)
   return project_out(params, o, mask, x.dtype), cache
 
 
@@ -86,6 +110,10 @@ def self_attention(
     rope_base: float | None = None,
     rope_scaling: rope.Scaling | None = None,
     block_size: int | None = None,
+    rotary_dim: int | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+    qk_norm_eps: float = 1e-6,
 ) -> jax.Array:
   """The attention layer over whole sequences, without a cache: for training.
 
@@ -104,6 +132,7 @@ def self_attention(
     rope_base: as in `prefill`.
     rope_scaling: as in `prefill`.
     block_size: as in `kvattn.dot_product_attention`.
+    rotary_dim, scale, softcap, qk_norm_eps: as in `prefill`.
 
   Returns:
     out `[B, T, DM]` in x's dtype, zeros at padding.
@@ -122,34 +151,61 @@ def self_attention(
   b, t, _ = x.shape
   if mask is not None:
     check_mask(mask, b, t)
-  _check_rope(rope_base, rope_scaling)
-  return _self_attention(params, x, mask, causal=causal, window=window, rope_base=rope_base,
-                         rope_scaling=rope_scaling, block_size=block_size)
+  options = Options(rope_base, rope_scaling, rotary_dim, scale, softcap, qk_norm_eps)
+  _check_options(options, params)
+  return _self_attention(params, x, mask, causal=causal, window=window, options=options,
+                         block_size=block_size)
 
 
-def _self_attention(params, x, mask, *, causal, window, rope_base, rope_scaling, block_size):
+def _self_attention(params, x, mask, *, causal, window, options: Options, block_size):
   """`self_attention` without the checks of params, x and the RoPE settings."""
   if mask is None:
     positions = jnp.broadcast_to(jnp.arange(x.shape[1], dtype=jnp.int32), x.shape[:2])
   else:
-    positions = masks.real_before(mask)  # As token_positions on an empty cache.
+    # As token_positions on an empty cache.
+    positions = _real_positions(masks.real_before(mask), mask)
     x = jnp.where(mask[:, :, None], x, jnp.zeros_like(x))  # No NaN at padding in the grads.
-  q, k, v = project_qkv(params, x, positions, rope_base, rope_scaling)
+  q, k, v = project_qkv(params, x, positions, options)
   o = attention.dot_product_attention(q, k, v, mask, causal=causal, window=window,
-                                      block_size=block_size)
+                                      block_size=block_size, scale=options.scale,
+                                      softcap=options.softcap)
   return project_out(params, o, mask, x.dtype)
 
 
-def project_qkv(params: Params, x: jax.Array, positions: jax.Array, rope_base,
-                rope_scaling) -> tuple[jax.Array, jax.Array, jax.Array]:
-  """q `[B, T, N, H]`, k, v `[B, T, K, H]` of x `[B, T, DM]`, RoPE applied (unchecked)."""
+def _real_positions(positions: jax.Array, mask: jax.Array | None) -> jax.Array:
+  """Positions for RoPE: padding at 0, so that it never raises a call's largest position.
+
+  A padding token's own rotation is never seen (it is never attended), but
+  LongRoPE picks its factors from the call's largest position (Hugging
+  Face's per-call rule): right padding must not push it past the real tokens'.
+  """
+  return positions if mask is None else jnp.where(mask, positions, 0)
+
+
+def project_qkv(params: Params, x: jax.Array, positions: jax.Array,
+                options: Options) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """q `[B, T, N, H]`, k, v `[B, T, K, H]` of x `[B, T, DM]`: qk-norm, then RoPE (unchecked)."""
   q = _project(x, params["wq"], params.get("bq"))
   k = _project(x, params["wk"], params.get("bk"))
   v = _project(x, params["wv"], params.get("bv"))
-  if rope_base is not None:
-    q = rope.rotate(q, positions, rope_base, rope_scaling)
-    k = rope.rotate(k, positions, rope_base, rope_scaling)
+  if "q_norm" in params:  # Per head, over H.
+    q = _rms_norm(q, params["q_norm"], options.qk_norm_eps, axes=(-1,))
+    k = _rms_norm(k, params["k_norm"], options.qk_norm_eps, axes=(-1,))
+  elif "q_norm_proj" in params:  # Over the whole projection, heads and H.
+    q = _rms_norm(q, params["q_norm_proj"], options.qk_norm_eps, axes=(-2, -1))
+    k = _rms_norm(k, params["k_norm_proj"], options.qk_norm_eps, axes=(-2, -1))
+  if options.rope_base is not None:
+    q = rope.rotate(q, positions, options.rope_base, options.rope_scaling, options.rotary_dim)
+    k = rope.rotate(k, positions, options.rope_base, options.rope_scaling, options.rotary_dim)
   return q, k, v
+
+
+def _rms_norm(x, scale, eps, axes):
+  """RMSNorm of x `[B, T, heads, H]` over `axes`, in float32, times scale; in x's dtype."""
+  x32 = x.astype(jnp.float32)
+  y = x32 * lax.rsqrt(jnp.mean(jnp.square(x32), axis=axes, keepdims=True) + eps)
+  scale = scale.astype(jnp.float32).reshape((1,) * (x.ndim - scale.ndim) + scale.shape)
+  return (y * scale).astype(x.dtype)
 
 
 def project_out(params: Params, o: jax.Array, mask: jax.Array | None, dtype) -> jax.Array:
@@ -170,6 +226,10 @@ def decode_step(
     rope_base: float | None = None,
     rope_scaling: rope.Scaling | None = None,
     implementation: str | None = None,
+    rotary_dim: int | None = None,
+    scale: float | None = None,
+    softcap: float | None = None,
+    qk_norm_eps: float = 1e-6,
 ) -> tuple[jax.Array, KVCache]:
   """Appends one token per row and attends over everything cached.
 
@@ -180,16 +240,18 @@ def decode_step(
     rope_base: as in `prefill`.
     rope_scaling: as in `prefill`.
     implementation: as in `prefill`.
+    rotary_dim, scale, softcap, qk_norm_eps: as in `prefill`.
 
   Returns:
     `(out [B, 1, DM], new_cache)`.
   """
-  _check(params, cache, x, None, False, rope_base, rope_scaling, implementation, decode=True)
-  return _prefill(params, cache, x, None, prefix_lm=False, rope_base=rope_base,
-                  rope_scaling=rope_scaling, implementation=implementation)
+  options = Options(rope_base, rope_scaling, rotary_dim, scale, softcap, qk_norm_eps)
+  _check(params, cache, x, None, False, options, implementation, decode=True)
+  return _prefill(params, cache, x, None, prefix_lm=False, options=options,
+                  implementation=implementation)
 
 
-def _check(params, cache, x, mask, prefix_lm, rope_base, rope_scaling, implementation,
+def _check(params, cache, x, mask, prefix_lm, options: Options, implementation,
            decode=False) -> None:
   """The checks of `prefill` and `decode_step`, once per call."""
   check_cache(cache, views=True)
@@ -215,7 +277,7 @@ def _check(params, cache, x, mask, prefix_lm, rope_base, rope_scaling, implement
     check_mask(mask, b, t)
   attention.check_options(prefix_lm, implementation)
   attention.check_ring_options(cache, prefix_lm)
-  _check_rope(rope_base, rope_scaling)
+  _check_options(options, params)
 
 
 def _check_x_dtype(x) -> None:
@@ -225,13 +287,20 @@ def _check_x_dtype(x) -> None:
                      f"but got {x.dtype}")
 
 
-def _check_rope(rope_base, rope_scaling) -> None:
-  if rope_base is not None:
-    rope.check_base(rope_base)
-  rope.check_scaling(rope_scaling)
-  if rope_scaling is not None and rope_base is None:
-    raise ValueError(f"rope_scaling needs a rope_base: but got rope_base=None and "
-                     f"rope_scaling={rope_scaling!r}")
+def _check_options(options: Options, params) -> None:
+  """The layer's settings, against the params' head dimension."""
+  h = params["wq"].shape[-1]
+  if options.rope_base is not None:
+    rope.check_base(options.rope_base)
+  rope.check_rotary_dim(options.rotary_dim, h)
+  rope.check_scaling(options.rope_scaling, rotary_dim=options.rotary_dim or h)
+  for name in ("rope_scaling", "rotary_dim"):
+    if getattr(options, name) is not None and options.rope_base is None:
+      raise ValueError(f"{name} needs a rope_base: but got rope_base=None and "
+                       f"{name}={getattr(options, name)!r}")
+  attention.check_logits(options.scale, options.softcap)
+  if not (is_real(options.qk_norm_eps) and options.qk_norm_eps > 0):
+    raise ValueError(f"qk_norm_eps should be a positive float: but got {options.qk_norm_eps!r}")
 
 
 def _project(x, w, bias):

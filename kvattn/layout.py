@@ -13,6 +13,13 @@ sharding rules map to mesh axes):
   K: "kv_heads"    key/value heads
   H: "head_dim"    head dimension
   DM: "embed"      model width
+
+and for the paged cache (`kvattn.paged`, the PAGED_CACHE table):
+
+  P: "pages"         pages in the pool
+  PS: "page_slots"   tokens per page (page_size)
+  SQ: "seq_slots"    sequence slots (max_seqs)
+  PPS: "seq_pages"   pages per sequence (pages_per_seq)
 """
 
 from __future__ import annotations
@@ -25,7 +32,11 @@ LOGICAL_AXES = {
     "N": "heads",
     "K": "kv_heads",
     "H": "head_dim",
-    "DM": "embed"
+    "DM": "embed",
+    "P": "pages",
+    "PS": "page_slots",
+    "SQ": "seq_slots",
+    "PPS": "seq_pages",
 }
 
 
@@ -83,14 +94,41 @@ CACHE_STATIC: dict[str, str] = {
     "max_positions": "the bound on a ring's positions (init_cache's max_len)",
 }
 
-# The attention params (see kvattn.params): Flax DenseGeneral kernels and biases.
+# The attention params (see kvattn.params): Flax DenseGeneral kernels, biases,
+# and the RMSNorm scales of q and k (qk-norm, before RoPE): per head (Qwen3,
+# Gemma 3: "head") or over the whole projection (OLMo 2: "projection").
 PARAMS: dict[str, Field] = {
     "wq": Field(("DM", "N", "H"), fan_in=("DM",)),
     "wk": Field(("DM", "K", "H"), fan_in=("DM",)),
     "wv": Field(("DM", "K", "H"), fan_in=("DM",)),
     "wo": Field(("N", "H", "DM"), fan_in=("N", "H")),
-    "bq": Field(("N", "H"), optional=True),
-    "bk": Field(("K", "H"), optional=True),
-    "bv": Field(("K", "H"), optional=True),
-    "bo": Field(("DM",), optional=True),
+    "bq": Field(("N", "H"), optional=True, feature="bias"),
+    "bk": Field(("K", "H"), optional=True, feature="bias"),
+    "bv": Field(("K", "H"), optional=True, feature="bias"),
+    "bo": Field(("DM",), optional=True, feature="bias"),
+    "q_norm": Field(("H",), optional=True, feature="head"),
+    "k_norm": Field(("H",), optional=True, feature="head"),
+    "q_norm_proj": Field(("N", "H"), optional=True, feature="projection"),
+    "k_norm_proj": Field(("K", "H"), optional=True, feature="projection"),
+}
+
+# The qk-norm kinds: the params each one needs.
+QK_NORMS: dict[str, tuple[str, str]] = {
+    "head": ("q_norm", "k_norm"),
+    "projection": ("q_norm_proj", "k_norm_proj"),
+}
+
+# The PagedCache's fields, in order (see kvattn.paged.PagedCache): pages of
+# PS tokens in a pool of P, a page table and counters per sequence slot, a
+# reference count per page. Its sizes are the leaves' shapes (static under
+# jit), so it has no static fields.
+PAGED_CACHE: dict[str, Field] = {
+    "k_pages": Field(("P", "PS", "K", "H")),
+    "v_pages": Field(("P", "PS", "K", "H")),
+    "page_table": Field(("SQ", "PPS"), "int32"),
+    "lengths": Field(("SQ",), "int32"),
+    "refs": Field(("P",), "int32"),
+    "exhausted": Field(("SQ",), "bool"),
+    "k_scale": Field(("P", "PS", "K"), "float32", optional=True, feature="int8"),
+    "v_scale": Field(("P", "PS", "K"), "float32", optional=True, feature="int8"),
 }

@@ -49,19 +49,24 @@ def empty(rows: tuple[int, ...], head_dim: int) -> Partial:
                  jnp.zeros(rows, jnp.float32))
 
 
-def probabilities(logits: jax.Array, mask: jax.Array, axis: int) -> tuple[jax.Array, jax.Array]:
+def probabilities(logits: jax.Array, mask: jax.Array, axis: int,
+                  softcap: float | None = None) -> tuple[jax.Array, jax.Array]:
   """Unnormalised probabilities of one block, and the block's row max.
 
   Args:
-    logits: float32 logits, keys along `axis`.
+    logits: float32 logits (already scaled), keys along `axis`.
     mask: bool, broadcastable to `logits`; True where the query may attend.
     axis: the keys' axis.
+    softcap: None, or c: the logits become `c * tanh(logits / c)` first
+      (Gemma 2's attention logit soft-capping), before the mask.
 
   Returns:
     `(p, m)`: p like `logits`, `exp(logit - m)` where allowed and exactly 0
     elsewhere; m the row max over allowed keys (`MASKED` where none is), with
     `axis` removed.
   """
+  if softcap is not None:
+    logits = softcap * jnp.tanh(logits / softcap)
   logits = jnp.where(mask, logits, MASKED)
   m = jnp.max(logits, axis=axis)
   p = jnp.where(mask, jnp.exp(logits - jnp.expand_dims(m, axis)), 0.0)

@@ -9,7 +9,9 @@ Shape legend:
 Keys: `wq [DM, N, H]`, `wk [DM, K, H]`, `wv [DM, K, H]`, `wo [N, H, DM]`, and
 optional biases `bq [N, H]`, `bk [K, H]`, `bv [K, H]`, `bo [DM]`, used when
 present. The kernels match Flax's `DenseGeneral` kernels, so checkpoints map
-one to one.
+one to one. Optional qk-norm scales, RMSNorm of q and k before RoPE: per head
+`q_norm [H]`, `k_norm [H]` (Qwen3, Gemma 3), or over the whole projection
+`q_norm_proj [N, H]`, `k_norm_proj [K, H]` (OLMo 2); a pair, one kind.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ def init_params(
     num_kv_heads: int | None = None,
     head_dim: int | None = None,
     use_bias: bool = False,
+    qk_norm: str | None = None,
     dtype: jnp.dtype = jnp.float32,
 ) -> dict[str, jax.Array]:
   """Returns randomly initialised attention params (the layout of `kvattn.layout.PARAMS`).
@@ -50,6 +53,8 @@ def init_params(
       (K == N: multi-head, 1 < K < N: grouped-query, K == 1: multi-query).
     head_dim: H; default DM // N.
     use_bias: add zero biases bq, bk, bv, bo.
+    qk_norm: None, "head" (q_norm, k_norm `[H]`) or "projection"
+      (q_norm_proj `[N, H]`, k_norm_proj `[K, H]`): RMSNorm scales of ones.
     dtype: parameter dtype.
   """
   num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
@@ -60,6 +65,9 @@ def init_params(
   check_heads(num_heads, num_kv_heads)
   if not isinstance(use_bias, bool):
     raise ValueError(f"use_bias should be a bool: but got {use_bias!r}")
+  if qk_norm is not None and qk_norm not in layout.QK_NORMS:
+    raise ValueError(f"qk_norm should be None or one of {sorted(layout.QK_NORMS)}: but got "
+                     f"{qk_norm!r}")
   sizes = dict(DM=d_model, N=num_heads, K=num_kv_heads, H=head_dim)
   kernels = {name: f for name, f in layout.PARAMS.items() if not f.optional}
   # One draw for all kernels, then split: one random-number kernel to compile
@@ -74,7 +82,12 @@ def init_params(
   }
   if use_bias:
     params.update({
-        name: jnp.zeros(f.shape(sizes), dtype) for name, f in layout.PARAMS.items() if f.optional
+        name: jnp.zeros(f.shape(sizes), dtype) for name, f in layout.PARAMS.items()
+        if f.feature == "bias"
+    })
+  if qk_norm is not None:
+    params.update({
+        name: jnp.ones(layout.PARAMS[name].shape(sizes), dtype) for name in layout.QK_NORMS[qk_norm]
     })
   return params
 
@@ -103,4 +116,10 @@ def check_params(params: Any, num_kv_heads: int, head_dim: int) -> tuple[int, in
   for name, field in layout.PARAMS.items():
     if name in params:
       check_shape(f"params['{name}']", params[name], field.legend(), field.shape(sizes))
+  kinds = [kind for kind, names in layout.QK_NORMS.items() if any(n in params for n in names)]
+  for kind in kinds:
+    if not all(n in params for n in layout.QK_NORMS[kind]) or len(kinds) > 1:
+      found = sorted(n for names in layout.QK_NORMS.values() for n in names if n in params)
+      pairs = " or ".join(str(names) for names in layout.QK_NORMS.values())
+      raise ValueError(f"params should hold one qk-norm pair, {pairs}: but got {found}")
   return sizes["DM"], sizes["N"]

@@ -103,6 +103,32 @@ def test_chunks_and_decode_match_reference(block_q, block_kv, num_kv_heads, dtyp
   np.testing.assert_array_equal(cache.lengths, np.sum(mask, axis=1))
 
 
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("dtype", ["float32", "int8"])
+def test_scale_and_softcap_match_reference(dtype, implementation):
+  """A logit scale and a soft cap (Gemma 2), on the matmul and decode paths, int8 included."""
+  total = sum(SIZES)
+  q, k, v = random_qkv(11, total, 2)
+  q = 4.0 * q  # Logits past the cap: tanh bends them.
+  mask = three_row_mask(total)
+  cache = reference.new_cache(B, 24, 2, H, dtype)
+  call = jax.jit(
+      functools.partial(kvattn.cached_attention, block_q=3, block_kv=5, scale=0.2, softcap=1.5,
+                        implementation=implementation))
+  outs, ids, lo = [], [], 0
+  for c, size in enumerate(SIZES):
+    o, cache = call(q[:, lo:lo + size], k[:, lo:lo + size], v[:, lo:lo + size], cache,
+                    mask[:, lo:lo + size])
+    outs.append(o)
+    ids += [c] * size
+    lo += size
+  stored = [reference.stored(cache, name, total) for name in ("k", "v")]
+  want = reference_attention(q, *stored, mask, np.array(ids), scale=0.2, softcap=1.5)
+  np.testing.assert_allclose(np.concatenate(outs, 1), want, **tolerance(implementation, dtype))
+  plain = reference_attention(q, *stored, mask, np.array(ids))
+  assert np.max(np.abs(want - plain)) > 0.1
+
+
 @pytest.mark.slow
 def test_block_sizes_do_not_change_the_result():
   q, k, v = random_qkv(2, sum(SIZES), 2)

@@ -460,3 +460,113 @@ def test_self_attention_errors_name_the_argument(call, error, match):
   params = make_params(N)
   with pytest.raises(error, match=match):
     call(params, jnp.ones((2, 3, DM)))
+
+
+# --- The attention features of the 2026 families: a custom logit scale,
+# logit soft-capping (Gemma 2), qk-norm per head (Qwen3, Gemma 3) or over the
+# whole projection (OLMo 2), partial rotary (Phi) -----------------------------
+
+FEATURES = dict(rope_base=10_000.0, rotary_dim=4, scale=0.3, softcap=2.0, qk_norm_eps=1e-5)
+
+
+def _feature_params(qk_norm, seed=5):
+  params = make_params(2, seed=seed)
+  names = {"head": ("q_norm", "k_norm"), "projection": ("q_norm_proj", "k_norm_proj")}[qk_norm]
+  shapes = {"q_norm": (H,), "k_norm": (H,), "q_norm_proj": (N, H), "k_norm_proj": (2, H)}
+  for i, name in enumerate(names):  # Scales away from 1, so that a skipped norm shows.
+    params[name] = 1.0 + 0.5 * jax.random.normal(jax.random.key(seed + 10 + i), shapes[name])
+  return params
+
+
+@pytest.mark.parametrize("implementation",
+                         ["xla", pytest.param("pallas_gpu", marks=pytest.mark.slow)])
+@pytest.mark.parametrize("qk_norm", ["head", "projection"])
+@pytest.mark.parametrize("window", [None, 3])
+def test_scale_softcap_qk_norm_and_partial_rotary_match_reference(implementation, qk_norm, window):
+  """Chunks then decode steps, linear or ring cache, equal the float64 layer and self_attention.
+
+  The logits reach well past the cap (x is large), so tanh bends them.
+  """
+  params = _feature_params(qk_norm)
+  x = 3.0 * jax.random.normal(jax.random.key(6), (3, 9, DM))
+  mask = np.ones((3, 9), bool)
+  mask[1, :2] = False
+  mask[2, 4] = False
+  cache = kvattn.init_cache(3, 12, 2, H, window=window)
+  step = jax.jit(kvattn.prefill, static_argnames=tuple(FEATURES) + ("implementation",))
+  outs, ids = [], []
+  for c, (lo, hi) in enumerate([(0, 5), (5, 7), (7, 8), (8, 9)]):
+    o, cache = step(params, cache, x[:, lo:hi], mask[:, lo:hi], implementation=implementation,
+                    **FEATURES)
+    outs.append(o)
+    ids += [c] * (hi - lo)
+  want = reference.layer(params, x, mask, np.array(ids), window=window, **FEATURES)
+  np.testing.assert_allclose(jnp.concatenate(outs, 1), want, **TOL)
+  whole = kvattn.self_attention(params, x, jnp.asarray(mask), window=window, **FEATURES)
+  np.testing.assert_allclose(
+      whole, reference.layer(params, x, mask, np.zeros(9, int), window=window, **FEATURES), **TOL)
+  plain = reference.layer(params, x, mask, np.array(ids), window=window, rope_base=10_000.0)
+  assert np.max(np.abs(want - plain)) > 0.1  # The features change the numbers.
+
+
+def test_decode_step_takes_the_features():
+  params = _feature_params("head")
+  x = jax.random.normal(jax.random.key(7), (2, 4, DM))
+  cache = kvattn.init_cache(2, 8, 2, H)
+  _, cache = kvattn.prefill(params, cache, x[:, :3], **FEATURES)
+  o, _ = kvattn.decode_step(params, cache, x[:, 3:], **FEATURES)
+  want = reference.layer(params, x, np.ones((2, 4), bool), np.array([0, 0, 0, 1]), **FEATURES)
+  np.testing.assert_allclose(o, want[:, 3:], **TOL)
+
+
+def test_softcap_gradient_matches_dense_autodiff():
+  """dot_product_attention's hand-written backward goes through the cap."""
+  rng = np.random.default_rng(8)
+  q, k, v = (jnp.asarray(3.0 * rng.standard_normal((2, 7, n, H)), jnp.float32) for n in (4, 2, 2))
+  mask = jnp.asarray(rng.random((2, 7)) > 0.2).at[:, 0].set(True)
+  cot = jnp.asarray(rng.standard_normal((2, 7, 4, H)), jnp.float32)
+
+  def dense(q, k, v):
+    kk, vv = jnp.repeat(k, 2, axis=2), jnp.repeat(v, 2, axis=2)
+    logits = jnp.einsum("btnh,bsnh->bnts", q, kk) * 0.3
+    logits = 2.0 * jnp.tanh(logits / 2.0)
+    allowed = mask[:, None, None, :] & jnp.tril(jnp.ones((7, 7), bool))[None, None]
+    p = jax.nn.softmax(jnp.where(allowed, logits, -1e30), axis=-1)
+    o = jnp.einsum("bnts,bsnh->btnh", p, vv)
+    return jnp.sum(jnp.where(mask[:, :, None, None], o, 0.0) * cot)
+
+  def ours(q, k, v):
+    o = kvattn.dot_product_attention(q, k, v, mask, scale=0.3, softcap=2.0, block_size=3)
+    return jnp.sum(o * cot)
+
+  got, want = jax.grad(ours, (0, 1, 2))(q, k, v), jax.grad(dense, (0, 1, 2))(q, k, v)
+  for g, w in zip(got, want):
+    np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+  plain = jax.grad(lambda q: jnp.sum(kvattn.dot_product_attention(q, k, v, mask) * cot))(q)
+  assert np.max(np.abs(plain - got[0])) > 1e-2  # The cap and scale change the gradient.
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(scale=0.0), r"scale should be None or a positive Python float: but got 0.0"),
+    (dict(softcap=-1.0), r"softcap should be None or a positive Python float: but got -1.0"),
+    (dict(softcap=jnp.float32(2.0)), r"softcap should be None or a positive Python float"),
+    (dict(rotary_dim=4), r"rotary_dim needs a rope_base"),
+    (dict(rope_base=1e4, rotary_dim=3), r"rotary_dim should be"),
+    (dict(qk_norm_eps=0.0), r"qk_norm_eps should be a positive float: but got 0.0"),
+])
+def test_bad_feature_options_raise(kwargs, match):
+  params = make_params(2)
+  with pytest.raises(ValueError, match=match):
+    kvattn.prefill(params, kvattn.init_cache(1, 4, 2, H), jnp.ones((1, 2, DM)), **kwargs)
+
+
+def test_a_lone_or_mixed_qk_norm_is_refused():
+  params = {**make_params(2), "q_norm": jnp.ones((H,))}
+  with pytest.raises(ValueError, match=r"params should hold one qk-norm pair"):
+    kvattn.prefill(params, kvattn.init_cache(1, 4, 2, H), jnp.ones((1, 2, DM)))
+  params = {
+      **_feature_params("head"), "q_norm_proj": jnp.ones((N, H)),
+      "k_norm_proj": jnp.ones((2, H))
+  }
+  with pytest.raises(ValueError, match=r"params should hold one qk-norm pair"):
+    kvattn.self_attention(params, jnp.ones((1, 2, DM)))

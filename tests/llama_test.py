@@ -14,6 +14,7 @@ F MLP width, V vocabulary.
 
 import json
 import pathlib
+import re
 import subprocess
 import sys
 import tracemalloc
@@ -399,22 +400,38 @@ def test_config_mapping():
         "architectures": ["GPT2LMHeadModel"],
         "model_type": "gpt2"
     }, r"config.json: llama.load takes architectures \['LlamaForCausalLM', 'MistralForCausalLM', "
-     r"'Qwen2ForCausalLM'\] \(model_type \['llama', 'mistral', 'qwen2'\]\): but got "
-     r"architectures \['GPT2LMHeadModel'\] and model_type 'gpt2'; kvattn.models.load"),
+     r"'Olmo2ForCausalLM', 'Qwen2ForCausalLM', 'Qwen3ForCausalLM'\] \(model_type \['llama', "
+     r"'mistral', 'olmo2', 'qwen2', 'qwen3'\]\): but got architectures \['GPT2LMHeadModel'\] and "
+     r"model_type 'gpt2'; kvattn.models.load"),
     ({
         "hidden_act": "gelu"
     }, r"hidden_act should be 'silu': but got 'gelu'"),
     ({
         "rope_scaling": {
-            "rope_type": "yarn",
+            "rope_type": "dynamic",
             "factor": 4.0
         }
-    }, r"'yarn'"),
+    }, r"rope_scaling type 'dynamic' is not supported"),
+    ({
+        "partial_rotary_factor": 0.5
+    }, r"partial_rotary_factor should be 1 for LlamaForCausalLM: but got 0.5"),
 ])
 def test_unsupported_configs_are_refused(change, match):
   base = LLAMA
   with pytest.raises(ValueError, match=match):
     llama.config_from_hf({**base, **change})
+
+
+@pytest.mark.parametrize("hf, key", [(MISTRAL, "attention_bias"), (MISTRAL, "mlp_bias"),
+                                     (QWEN2, "attention_bias"), (QWEN2, "mlp_bias")])
+def test_bias_options_a_class_lacks_are_refused(hf, key):
+  """Mistral's and Qwen2's transformers models have no such option: it would be ignored there."""
+  name = hf["architectures"][0]
+  with pytest.raises(
+      ValueError, match=f"config.json: {key} should be false for {name}: but got "
+      f"True \\(its transformers model has no such biases"):
+    llama.config_from_hf({**hf, key: True})
+  assert llama.config_from_hf({**LLAMA, key: True}).use_bias  # Llama has both.
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen2", "mistral", "qwen2_windowed"])
@@ -451,15 +468,17 @@ def test_models_load_picks_the_llama_loader(tmp_path, name):
         "model_type": "bert"
     }, r"architectures \['BertForMaskedLM'\] and model_type 'bert'"),
     ({
-        "model_type": "qwen3"
-    }, r"architectures \[\] and model_type 'qwen3'"),
+        "model_type": "phi3small"
+    }, r"architectures \[\] and model_type 'phi3small'"),
     ({}, r"architectures \[\] and model_type None"),
 ])
 def test_models_load_refuses_a_family_it_has_no_loader_for(tmp_path, hf, found):
   (tmp_path / "config.json").write_text(json.dumps(hf))
-  match = (r"config.json: kvattn.models.load takes architectures \['GPT2LMHeadModel', "
-           r"'LlamaForCausalLM', 'MistralForCausalLM', 'Qwen2ForCausalLM'\] \(model_type "
-           r"\['gpt2', 'llama', 'mistral', 'qwen2'\]\): but got " + found + "$")
+  model_types = {t: c for row in loaders.FAMILIES for t, c in row.model_types.items()}
+  assert {"llama", "mistral", "qwen2", "qwen3", "olmo2", "phi3", "gpt2"} <= set(model_types)
+  match = (re.escape(f"config.json: kvattn.models.load takes architectures "
+                     f"{sorted(set(model_types.values()))} (model_type {sorted(model_types)}): "
+                     f"but got ") + found + "$")
   with pytest.raises(ValueError, match=match):
     models.load(tmp_path)
 

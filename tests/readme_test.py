@@ -41,6 +41,6 @@ def test_quick_start_is_two_one_line_commands():
   assert len(commands) == 2, commands
   assert re.fullmatch(r"pip install -e '\.\[examples\]' && python examples/\w+\.py",
                       commands[0]), commands[0]
-  assert commands[1] == "pip install -e '.[test]' && pytest -q"
+  assert commands[1] == "pip install -e '.[test]' && pytest -q -n auto"
   script = commands[0].split("python ")[-1]
   assert (README.parent / script).exists(), script

@@ -96,31 +96,36 @@ def rope_attention_factor(scaling: dict | None) -> float:
 
 
 def rope(x: np.ndarray, positions: np.ndarray, base: float, scaling: dict | None = None,
-         rotary_dim: int | None = None) -> np.ndarray:
+         rotary_dim: int | None = None, seq_len: int | None = None) -> np.ndarray:
   """x [L, M, H] rotated at integer positions [L], half-split layout, float64.
 
   The first `rotary_dim` features (all H if None) are rotated, feature i with
   i + rotary_dim/2, and multiplied by the attention factor; the rest are copied.
-  LongRoPE picks its factors from max(positions) + 1, the whole call's.
+  LongRoPE picks its factors from `seq_len`, the whole call's largest position
+  + 1 (over every row of a batch); None: max(positions) + 1.
   """
   r = x.shape[-1] if rotary_dim is None else rotary_dim
-  inv_freq = rope_frequencies(r, base, scaling, seq_len=int(np.max(positions)) + 1)
+  seq_len = int(np.max(positions)) + 1 if seq_len is None else seq_len
+  inv_freq = rope_frequencies(r, base, scaling, seq_len)
   angle = positions[:, None, None].astype(np.float64) * inv_freq
   cos, sin = (f(angle) * rope_attention_factor(scaling) for f in (np.cos, np.sin))
   x1, x2, rest = x[..., :r // 2], x[..., r // 2:r], x[..., r:]
   return np.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], -1)
 
 
-def attention(q, k, v, allowed):
+def attention(q, k, v, allowed, scale=None, softcap=None):
   """q [L, N, H], k/v [L, K, H], allowed bool [L, L] -> [L, N, H], float64.
 
-  Rows with nothing allowed give zeros.
+  Rows with nothing allowed give zeros. Logits are scaled by `scale` (None:
+  1/sqrt(H)), then soft-capped to `softcap * tanh(logit / softcap)` if given.
   """
   q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
   n, kh = q.shape[1], k.shape[1]
   k = np.repeat(k, n // kh, axis=1)  # GQA: query head n uses kv head n // G.
   v = np.repeat(v, n // kh, axis=1)
-  logits = np.einsum("inh,jnh->nij", q, k) / np.sqrt(q.shape[-1])
+  logits = np.einsum("inh,jnh->nij", q, k) * (q.shape[-1]**-0.5 if scale is None else scale)
+  if softcap is not None:
+    logits = softcap * np.tanh(logits / softcap)
   logits = np.where(allowed[None], logits, -np.inf)
   m = np.max(logits, axis=-1, keepdims=True)
   m = np.where(np.isfinite(m), m, 0.0)
@@ -130,7 +135,7 @@ def attention(q, k, v, allowed):
   return np.einsum("nij,jnh->inh", p, v)
 
 
-def attention_by_rows(q, k, v, mask, chunk_ids, prefix_lm=False):
+def attention_by_rows(q, k, v, mask, chunk_ids, prefix_lm=False, scale=None, softcap=None):
   """q [B, T, N, H], k/v [B, T, K, H] with padding -> [B, T, N, H] float64.
 
   Each row's real tokens (mask [B, T]) run as one sequence; chunk_ids [T]
@@ -141,7 +146,7 @@ def attention_by_rows(q, k, v, mask, chunk_ids, prefix_lm=False):
     idx = np.nonzero(np.asarray(mask[b]))[0]
     if idx.size:
       allowed = allowed_mask(np.asarray(chunk_ids)[idx], prefix_lm)
-      out[b, idx] = attention(q[b, idx], k[b, idx], v[b, idx], allowed)
+      out[b, idx] = attention(q[b, idx], k[b, idx], v[b, idx], allowed, scale, softcap)
   return out
 
 
@@ -225,7 +230,8 @@ def allowed_mask(chunk_ids: np.ndarray, prefix_lm: bool) -> np.ndarray:
   return allowed
 
 
-def layer(params, x, mask, chunk_ids, *, prefix_lm=False, rope_base=None, window=None):
+def layer(params, x, mask, chunk_ids, *, prefix_lm=False, rope_base=None, window=None,
+          rotary_dim=None, scale=None, softcap=None, qk_norm_eps=1e-6):
   """The attention layer over whole sequences, without a cache.
 
   Args:
@@ -236,6 +242,11 @@ def layer(params, x, mask, chunk_ids, *, prefix_lm=False, rope_base=None, window
     rope_base: None or the RoPE base.
     window: None, or W: a token at position p sees positions p - W + 1 .. p
       only (positions count the row's real tokens).
+    rotary_dim: None, or R: RoPE on the first R features of each head only.
+    scale, softcap: the logits' scale and soft cap (`attention`).
+    qk_norm_eps: with q_norm/k_norm ([H], per head) or q_norm_proj/k_norm_proj
+      ([heads, H], over the whole projection) in params: RMSNorm of q and k
+      with those scales before RoPE.
 
   Returns:
     [B, T, DM] float64, zeros at padding.
@@ -251,13 +262,18 @@ def layer(params, x, mask, chunk_ids, *, prefix_lm=False, rope_base=None, window
     q = np.einsum("ld,dnh->lnh", xs, p["wq"]) + p.get("bq", 0.0)
     k = np.einsum("ld,dnh->lnh", xs, p["wk"]) + p.get("bk", 0.0)
     v = np.einsum("ld,dnh->lnh", xs, p["wv"]) + p.get("bv", 0.0)
+    for name, axes in (("_norm", (-1,)), ("_norm_proj", (-2, -1))):
+      if "q" + name in p:
+        q = q / np.sqrt(np.mean(q * q, axis=axes, keepdims=True) + qk_norm_eps) * p["q" + name]
+        k = k / np.sqrt(np.mean(k * k, axis=axes, keepdims=True) + qk_norm_eps) * p["k" + name]
     if rope_base is not None:
       pos = np.arange(idx.size)
-      q, k = rope(q, pos, rope_base), rope(k, pos, rope_base)
+      q = rope(q, pos, rope_base, rotary_dim=rotary_dim)
+      k = rope(k, pos, rope_base, rotary_dim=rotary_dim)
     allowed = allowed_mask(np.asarray(chunk_ids)[idx], prefix_lm)
     if window is not None:
       pos = np.arange(idx.size)
       allowed = allowed & (pos[None, :] > pos[:, None] - window)
-    o = attention(q, k, v, allowed)
+    o = attention(q, k, v, allowed, scale, softcap)
     out[b, idx] = np.einsum("lnh,nhd->ld", o, p["wo"]) + p.get("bo", 0.0)
   return out

@@ -30,10 +30,18 @@ step = jax.jit(transformer.step, static_argnames="config")
 
 # Local and global layers: the caches are rings with a window per layer.
 MIXED_WINDOWS = LLAMA_LIKE._replace(window_pattern=(3, None, 2))
+# The 2026 families' pieces together (Gemma 2 and 3, Qwen3, Phi): pre- and
+# post-norms, scaled embeddings, a logit scale and caps, qk-norm, partial
+# rotary, local layers with a RoPE base of their own.
+FEATURES = MIXED_WINDOWS._replace(norm_placement="pre_post", embed_scale=32**0.5, attn_scale=0.25,
+                                  attn_softcap=3.0, final_softcap=4.0, qk_norm="head", rotary_dim=4,
+                                  rope_local_base=100.0, activation="gelu_tanh")
+POST_NORMS = LLAMA_LIKE._replace(norm_placement="post", qk_norm="projection")  # OLMo 2.
 
 
-@pytest.mark.parametrize("config", [ROPE_GQA, LEARNED, LLAMA_LIKE, MIXED_WINDOWS],
-                         ids=["rope_gqa", "learned", "llama_like", "mixed_windows"])
+@pytest.mark.parametrize(
+    "config", [ROPE_GQA, LEARNED, LLAMA_LIKE, MIXED_WINDOWS, FEATURES, POST_NORMS],
+    ids=["rope_gqa", "learned", "llama_like", "mixed_windows", "features", "post_norms"])
 @pytest.mark.parametrize("left_pad", [False, True], ids=["right_pad", "left_pad"])
 @pytest.mark.slow
 def test_step_in_chunks_equals_forward(config, left_pad):
@@ -114,6 +122,13 @@ def test_llama_like_params_layout():
         "linear", 2.0)), r"config.rope_scaling needs config.rope_base"),
     (dict(rope_scaling=kvattn.rope.Scaling("ntk", 2.0)), r"config.rope_scaling.kind"),
     (dict(window_pattern=(4, 0)), r"config.window_pattern should be a positive int: but got 0"),
+    (dict(norm_placement="sandwich"), r"config.norm_placement should be one of \('pre', "),
+    (dict(qk_norm="layer"), r"config.qk_norm should be None or one of \('head', 'projection'\)"),
+    (dict(attn_softcap=0.0), r"config.attn_softcap should be None or a positive float: but got 0"),
+    (dict(final_softcap=-1.0), r"config.final_softcap should be None or a positive float"),
+    (dict(rotary_dim=3), r"config.rotary_dim should be"),
+    (dict(rope_base=None, max_positions=8, rope_local_base=10.0),
+     r"config.rotary_dim and config.rope_local_base need config.rope_base"),
 ])
 def test_bad_configs_raise(change, match):
   with pytest.raises(ValueError, match=match):
@@ -235,8 +250,8 @@ def test_unstacked_layers_give_the_same_logits_and_caches(config):
                              forward(params, tokens, mask, config=config), rtol=1e-6, atol=1e-6)
 
 
-@pytest.mark.parametrize("config", [ROPE_GQA, LEARNED, LLAMA_LIKE],
-                         ids=["untied", "learned", "llama_like"])
+@pytest.mark.parametrize("config", [ROPE_GQA, LEARNED, LLAMA_LIKE, FEATURES, POST_NORMS],
+                         ids=["untied", "learned", "llama_like", "features", "post_norms"])
 @pytest.mark.parametrize("unstacked", [False, True], ids=["stacked", "unstacked"])
 def test_params_logical_axes_shard_every_leaf_on_a_mesh(config, unstacked):
   """Every param has logical axes (MLP and vocabulary too, gated or not, stacked or per

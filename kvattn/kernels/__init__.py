@@ -9,7 +9,7 @@ interpreted; kernels never fall back or choose a mode by themselves.
 The two entry points share one signature and one return type:
 
     attend(q, k_new, v_new, cache, start, mask, *, prefix_lm, block_q, block_kv,
-           interpret) -> (o, cache)
+           scale, softcap, interpret) -> (o, cache)
 
   q: `[B, T, N, H]` queries (after RoPE, if used).
   k_new, v_new: `[B, T, K, H]` the new tokens' keys and values as the cache
@@ -24,6 +24,10 @@ The two entry points share one signature and one return type:
   prefix_lm: a Python bool: the new tokens see each other bidirectionally.
   block_q, block_kv: positive ints or None (the kernel's default); tuning
     only, never a change of result beyond float32 rounding.
+  scale: the logits' scale, a Python float; None for 1/sqrt(H).
+  softcap: None, or c, a positive Python float: each logit (after scale)
+    becomes `c * tanh(logit / c)` before the mask and the softmax (Gemma 2's
+    attention logit soft-capping).
   interpret: a Python bool: run the kernel in interpret mode (slow, for
     tests). Only a backend with `interpret_platforms` is ever asked to.
 
@@ -31,7 +35,7 @@ The two entry points share one signature and one return type:
   through so that the compiler can keep it in place).
 
     attend_ring(q, k_new, v_new, cache, positions, mask, *, block_q, block_kv,
-                interpret) -> (o, cache)
+                scale, softcap, interpret) -> (o, cache)
 
   For ring (sliding-window) caches. cache: the ring as it was before the
   write (a chunk longer than the ring overwrites slots its own first tokens

@@ -112,7 +112,8 @@ _MAX_ROWS = 128
 
 def attend(q: jax.Array, k_new: jax.Array, v_new: jax.Array, cache: KVCache, start: jax.Array,
            mask: jax.Array, *, prefix_lm: bool, block_q: int | None = None,
-           block_kv: int | None = None, interpret: bool = False) -> tuple[jax.Array, KVCache]:
+           block_kv: int | None = None, scale: float | None = None, softcap: float | None = None,
+           interpret: bool = False) -> tuple[jax.Array, KVCache]:
   """Attention of the new tokens over the cached prefix and themselves.
 
   The signature of every backend (see `kvattn.kernels`).
@@ -120,14 +121,15 @@ def attend(q: jax.Array, k_new: jax.Array, v_new: jax.Array, cache: KVCache, sta
   # A layer view's slots are copied out of the stack first (O(S)): the kernels
   # read one cache, not a stack.
   o = _attention(q, k_new, v_new, layer_cache(cache), start, mask, causal=not prefix_lm,
-                 window=None, positions=None, block_q=block_q, block_kv=block_kv,
-                 interpret=interpret)
+                 window=None, positions=None, block_q=block_q, block_kv=block_kv, scale=scale,
+                 softcap=softcap, interpret=interpret)
   return o, cache
 
 
 def attend_ring(q: jax.Array, k_new: jax.Array, v_new: jax.Array, cache: KVCache,
                 positions: jax.Array, mask: jax.Array, *, block_q: int | None = None,
-                block_kv: int | None = None, interpret: bool = False) -> tuple[jax.Array, KVCache]:
+                block_kv: int | None = None, scale: float | None = None,
+                softcap: float | None = None, interpret: bool = False) -> tuple[jax.Array, KVCache]:
   """`kvattn.kernels.xla.attend_ring` as Pallas kernels: a ring cache, read before its write.
 
   The same kernels, with each key's token position (the ring's `positions`,
@@ -138,7 +140,8 @@ def attend_ring(q: jax.Array, k_new: jax.Array, v_new: jax.Array, cache: KVCache
   # Until the ring wraps, slots from the longest row's length on are empty.
   filled = jnp.minimum(jnp.max(one.lengths), one.num_slots)
   o = _attention(q, k_new, v_new, one, filled, mask, causal=True, window=one.window,
-                 positions=positions, block_q=block_q, block_kv=block_kv, interpret=interpret)
+                 positions=positions, block_q=block_q, block_kv=block_kv, scale=scale,
+                 softcap=softcap, interpret=interpret)
   return o, cache
 
 
@@ -156,7 +159,7 @@ BACKEND = Backend("pallas_gpu", attend, attend_ring, platforms=("cuda",),
 
 
 def _attention(q, k_new, v_new, cache, end, mask, *, causal, window, positions, block_q, block_kv,
-               interpret):
+               scale, softcap, interpret):
   """o `[B, T, N, H]`: the new queries over cache slots [0, end) and the new keys.
 
   With `window`, a ring cache: `positions` are the new tokens', the cache's
@@ -168,7 +171,8 @@ def _attention(q, k_new, v_new, cache, end, mask, *, causal, window, positions, 
   low = cache.k.dtype in (jnp.bfloat16, jnp.float16)
   dot_dtype = cache.k.dtype if low else jnp.float32
   # Rows grouped by kv head, token-major: [B, K, R, H], pre-scaled.
-  rows = (q.astype(jnp.float32) * h**-0.5).reshape(b, t, kh, g, h).transpose(0, 2, 1, 3, 4)
+  scale = h**-0.5 if scale is None else scale
+  rows = (q.astype(jnp.float32) * scale).reshape(b, t, kh, g, h).transpose(0, 2, 1, 3, 4)
   rows = rows.reshape(b, kh, t * g, h).astype(dot_dtype)
   row_ok = jnp.repeat(mask, g, axis=1)  # [B, R]
   row_pos = None if window is None else jnp.repeat(positions, g, axis=1)  # [B, R]
@@ -182,7 +186,7 @@ def _attention(q, k_new, v_new, cache, end, mask, *, causal, window, positions, 
   key_block = (lambda size: size) if interpret else _power_of_two_at_most
   scales = (cache.k_scale, cache.v_scale) if cache.quantized else None
   flash = functools.partial(_flash, group=g, row_block=row_block, dot_dtype=dot_dtype,
-                            interpret=interpret, window=window, row_pos=row_pos)
+                            softcap=softcap, interpret=interpret, window=window, row_pos=row_pos)
   cached = flash(rows, row_ok, cache.k, cache.v, cache.valid, scales, end, causal=False,
                  key_block=key_block(min(block_kv, cache.max_len)),
                  key_pos=None if window is None else cache.positions)
@@ -191,7 +195,7 @@ def _attention(q, k_new, v_new, cache, end, mask, *, causal, window, positions, 
                 key_block=key_block(min(block_kv, t)), key_pos=positions)
   else:  # A decode step or a short chunk: one small block, no loop.
     new = _chunk_without_loop(rows, row_ok, k_new, v_new, mask, causal=causal, group=g,
-                              window=window, row_pos=row_pos, key_pos=positions)
+                              window=window, row_pos=row_pos, key_pos=positions, softcap=softcap)
   o = normalize(accumulate(cached, new))  # [B, K, R, H]
   o = o.reshape(b, kh, t, g, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h)
   return o.astype(q.dtype)
@@ -209,7 +213,7 @@ def _rows_per_program(rows: int, wanted: int, min_block: int) -> int:
   return max(min(size, need), min_block)
 
 
-def _flash(rows, row_ok, k, v, key_ok, scales, end, *, causal, group, row_block, key_block,
+def _flash(rows, row_ok, k, v, key_ok, scales, end, *, causal, group, row_block, key_block, softcap,
            dot_dtype, interpret, window=None, row_pos=None, key_pos=None) -> Partial:
   """The partial softmax of every query row over keys [0, end) of k and v.
 
@@ -225,6 +229,7 @@ def _flash(rows, row_ok, k, v, key_ok, scales, end, *, causal, group, row_block,
     group: G.
     row_block, key_block: RB and C.
     dot_dtype: the dtype the matmuls take.
+    softcap: None, or the logits' soft cap (`online_softmax.probabilities`).
     interpret: run the kernel in interpret mode.
     window: None, or W (int32 scalar, may be traced): row r sees key i only
       if key_pos[i] > row_pos[r] - W (a ring cache's sliding window).
@@ -246,7 +251,7 @@ def _flash(rows, row_ok, k, v, key_ok, scales, end, *, causal, group, row_block,
   per_split = -(-key_blocks // splits)
   kernel = functools.partial(_kernel, key_block=key_block, per_split=per_split, length=length,
                              row_block=row_block, group=group, causal=causal, quantized=scales
-                             is not None, windowed=windowed, dot_dtype=dot_dtype,
+                             is not None, windowed=windowed, dot_dtype=dot_dtype, softcap=softcap,
                              precision=_precision(dot_dtype))
 
   def keys(*block):  # A (b, kv head)'s whole key axis.
@@ -300,7 +305,7 @@ def _flash(rows, row_ok, k, v, key_ok, scales, end, *, causal, group, row_block,
 
 
 def _kernel(scalars_ref, q_ref, q_ok_ref, k_ref, v_ref, k_ok_ref, *refs, key_block, per_split,
-            length, row_block, group, causal, quantized, windowed, dot_dtype, precision):
+            softcap, length, row_block, group, causal, quantized, windowed, dot_dtype, precision):
   """One program: RB query rows of one (row of the batch, kv head), one split of the keys."""
   refs = list(refs)
   k_scale_ref, v_scale_ref = (refs.pop(0), refs.pop(0)) if quantized else (None, None)
@@ -344,7 +349,7 @@ def _kernel(scalars_ref, q_ref, q_ok_ref, k_ref, v_ref, k_ok_ref, *refs, key_blo
                              preferred_element_type=jnp.float32)  # [RB, C]
     if quantized:
       logits = logits * k_scale_ref[keys][None, :]
-    p, m = probabilities(logits, allowed, 1)
+    p, m = probabilities(logits, allowed, 1, softcap)
     pv = jnp.where(allowed, p * v_scale_ref[keys][None, :], 0.0) if quantized else p
     o = lax.dot_general(pv.astype(dot_dtype), v.astype(dot_dtype), (((1,), (0,)), ((), ())),
                         precision=precision, preferred_element_type=jnp.float32)  # [RB, H]
@@ -370,7 +375,7 @@ def _precision(dot_dtype) -> lax.Precision | None:
 
 
 def _chunk_without_loop(rows, row_ok, k, v, key_ok, *, causal, group, window=None, row_pos=None,
-                        key_pos=None) -> Partial:
+                        key_pos=None, softcap=None) -> Partial:
   """The new chunk's partial in plain XLA, for a few tokens (one block, no loop)."""
   t = k.shape[1]
   logits = jnp.einsum("BKRH,BTKH->BKRT", rows.astype(jnp.float32), k.astype(jnp.float32))
@@ -380,7 +385,7 @@ def _chunk_without_loop(rows, row_ok, k, v, key_ok, *, causal, group, window=Non
     allowed = allowed & (lax.broadcasted_iota(jnp.int32, (t * group, t), 1) <= token)[None, None]
   if window is not None:
     allowed = allowed & (key_pos[:, None, None, :] > row_pos[:, None, :, None] - window)
-  p, m = probabilities(logits, allowed, 3)
+  p, m = probabilities(logits, allowed, 3, softcap)
   v = jnp.where(key_ok[:, :, None, None], v.astype(jnp.float32), 0.0)  # Padding stays inert.
   o = jnp.einsum("BKRT,BTKH->BKRH", p, v)
   return Partial(o, m, jnp.sum(p, axis=3))

@@ -58,7 +58,8 @@ _VECTOR_ROWS = 8
 
 def attend(q: jax.Array, k_new: jax.Array, v_new: jax.Array, cache: KVCache, start: jax.Array,
            mask: jax.Array, *, prefix_lm: bool, block_q: int | None = None,
-           block_kv: int | None = None, interpret: bool = False) -> tuple[jax.Array, KVCache]:
+           block_kv: int | None = None, scale: float | None = None, softcap: float | None = None,
+           interpret: bool = False) -> tuple[jax.Array, KVCache]:
   """Attention of the new tokens over the cached prefix and themselves.
 
   The signature of every backend (see `kvattn.kernels`). XLA has no
@@ -71,27 +72,28 @@ def attend(q: jax.Array, k_new: jax.Array, v_new: jax.Array, cache: KVCache, sta
   g = n // kh
   block_q = min(block_q or BLOCK_Q, t)
   block_kv = min(block_kv or BLOCK_KV, cache.max_len)
-  qh = group_queries(q, kh)
-  cached, cache = _attend_cache(qh, mask, cache, start, block_kv)
-  new = attend_chunk(qh, k_new, v_new, mask, prefix_lm, block_q)
+  qh = group_queries(q, kh, scale)
+  cached, cache = _attend_cache(qh, mask, cache, start, block_kv, softcap)
+  new = attend_chunk(qh, k_new, v_new, mask, prefix_lm, block_q, softcap=softcap)
   o = normalize(accumulate(cached, new)).reshape(b, kh, g, t, h)
   return o.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q.dtype), cache
 
 
-def group_queries(q: jax.Array, num_kv_heads: int) -> jax.Array:
+def group_queries(q: jax.Array, num_kv_heads: int, scale: float | None = None) -> jax.Array:
   """Queries `[B, T, N, H]` grouped by kv head: `[B, K, G, T, H]`, float32, pre-scaled.
 
-  Scaled by 1/sqrt(H) here, once, so that every caller (`attend`,
-  `kvattn.kernels.xla_training`) feeds `attend_chunk` the same numbers.
+  Scaled here, once (by `scale`, None for 1/sqrt(H)), so that every caller
+  (`attend`, `kvattn.kernels.xla_training`) feeds `attend_chunk` the same numbers.
   """
   b, t, n, h = q.shape
-  qh = q.astype(jnp.float32) * (h**-0.5)
+  qh = q.astype(jnp.float32) * (h**-0.5 if scale is None else scale)
   return qh.reshape(b, t, num_kv_heads, n // num_kv_heads, h).transpose(0, 2, 3, 1, 4)
 
 
 def attend_ring(q: jax.Array, k_new: jax.Array, v_new: jax.Array, cache: KVCache,
                 positions: jax.Array, mask: jax.Array, *, block_q: int | None = None,
-                block_kv: int | None = None, interpret: bool = False) -> tuple[jax.Array, KVCache]:
+                block_kv: int | None = None, scale: float | None = None,
+                softcap: float | None = None, interpret: bool = False) -> tuple[jax.Array, KVCache]:
   """Attention of the new tokens over a ring cache (read before the write) and themselves.
 
   Args:
@@ -99,7 +101,7 @@ def attend_ring(q: jax.Array, k_new: jax.Array, v_new: jax.Array, cache: KVCache
     cache: the ring cache as it was before this call's write.
     positions: int32 `[B, T]` the new tokens' positions.
     mask: bool `[B, T]`.
-    block_q, block_kv: as in `attend`.
+    block_q, block_kv, scale, softcap: as in `attend`.
     interpret: unused, as in `attend`.
 
   Returns:
@@ -110,16 +112,17 @@ def attend_ring(q: jax.Array, k_new: jax.Array, v_new: jax.Array, cache: KVCache
   del interpret
   b, t, n, h = q.shape
   kh = k_new.shape[2]
-  qh = group_queries(q, kh)
+  qh = group_queries(q, kh, scale)
   cached, cache = _attend_ring_slots(qh, mask, positions, cache,
-                                     min(block_kv or BLOCK_KV, cache.max_len))
+                                     min(block_kv or BLOCK_KV, cache.max_len), softcap)
   new = attend_chunk(qh, k_new, v_new, mask, False, min(block_q or BLOCK_Q, t), positions,
-                     leaf(cache, "window"))
+                     leaf(cache, "window"), softcap=softcap)
   o = normalize(accumulate(cached, new)).reshape(b, kh, n // kh, t, h)
   return o.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(q.dtype), cache
 
 
-def _attend_ring_slots(qh, q_mask, q_positions, cache: KVCache, block) -> tuple[Partial, KVCache]:
+def _attend_ring_slots(qh, q_mask, q_positions, cache: KVCache, block,
+                       softcap) -> tuple[Partial, KVCache]:
   """Partial softmax of the queries over every slot of a ring, block by block.
 
   A slot is seen when it holds a real token of the row (`valid`) within the
@@ -140,7 +143,7 @@ def _attend_ring_slots(qh, q_mask, q_positions, cache: KVCache, block) -> tuple[
     allowed = (masks.padding_mask(q_mask, valid) &
                masks.window_mask(q_positions, take("positions"), window))
     scales = (take("k_scale"), take("v_scale")) if cache.quantized else None
-    return accumulate(acc, _partial(qh, take("k"), take("v"), allowed, scales)), bufs
+    return accumulate(acc, _partial(qh, take("k"), take("v"), allowed, scales, softcap)), bufs
 
   b, kh, g, t, h = qh.shape
   init = varying_like(empty((b, kh * g * t), h), (qh, q_mask, q_positions, cache))
@@ -167,7 +170,7 @@ def _barrier(bufs: dict) -> dict:
   return {name: lax.optimization_barrier(x) for name, x in bufs.items()}
 
 
-def _attend_cache(qh, q_mask, cache: KVCache, end, block) -> tuple[Partial, KVCache]:
+def _attend_cache(qh, q_mask, cache: KVCache, end, block, softcap) -> tuple[Partial, KVCache]:
   """Partial softmax of the queries over the cached slots [0, end), block by block.
 
   Args:
@@ -176,6 +179,7 @@ def _attend_cache(qh, q_mask, cache: KVCache, end, block) -> tuple[Partial, KVCa
     cache: the `KVCache` to read (slots from `end` on are ignored).
     end: int32 scalar, the number of slots to read, usually traced.
     block: C, slots per block (at most S).
+    softcap: None, or the logits' soft cap (`online_softmax.probabilities`).
 
   Returns:
     The partial over ceil(end / C) blocks, and the cache, threaded through
@@ -197,7 +201,8 @@ def _attend_cache(qh, q_mask, cache: KVCache, end, block) -> tuple[Partial, KVCa
     scales = (take(bufs["k_scale"]), take(bufs["v_scale"])) if cache.quantized else None
     slot = start + lax.broadcasted_iota(jnp.int32, (1, block), 1)
     valid = take(bufs["valid"]) & (slot >= first) & (slot < end)  # [B, C]
-    part = _partial(qh, take(bufs["k"]), take(bufs["v"]), masks.padding_mask(q_mask, valid), scales)
+    part = _partial(qh, take(bufs["k"]), take(bufs["v"]), masks.padding_mask(q_mask, valid), scales,
+                    softcap)
     return accumulate(acc, part), bufs
 
   b, kh, g, t, h = qh.shape
@@ -207,8 +212,8 @@ def _attend_cache(qh, q_mask, cache: KVCache, end, block) -> tuple[Partial, KVCa
   return acc, cache._replace(**bufs)
 
 
-def attend_chunk(qh, k, v, mask, prefix_lm: bool, block: int, positions=None,
-                 window=None) -> Partial:
+def attend_chunk(qh, k, v, mask, prefix_lm: bool, block: int, positions=None, window=None, *,
+                 softcap: float | None = None) -> Partial:
   """Partial softmax of the queries over the new keys, query block by query block.
 
   A loop with a static trip count runs over the blocks of `block` queries; a
@@ -227,6 +232,7 @@ def attend_chunk(qh, k, v, mask, prefix_lm: bool, block: int, positions=None,
     window: None, or W (may be traced): a query at position p also sees only
       keys at positions above p - W (a ring cache's sliding window). Query
       block i then starts at the first key block any of its rows can see.
+    softcap: None, or the logits' soft cap (`online_softmax.probabilities`).
 
   Returns:
     The partial of all T queries: o `[B, K*G*T, H]`, m, l `[B, K*G*T]`.
@@ -236,7 +242,8 @@ def attend_chunk(qh, k, v, mask, prefix_lm: bool, block: int, positions=None,
   causal = None if prefix_lm else masks.causal_mask(t, t)
   if num_blocks == 1:  # A decode step, or a short chunk: no loop.
     local = None if window is None else masks.window_mask(positions, positions, window)
-    return _partial(qh, k, v, masks.combine_masks(masks.padding_mask(mask, mask), causal, local))
+    return _partial(qh, k, v, masks.combine_masks(masks.padding_mask(mask, mask), causal, local),
+                    softcap=softcap)
   padded = num_blocks * block
   pad = lambda x, axis: jnp.pad(x, [(0, padded - t if a == axis else 0) for a in range(x.ndim)])
   qh, k, v, mask = pad(qh, 3), pad(k, 1), pad(v, 1), pad(mask, 1)
@@ -260,9 +267,9 @@ def attend_chunk(qh, k, v, mask, prefix_lm: bool, block: int, positions=None,
       if window is not None:
         allowed = allowed & masks.window_mask(qpos, take(positions, 1), window)
       if vector:
-        part = _partial_vector(qb, take(k, key_axis), take(v, key_axis), allowed, None)
+        part = _partial_vector(qb, take(k, key_axis), take(v, key_axis), allowed, None, softcap)
       else:
-        part = _partial_matmul(qb, take(k, key_axis), take(v, key_axis), allowed)
+        part = _partial_matmul(qb, take(k, key_axis), take(v, key_axis), allowed, softcap)
       return accumulate(acc, part)
 
     init = varying_like(empty((b, kh * g * block), h), (qh, mask, k, v, i))
@@ -293,7 +300,7 @@ def _first_key_block(positions, qpos, q_mask, window, block):
   return (jnp.min(unseen) // block).astype(jnp.int32)
 
 
-def _partial(qh, k, v, mask, scales=None) -> Partial:
+def _partial(qh, k, v, mask, scales=None, softcap=None) -> Partial:
   """Unnormalised attention over one block of keys, with its softmax statistics.
 
   Args:
@@ -301,20 +308,21 @@ def _partial(qh, k, v, mask, scales=None) -> Partial:
     k, v: `[B, C, K, H]` keys and values: any float dtype, or int8 with scales.
     mask: bool `[B, T, C]`.
     scales: None, or `(k_scale, v_scale)`, float32 `[B, C, K]` of int8 k and v.
+    softcap: None, or the logits' soft cap (`online_softmax.probabilities`).
 
   Returns:
     o `[B, K*G*T, H]`, m, l `[B, K*G*T]`.
   """
   _, _, g, t, _ = qh.shape
   if t * g <= _VECTOR_ROWS:
-    return _partial_vector(qh, k, v, mask, scales)
+    return _partial_vector(qh, k, v, mask, scales, softcap)
   if scales is not None:
     k, v = quant.dequantize(k, scales[0]), quant.dequantize(v, scales[1])
   head_major = lambda x: x.astype(jnp.float32).transpose(0, 2, 1, 3)
-  return _partial_matmul(qh, head_major(k), head_major(v), mask)
+  return _partial_matmul(qh, head_major(k), head_major(v), mask, softcap)
 
 
-def _partial_matmul(qh, kt, vt, mask) -> Partial:
+def _partial_matmul(qh, kt, vt, mask, softcap) -> Partial:
   """`_partial` for many query rows: batched matmuls over (B, K).
 
   Args:
@@ -325,13 +333,13 @@ def _partial_matmul(qh, kt, vt, mask) -> Partial:
   b, kh, g, t, h = qh.shape
   c = kt.shape[2]
   logits = jnp.einsum("BKGTH,BKCH->BKGTC", qh, kt)
-  p, m = probabilities(logits, jnp.broadcast_to(mask[:, None, None], (b, kh, g, t, c)), -1)
+  p, m = probabilities(logits, jnp.broadcast_to(mask[:, None, None], (b, kh, g, t, c)), -1, softcap)
   vt = jnp.where(_key_ok(mask)[:, None, :, None], vt, 0.0)  # Padding stays inert.
   o = jnp.einsum("BKGTC,BKCH->BKGTH", p, vt)
   return Partial(o.reshape(b, -1, h), m.reshape(b, -1), jnp.sum(p, axis=-1).reshape(b, -1))
 
 
-def _partial_vector(qh, k, v, mask, scales) -> Partial:
+def _partial_vector(qh, k, v, mask, scales, softcap) -> Partial:
   """`_partial` for a few query rows (a decode step): R = G * T rows per kv head.
 
   Logits are `[B, C, K*R]`; the values are read as stored, by a multiply and
@@ -359,7 +367,7 @@ def _partial_vector(qh, k, v, mask, scales) -> Partial:
     logits = logits * _per_row(scales[0], r)
   mask = mask.transpose(0, 2, 1)[:, :, None, None]  # [B, C, 1, 1, T]
   mask = jnp.broadcast_to(mask, (b, c, kh, g, t)).reshape(b, c, kh * r)
-  p, m = probabilities(logits, mask, 1)  # p [B, C, K*R]
+  p, m = probabilities(logits, mask, 1, softcap)  # p [B, C, K*R]
   pv = p if scales is None else jnp.where(mask, p * _per_row(scales[1], r), 0.0)
   # The products keep no unit axis (K = 1 or R = 1), which XLA:CPU reduces slowly.
   if kh == 1:

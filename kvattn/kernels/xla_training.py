@@ -35,17 +35,19 @@ from kvattn.kernels.xla import attend_chunk, group_queries, varying_like
 from kvattn.online_softmax import MASKED, normalize
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6))
-def attend_sequence(q, k, v, mask, window, causal: bool, block: int) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
+def attend_sequence(q, k, v, mask, window, causal: bool, block: int, scale: float | None,
+                    softcap: float | None) -> jax.Array:
   """`kvattn.dot_product_attention` on checked inputs, padding zeroed; block is C <= T.
 
   window: None, or an int32 scalar array (an argument, not static: it may be
-  traced).
+  traced). scale: the logits' scale (None: 1/sqrt(H)); softcap: None or c,
+  logits capped to `c * tanh(logit / c)`: Python floats, static.
   """
-  return _forward(q, k, v, mask, window, causal, block)[0]
+  return _forward(q, k, v, mask, window, causal, block, scale, softcap)[0]
 
 
-def _forward(q, k, v, mask, window, causal: bool, block: int):
+def _forward(q, k, v, mask, window, causal: bool, block: int, scale, softcap):
   """The output, and what the backward pass needs.
 
   Returns:
@@ -57,7 +59,8 @@ def _forward(q, k, v, mask, window, causal: bool, block: int):
   b, t, n, h = q.shape
   kh = k.shape[2]
   positions = None if window is None else masks.real_before(mask)
-  part = attend_chunk(group_queries(q, kh), k, v, mask, not causal, block, positions, window)
+  part = attend_chunk(group_queries(q, kh, scale), k, v, mask, not causal, block, positions, window,
+                      softcap=softcap)
   o_rows = normalize(part)
   seen = part.l > 0.0
   lse = jnp.where(seen, part.m + jnp.log(jnp.where(seen, part.l, 1.0)), 0.0)
@@ -65,7 +68,7 @@ def _forward(q, k, v, mask, window, causal: bool, block: int):
   return o.astype(q.dtype), (q, k, v, mask, window, o_rows, lse)
 
 
-def _backward(causal: bool, block: int, residuals, do):
+def _backward(causal: bool, block: int, scale, softcap, residuals, do):
   """The flash-attention backward, in two blockwise passes.
 
   With P the probabilities, D = rowsum(dO * O) and dS = P * (dO V^T - D):
@@ -82,7 +85,7 @@ def _backward(causal: bool, block: int, residuals, do):
   padded = num_blocks * block
   pad = lambda x, axis: jnp.pad(x, [(0, padded - t if a == axis else 0) for a in range(x.ndim)])
   f32 = jnp.float32
-  qh = group_queries(q, kh)  # Scaled: dS^T qh is dk, dS K is the gradient of qh.
+  qh = group_queries(q, kh, scale)  # Scaled: dS^T qh is dk, dS K is the gradient of qh.
   # A padded row's output is zero, but its cotangent may be anything (NaN).
   do = jnp.where(mask[:, :, None, None], do.astype(f32), 0.0)
   doh = do.reshape(b, t, kh, g, h).transpose(0, 2, 3, 1, 4)  # [B, K, G, T, H]
@@ -105,10 +108,16 @@ def _backward(causal: bool, block: int, residuals, do):
     if window is not None:
       allowed = allowed & masks.window_mask(take(positions, i, 1), take(positions, j, 1), window)
     logits = jnp.einsum("BKGTH,BKCH->BKGTC", take(qh, i, 3), take(kt, j, 2))
+    if softcap is not None:
+      tanh = jnp.tanh(logits / softcap)
+      logits = softcap * tanh
     shifted = logits - take(lse, i, 3)[..., None]
     p = jnp.exp(jnp.where(allowed[:, None, None], shifted, MASKED))  # exp(MASKED) == 0.
     dp = jnp.einsum("BKGTH,BKCH->BKGTC", take(doh, i, 3), take(vt, j, 2))
-    return p, p * (dp - take(delta, i, 3)[..., None])
+    ds = p * (dp - take(delta, i, 3)[..., None])
+    if softcap is not None:  # Through the cap: d(c tanh(x / c)) / dx = 1 - tanh^2.
+      ds = ds * (1.0 - tanh * tanh)
+    return p, ds
 
   def dq_block(i):
     def body(j, dq):
@@ -130,7 +139,8 @@ def _backward(causal: bool, block: int, residuals, do):
   blocks = jnp.arange(num_blocks, dtype=jnp.int32)
   dq = lax.map(dq_block, blocks)  # [num_blocks, B, K, G, C, H]
   dk, dv = lax.map(dkv_block, blocks)  # [num_blocks, B, K, C, H] each
-  dq = jnp.moveaxis(dq, 0, 3).reshape(b, kh, g, padded, h)[:, :, :, :t] * (h**-0.5)
+  dq = jnp.moveaxis(dq, 0, 3).reshape(b, kh, g, padded,
+                                      h)[:, :, :, :t] * (h**-0.5 if scale is None else scale)
   dq = dq.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
   unblock = lambda x: jnp.moveaxis(x, 0, 2).reshape(b, kh, padded, h)[:, :, :t].transpose(
       0, 2, 1, 3)

@@ -93,7 +93,9 @@ def load(
 def _config_from_json(fields: dict[str, Any]) -> transformer.Config:
   """The Config that `save` wrote: JSON turned its tuples (and NamedTuples) into lists."""
   if fields.get("rope_scaling") is not None:
-    fields["rope_scaling"] = rope.Scaling(*fields["rope_scaling"])
+    # JSON turned the factor lists (longrope) into lists; Scaling keeps tuples (hashable).
+    fields["rope_scaling"] = rope.Scaling(
+        *(tuple(f) if isinstance(f, list) else f for f in fields["rope_scaling"]))
   if "window_pattern" in fields:
     fields["window_pattern"] = tuple(fields["window_pattern"])
   # Older versions had a `sliding_window` field (W for every layer, or None), set only with an

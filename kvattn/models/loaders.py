@@ -15,8 +15,10 @@ from typing import Any, Callable, Mapping, NamedTuple
 import numpy as np
 
 from kvattn.models import checkpoint
+from kvattn.models import gemma
 from kvattn.models import gpt2
 from kvattn.models import llama
+from kvattn.models import phi3
 from kvattn.models import transformer
 
 
@@ -29,8 +31,10 @@ class Family(NamedTuple):
 
 
 FAMILIES = (
-    Family("llama", llama.MODEL_TYPES, llama.load),  # Llama, Mistral, Qwen2.
+    Family("llama", llama.MODEL_TYPES, llama.load),  # Llama, Mistral, Qwen2 and 3, OLMo 2.
+    Family("phi3", phi3.MODEL_TYPES, phi3.load),
     Family("gpt2", gpt2.MODEL_TYPES, gpt2.load),
+    Family("gemma", gemma.MODEL_TYPES, gemma.load),  # Gemma, Gemma 2, Gemma 3 text.
 )
 
 

@@ -43,7 +43,7 @@ from jax import lax
 from jax.sharding import PartitionSpec
 
 import kvattn
-from kvattn._checks import check_heads, check_positive_ints
+from kvattn._checks import check_heads, check_positive_ints, is_real
 
 Params = dict[str, Any]
 
@@ -55,6 +55,11 @@ _ACTIVATIONS = {
 }
 
 NORMS = ("layer_norm", "rms_norm")
+# Where each layer's norms sit: before attention and the MLP ("pre", GPT-2,
+# Llama), also on their outputs before the residual add ("pre_post", Gemma 2
+# and 3), or only there ("post", OLMo 2).
+NORM_PLACEMENTS = ("pre", "pre_post", "post")
+QK_NORMS = ("head", "projection")
 
 
 class Config(NamedTuple):
@@ -91,6 +96,23 @@ class Config(NamedTuple):
       in `forward`; each run of consecutive layers with one window gets its
       own stacked cache and its own `lax.scan` (`layer_runs`). The property
       `layer_windows` spells out the L windows.
+    norm_placement: "pre" (norms ln1, ln2 before attention and the MLP),
+      "pre_post" (also post_ln1, post_ln2 on their outputs, before the
+      residual add: Gemma 2 and 3) or "post" (only post_ln1, post_ln2: OLMo 2).
+    embed_scale: None, or a factor on the token embeddings (Gemma: sqrt(DM),
+      rounded to the params' dtype as Gemma does).
+    attn_scale: None for 1/sqrt(H), or the attention logits' scale (Gemma 2
+      and 3: `query_pre_attn_scalar ** -0.5`).
+    attn_softcap: None, or c: attention logits soft-capped to c tanh(x / c)
+      (Gemma 2).
+    final_softcap: None, or c: output logits soft-capped likewise (Gemma 2).
+    qk_norm: None, "head" (RMSNorm of q and k per head before RoPE: Qwen3,
+      Gemma 3) or "projection" (over all heads: OLMo 2), with `norm_eps`.
+    rotary_dim: None to rotate all H features; R to rotate the first R
+      (Phi's `partial_rotary_factor`).
+    rope_local_base: None, or the RoPE base of the windowed layers, which
+      then take no `rope_scaling` (Gemma 3's local layers); global layers
+      keep `rope_base` and `rope_scaling`.
   """
 
   vocab_size: int
@@ -111,6 +133,14 @@ class Config(NamedTuple):
   qkv_bias: bool | None = None
   rope_scaling: kvattn.rope.Scaling | None = None
   window_pattern: tuple[int | None, ...] = ()
+  norm_placement: str = "pre"
+  embed_scale: float | None = None
+  attn_scale: float | None = None
+  attn_softcap: float | None = None
+  final_softcap: float | None = None
+  qk_norm: str | None = None
+  rotary_dim: int | None = None
+  rope_local_base: float | None = None
 
   @property
   def layer_windows(self) -> tuple[int | None, ...]:
@@ -146,6 +176,24 @@ def check_config(config: Config) -> None:
   for w in c.window_pattern:
     if w is not None:
       check_positive_ints(**{"config.window_pattern": w})
+  if c.norm_placement not in NORM_PLACEMENTS:
+    raise ValueError(f"config.norm_placement should be one of {NORM_PLACEMENTS}: but got "
+                     f"{c.norm_placement!r}")
+  if c.qk_norm is not None and c.qk_norm not in QK_NORMS:
+    raise ValueError(f"config.qk_norm should be None or one of {QK_NORMS}: but got "
+                     f"{c.qk_norm!r}")
+  for name in ("embed_scale", "attn_scale", "attn_softcap", "final_softcap"):
+    value = getattr(c, name)
+    if value is not None and not (is_real(value) and 0 < value < float("inf")):
+      raise ValueError(f"config.{name} should be None or a positive float: but got {value!r}")
+  if c.rotary_dim is not None or c.rope_local_base is not None:
+    if c.rope_base is None:
+      raise ValueError(f"config.rotary_dim and config.rope_local_base need config.rope_base: "
+                       f"but got rotary_dim={c.rotary_dim!r}, "
+                       f"rope_local_base={c.rope_local_base!r} and rope_base=None")
+    kvattn.rope.check_rotary_dim(c.rotary_dim, c.head_dim, "config.rotary_dim")
+    if c.rope_local_base is not None:
+      kvattn.rope.check_base(c.rope_local_base, "config.rope_local_base")
 
 
 def layer_runs(config: Config) -> tuple[tuple[int | None, int, int], ...]:
@@ -223,9 +271,11 @@ def init_params(key: jax.Array, config: Config, dtype=jnp.float32) -> Params:
   Layout (leading L on every layer leaf):
     embed [V, DM]; pos_embed [MP, DM] if MP; unembed [DM, V] if untied;
     ln_f {scale [DM], bias [DM] (layer_norm only)};
-    layers: ln1, ln2 {scale, bias} [L, DM]; attn (kvattn params) wq [L, DM, N, H],
+    layers: ln1, ln2 {scale, bias} [L, DM] (pre-norms), post_ln1, post_ln2 (post-norms,
+      see `norm_placement`); attn (kvattn params) wq [L, DM, N, H],
       wk/wv [L, DM, K, H], wo [L, N, H, DM], biases bq [L, N, H], bk/bv [L, K, H]
-      (if qkv biases), bo [L, DM] (if use_bias); mlp w_in [L, DM, F],
+      (if qkv biases), bo [L, DM] (if use_bias), q_norm/k_norm [L, H] or
+      q_norm_proj [L, N, H]/k_norm_proj [L, K, H] (qk_norm); mlp w_in [L, DM, F],
       w_gate [L, DM, F] (if gated), w_out [L, F, DM], biases b_in, b_gate [L, F],
       b_out [L, DM] (if use_bias).
   """
@@ -239,7 +289,8 @@ def init_params(key: jax.Array, config: Config, dtype=jnp.float32) -> Params:
   def layer(rng):
     k_attn, k_in, k_mlp_out, k_gate = jax.random.split(rng, 4)
     attn = kvattn.init_params(k_attn, c.d_model, c.num_heads, num_kv_heads=c.num_kv_heads,
-                              head_dim=c.head_dim, use_bias=c.use_bias or _qkv_bias(c), dtype=dtype)
+                              head_dim=c.head_dim, use_bias=c.use_bias or _qkv_bias(c),
+                              qk_norm=c.qk_norm, dtype=dtype)
     if not _qkv_bias(c):
       attn = {name: a for name, a in attn.items() if name not in ("bq", "bk", "bv")}
     if not c.use_bias:
@@ -254,7 +305,7 @@ def init_params(key: jax.Array, config: Config, dtype=jnp.float32) -> Params:
       mlp.update(b_in=jnp.zeros((c.d_ff,), dtype), b_out=jnp.zeros((c.d_model,), dtype))
       if c.gated_mlp:
         mlp["b_gate"] = jnp.zeros((c.d_ff,), dtype)
-    return {"ln1": _init_norm(c, dtype), "attn": attn, "ln2": _init_norm(c, dtype), "mlp": mlp}
+    return {"attn": attn, "mlp": mlp, **{name: _init_norm(c, dtype) for name in _layer_norms(c)}}
 
   params = {
       "embed": normal(k_embed, (c.vocab_size, c.d_model), 0.02),
@@ -330,17 +381,16 @@ def step(params: Params, caches: Any, tokens: jax.Array, mask: jax.Array | None,
   positions = kvattn.token_positions(kvattn.layer_view(stacks[0], 0), mask, num_tokens=t)  # [B, T]
   h = _embed(params, tokens, positions, config, mask)
 
-  def body(h, p, cache):
-    a, cache = kvattn.prefill(p["attn"], cache, _norm(p["ln1"], h, config), mask,
-                              rope_base=config.rope_base, rope_scaling=config.rope_scaling)
-    h = h + a
-    return h + _mlp(p["mlp"], _norm(p["ln2"], h, config), config), cache
+  def body(window, h, p, cache):
+    attend = lambda x: kvattn.prefill(p["attn"], cache, x, mask, **_attention_options(
+        config, window))
+    return _block(p, h, attend, config)
 
   new = []
-  for (_, start, stop), stack in zip(runs, stacks):  # One loop per run of layers.
+  for (window, start, stop), stack in zip(runs, stacks):  # One loop per run of layers.
     layers = _layers(params, start, stop)
     # The stack is carried and each layer's slots read and written in place.
-    h, stack = kvattn.scan_layers(body, h, layers, stack)
+    h, stack = kvattn.scan_layers(functools.partial(body, window), h, layers, stack)
     new.append(stack)
   caches = new[0] if single else tuple(new)
   if config.max_positions:  # Past the learned positions: reported as an overflow.
@@ -401,11 +451,10 @@ def forward(params: Params, tokens: jax.Array, mask: jax.Array | None = None, *,
   h = _embed(params, tokens, kvattn.masks.real_before(real), config, mask)
 
   def body(window, h, p):
-    a = kvattn.self_attention(p["attn"], _norm(p["ln1"], h, config), mask, window=window,
-                              rope_base=config.rope_base, rope_scaling=config.rope_scaling,
-                              block_size=block_size)
-    h = h + a
-    return h + _mlp(p["mlp"], _norm(p["ln2"], h, config), config), None
+    attend = lambda x: (kvattn.self_attention(p[
+        "attn"], x, mask, window=window, block_size=block_size, **_attention_options(
+            config, window)), None)
+    return _block(p, h, attend, config)
 
   for window, start, stop in layer_runs(config):  # One scan per run of layers.
     layers = _layers(params, start, stop)
@@ -415,6 +464,33 @@ def forward(params: Params, tokens: jax.Array, mask: jax.Array | None = None, *,
     else:
       h, _ = lax.scan(functools.partial(body, window), h, layers)
   return jnp.where(real[:, :, None], _unembed(params, h, config), 0.0)
+
+
+def _layer_norms(config: Config) -> tuple[str, ...]:
+  """The norms of a layer, by `norm_placement`."""
+  pre, post = ("ln1", "ln2"), ("post_ln1", "post_ln2")
+  return {"pre": pre, "pre_post": pre + post, "post": post}[config.norm_placement]
+
+
+def _attention_options(config: Config, window: int | None) -> dict[str, Any]:
+  """The attention layer's settings for a run of layers with this window."""
+  local = window is not None and config.rope_local_base is not None
+  return dict(rope_base=config.rope_local_base if local else config.rope_base,
+              rope_scaling=None if local else config.rope_scaling, rotary_dim=config.rotary_dim,
+              scale=config.attn_scale, softcap=config.attn_softcap, qk_norm_eps=config.norm_eps)
+
+
+def _block(p, h, attend, config: Config):
+  """One layer over h `[B, T, DM]`: attention (`attend(x) -> (a, carry)`) and the MLP.
+
+  Returns (h, carry): each sublayer's output is added to h, with the norms
+  of `config.norm_placement` before it and/or on it.
+  """
+  pre, post = config.norm_placement != "post", config.norm_placement != "pre"
+  a, carry = attend(_norm(p["ln1"], h, config) if pre else h)
+  h = h + (_norm(p["post_ln1"], a, config) if post else a)
+  m = _mlp(p["mlp"], _norm(p["ln2"], h, config) if pre else h, config)
+  return h + (_norm(p["post_ln2"], m, config) if post else m), carry
 
 
 def _layers(params, start, stop):
@@ -503,6 +579,8 @@ def _embed(params, tokens, positions, config, mask):
   if mask is not None:
     tokens = jnp.where(mask, tokens, 0)
   h = jnp.take(params["embed"], tokens, axis=0, mode="clip")
+  if config.embed_scale is not None:
+    h = h * jnp.asarray(config.embed_scale, h.dtype)
   if config.max_positions:
     # Past the last learned position the last one is reused (jnp.take would clamp too).
     pos = jnp.clip(positions, 0, config.max_positions - 1)
@@ -518,4 +596,7 @@ def _unembed(params, h, config):
     w, spec = params["embed"], "BTD,VD->BTV"
   else:
     w, spec = params["unembed"], "BTD,DV->BTV"
-  return jnp.einsum(spec, h.astype(w.dtype), w, preferred_element_type=jnp.float32)
+  logits = jnp.einsum(spec, h.astype(w.dtype), w, preferred_element_type=jnp.float32)
+  if config.final_softcap is not None:
+    logits = config.final_softcap * jnp.tanh(logits / config.final_softcap)
+  return logits
