@@ -386,3 +386,45 @@ def test_example_runs_a_checkpoint(tmp_path, name):
   assert run.returncode == 0, run.stderr
   assert [int(i) for i in run.stdout.splitlines()[-1].split()
          ] == _greedy_numpy(hf, weights, [1, 2, 3], 4)
+
+
+def _loader(name):
+  return phi3 if name.startswith("phi3") else llama
+
+
+@pytest.mark.parametrize("name", ["qwen3", "phi3_partial", "olmo2"])
+@pytest.mark.slow
+def test_gradient_through_forward_matches_float64_finite_differences(name):
+  """jax.grad of a loss through `forward` against a float64 central difference of the oracle.
+
+  The params are a linear map of the Hugging Face tensors (a transpose, a
+  split of the fused ones), so the derivative along a direction d of the
+  tensors is the gradient dotted with params(d).
+  """
+  hf = families.FAMILIES[name]
+  loader = _loader(name)
+  config = loader.config_from_hf(hf)
+  weights = families.random_weights(hf, seed=6)
+  direction = families.random_weights(hf, seed=7)
+  ids = np.random.default_rng(8).integers(0, hf["vocab_size"], 12)
+  cotangent = np.random.default_rng(9).standard_normal((12, hf["vocab_size"]))
+
+  def loss(params):
+    logits = transformer.forward(params, jnp.asarray(ids[None], jnp.int32), config=config,
+                                 block_size=4)  # Three blocks: the blockwise backward.
+    return jnp.sum(logits[0] * jnp.asarray(cotangent, jnp.float32))
+
+  grads = jax.jit(jax.grad(loss))(loader.params_from_hf(weights, config))
+  along = loader.params_from_hf(direction, config, np.float64)
+  got = sum(
+      float(jnp.vdot(g, jnp.asarray(d, jnp.float32)))
+      for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(along)))
+
+  def numpy_loss(eps):
+    moved = {k: np.float64(a) + eps * np.float64(direction[k]) for k, a in weights.items()}
+    return np.sum(families.numpy_forward(hf, moved, ids) * cotangent)
+
+  eps = 1e-4
+  want = (numpy_loss(eps) - numpy_loss(-eps)) / (2 * eps)
+  assert abs(want) > 1.0
+  np.testing.assert_allclose(got, want, rtol=5e-4)
