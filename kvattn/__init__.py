@@ -10,6 +10,7 @@ from kvattn import beam_search
 from kvattn import decoding
 from kvattn import generation
 from kvattn import masks
+from kvattn import paged
 from kvattn import quant
 from kvattn import rope
 from kvattn import sampling
@@ -31,6 +32,10 @@ from kvattn.generation import generate_stream
 from kvattn.layer import decode_step
 from kvattn.layer import prefill
 from kvattn.layer import self_attention
+from kvattn.paged import PagedCache
+from kvattn.paged import init_paged_cache
+from kvattn.paged import paged_attention
+from kvattn.paged import paged_prefill
 from kvattn.params import init_params
 from kvattn.stack import scan_layers
 
@@ -39,6 +44,7 @@ __version__ = "0.3.0"
 __all__ = [
     "Generation",
     "KVCache",
+    "PagedCache",
     "beam_search",
     "cached_attention",
     "decode_step",
@@ -48,10 +54,14 @@ __all__ = [
     "generate_stream",
     "generation",
     "init_cache",
+    "init_paged_cache",
     "init_params",
     "layer_view",
     "masks",
     "overflowed",
+    "paged",
+    "paged_attention",
+    "paged_prefill",
     "prefill",
     "quant",
     "reorder",

@@ -147,12 +147,12 @@ def self_attention(
   else:
     dm, _ = check_params(params, 1, 1)  # Raises: not a dict, or no wk.
   check_shape("x", x, "(B, T, DM)", (None, None, dm))
-  _check_x_dtype(x)
+  check_x_dtype(x)
   b, t, _ = x.shape
   if mask is not None:
     check_mask(mask, b, t)
   options = Options(rope_base, rope_scaling, rotary_dim, scale, softcap, qk_norm_eps)
-  _check_options(options, params)
+  check_options(options, params)
   return _self_attention(params, x, mask, causal=causal, window=window, options=options,
                          block_size=block_size)
 
@@ -267,7 +267,7 @@ def _check(params, cache, x, mask, prefix_lm, options: Options, implementation,
     check_shape("x", x, "(B, 1, DM)", (b, 1, dm))
   else:
     check_shape("x", x, "(B, T, DM)", (b, None, dm))
-  _check_x_dtype(x)
+  check_x_dtype(x)
   t = x.shape[1]
   if t < 1:
     raise ValueError(f"x shape should be (B, T, DM) with T >= 1: but got {x.shape}")
@@ -277,17 +277,17 @@ def _check(params, cache, x, mask, prefix_lm, options: Options, implementation,
     check_mask(mask, b, t)
   attention.check_options(prefix_lm, implementation)
   attention.check_ring_options(cache, prefix_lm)
-  _check_options(options, params)
+  check_options(options, params)
 
 
-def _check_x_dtype(x) -> None:
+def check_x_dtype(x) -> None:
   """x holds activations: a floating dtype (token ids go through an embedding first)."""
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise ValueError(f"x dtype should be a floating dtype (activations, not token ids): "
                      f"but got {x.dtype}")
 
 
-def _check_options(options: Options, params) -> None:
+def check_options(options: Options, params) -> None:
   """The layer's settings, against the params' head dimension."""
   h = params["wq"].shape[-1]
   if options.rope_base is not None:

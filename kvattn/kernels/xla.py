@@ -134,7 +134,7 @@ def _attend_ring_slots(qh, q_mask, q_positions, cache: KVCache, block,
 
   def body(j, carry):
     acc, bufs = carry
-    bufs = _barrier(bufs)
+    bufs = barrier(bufs)
     first = j * block
     start = jnp.minimum(first, s - block)  # The last block may overlap the one before.
     take = lambda name: read_slots(bufs[name], start, block, cache.layer)
@@ -143,7 +143,7 @@ def _attend_ring_slots(qh, q_mask, q_positions, cache: KVCache, block,
     allowed = (masks.padding_mask(q_mask, valid) &
                masks.window_mask(q_positions, take("positions"), window))
     scales = (take("k_scale"), take("v_scale")) if cache.quantized else None
-    return accumulate(acc, _partial(qh, take("k"), take("v"), allowed, scales, softcap)), bufs
+    return accumulate(acc, block_partial(qh, take("k"), take("v"), allowed, scales, softcap)), bufs
 
   b, kh, g, t, h = qh.shape
   init = varying_like(empty((b, kh * g * t), h), (qh, q_mask, q_positions, cache))
@@ -155,7 +155,7 @@ def _attend_ring_slots(qh, q_mask, q_positions, cache: KVCache, block,
   return acc, cache._replace(**bufs)
 
 
-def _barrier(bufs: dict) -> dict:
+def barrier(bufs: dict) -> dict:
   """Cache buffers as a block loop reads them: behind an optimisation barrier.
 
   The barrier makes the loop really carry them (XLA takes unchanged values
@@ -193,7 +193,7 @@ def _attend_cache(qh, q_mask, cache: KVCache, end, block, softcap) -> tuple[Part
   # masked here.
   def body(j, carry):
     acc, bufs = carry
-    bufs = _barrier(bufs)
+    bufs = barrier(bufs)
     first = j * block
     start = jnp.minimum(first, s - block)
     # The view's layer of a stack is read in place, block by block.
@@ -201,8 +201,8 @@ def _attend_cache(qh, q_mask, cache: KVCache, end, block, softcap) -> tuple[Part
     scales = (take(bufs["k_scale"]), take(bufs["v_scale"])) if cache.quantized else None
     slot = start + lax.broadcasted_iota(jnp.int32, (1, block), 1)
     valid = take(bufs["valid"]) & (slot >= first) & (slot < end)  # [B, C]
-    part = _partial(qh, take(bufs["k"]), take(bufs["v"]), masks.padding_mask(q_mask, valid), scales,
-                    softcap)
+    part = block_partial(qh, take(bufs["k"]), take(bufs["v"]), masks.padding_mask(q_mask, valid),
+                         scales, softcap)
     return accumulate(acc, part), bufs
 
   b, kh, g, t, h = qh.shape
@@ -242,8 +242,8 @@ def attend_chunk(qh, k, v, mask, prefix_lm: bool, block: int, positions=None, wi
   causal = None if prefix_lm else masks.causal_mask(t, t)
   if num_blocks == 1:  # A decode step, or a short chunk: no loop.
     local = None if window is None else masks.window_mask(positions, positions, window)
-    return _partial(qh, k, v, masks.combine_masks(masks.padding_mask(mask, mask), causal, local),
-                    softcap=softcap)
+    return block_partial(qh, k, v, masks.combine_masks(masks.padding_mask(mask, mask), causal,
+                                                       local), softcap=softcap)
   padded = num_blocks * block
   pad = lambda x, axis: jnp.pad(x, [(0, padded - t if a == axis else 0) for a in range(x.ndim)])
   qh, k, v, mask = pad(qh, 3), pad(k, 1), pad(v, 1), pad(mask, 1)
@@ -300,7 +300,7 @@ def _first_key_block(positions, qpos, q_mask, window, block):
   return (jnp.min(unseen) // block).astype(jnp.int32)
 
 
-def _partial(qh, k, v, mask, scales=None, softcap=None) -> Partial:
+def block_partial(qh, k, v, mask, scales=None, softcap=None) -> Partial:
   """Unnormalised attention over one block of keys, with its softmax statistics.
 
   Args:
@@ -323,7 +323,7 @@ def _partial(qh, k, v, mask, scales=None, softcap=None) -> Partial:
 
 
 def _partial_matmul(qh, kt, vt, mask, softcap) -> Partial:
-  """`_partial` for many query rows: batched matmuls over (B, K).
+  """`block_partial` for many query rows: batched matmuls over (B, K).
 
   Args:
     qh: `[B, K, G, T, H]` float32 scaled queries.
@@ -340,7 +340,7 @@ def _partial_matmul(qh, kt, vt, mask, softcap) -> Partial:
 
 
 def _partial_vector(qh, k, v, mask, scales, softcap) -> Partial:
-  """`_partial` for a few query rows (a decode step): R = G * T rows per kv head.
+  """`block_partial` for a few query rows (a decode step): R = G * T rows per kv head.
 
   Logits are `[B, C, K*R]`; the values are read as stored, by a multiply and
   a sum over C (a non-minor axis, which XLA:CPU reduces fast). An int8 block
