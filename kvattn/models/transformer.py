@@ -16,7 +16,9 @@ weights need on CPU (see `unstack_layers`). `step` is the
 cached forward that `kvattn.generate` drives; `forward` is the same model
 without a cache (for training: reverse-differentiable, attention memory
 O(T * block)), through the same projections and attention numerics
-(`kvattn.self_attention`).
+(`kvattn.self_attention`). `paged_step` runs a ragged batch (prefill chunks
+beside decode tokens) over `init_paged_caches`' stack of paged caches
+(`kvattn.paged`), in place as well.
 
 Shape legend:
   B: batch size
@@ -405,6 +407,96 @@ def step(params: Params, caches: Any, tokens: jax.Array, mask: jax.Array | None,
   if mask is not None:
     logits = jnp.where(mask[:, :, None], logits, 0.0)
   return logits, caches
+
+
+def check_paged_config(config: Config) -> None:
+  """Raises ValueError for a config the paged cache cannot run yet (`paged_step`)."""
+  check_config(config)
+  windows = [w for w in config.layer_windows if w is not None]
+  if windows:
+    raise ValueError(f"config.window_pattern should have no window with a paged cache (the paged "
+                     f"kernel attends to every cached token): but got {config.window_pattern!r}")
+  if config.max_positions:
+    raise ValueError(f"config.max_positions should be 0 with a paged cache (learned positions "
+                     f"have no overflow report there): but got {config.max_positions}")
+  if config.rope_scaling is not None and config.rope_scaling.kind == "longrope":
+    raise ValueError("config.rope_scaling kind 'longrope' is not supported with a paged cache: it "
+                     "picks its factors from the whole call's longest position")
+
+
+def init_paged_caches(config: Config, num_pages: int, page_size: int, max_seqs: int,
+                      pages_per_seq: int, dtype=jnp.float32,
+                      quantized: bool = False) -> kvattn.paged.PagedCache:
+  """Returns the paged cache of every layer: one stack, for `paged_step`.
+
+  Pages `[L, P, PS, K, H]` (int8 with scales `[L, P, PS, K]` when
+  quantized), one page table `[SQ, PPS]`, lengths `[SQ]` and refs `[P]` for
+  every layer: the layers write the same tokens into the same pages, so
+  the bookkeeping is kept once and `kvattn.paged.reserve`, `release` and
+  `fork` take the stack as they take one layer's cache. The arguments are
+  `kvattn.paged.init_paged_cache`'s.
+  """
+  check_paged_config(config)
+  return kvattn.paged.init_paged_cache(num_pages, page_size, max_seqs, pages_per_seq,
+                                       config.num_kv_heads, config.head_dim, dtype,
+                                       quantized=quantized, num_layers=config.num_layers)
+
+
+def paged_step(params: Params, caches: kvattn.paged.PagedCache, tokens: jax.Array,
+               seq_slots: jax.Array, cu_q_lens: jax.Array, num_seqs: int | jax.Array, *,
+               config: Config) -> tuple[jax.Array, kvattn.paged.PagedCache]:
+  """Runs a ragged batch of new tokens through the model with a paged cache.
+
+  `step` for `init_paged_caches`' stack: sequence i of the batch is slot
+  `seq_slots[i]`, its tokens rows `cu_q_lens[i] .. cu_q_lens[i + 1]` of
+  tokens, rows from `cu_q_lens[num_seqs]` on padding (the metadata of
+  `kvattn.paged.paged_attention`). Prefill chunks and decode tokens mix
+  freely. Reserve the pages first (`kvattn.paged.reserve` on the stack).
+  Each layer reads and writes its pages of the stack in place
+  (`kvattn.paged.scan_layers`): with the caches donated, the step's memory
+  does not grow with the pool. Configs with windows, learned positions or
+  LongRoPE are refused (`check_paged_config`).
+
+  Shape legend (beyond the module's): TT tokens in the flat batch, B
+  sequences in the batch.
+
+  Args:
+    params: see `init_params` (stacked or `unstack_layers`' per-layer).
+    caches: `init_paged_caches`' stack.
+    tokens: int `[TT]` token ids in [0, V) (any id at padding; out of range:
+      clipped, as in `step`).
+    seq_slots: int `[B]`; cu_q_lens: int `[B + 1]`; num_seqs: int or integer
+      scalar (may be traced): the batch.
+    config: the static `Config`.
+
+  Returns:
+    `(logits [TT, V] float32, caches)`; logits are zeros at padding.
+  """
+  check_paged_config(config)
+  shape = getattr(tokens, "shape", None)
+  if shape is None or len(shape) != 1 or not jnp.issubdtype(tokens.dtype, jnp.integer):
+    raise ValueError(f"tokens should be int with shape (TT,): but got {shape} "
+                     f"{getattr(tokens, 'dtype', None)}")
+  if not isinstance(caches, kvattn.paged.PagedCache) or getattr(caches.k_pages, "ndim", None) != 5:
+    raise ValueError(f"caches should be init_paged_caches' stack (k_pages (L, P, PS, K, H)): but "
+                     f"got {type(caches).__name__} "
+                     f"{getattr(getattr(caches, 'k_pages', None), 'shape', None)}")
+  tt = shape[0]
+  real = kvattn.paged.token_mask(caches, tt, seq_slots, cu_q_lens, num_seqs)  # [TT]
+  h = _embed(params, tokens[None], None, config, real[None])  # [1, TT, DM]
+  options = _attention_options(config, None)
+
+  def body(h, p, cache):
+    def attend(x):
+      a, cache_out = kvattn.paged.paged_prefill(p["attn"], cache, x[0], seq_slots, cu_q_lens,
+                                                num_seqs, **options)
+      return a[None], cache_out
+
+    return _block(p, h, attend, config)
+
+  h, caches = kvattn.paged.scan_layers(body, h, _layers(params, 0, config.num_layers), caches)
+  logits = _unembed(params, h, config)[0]
+  return jnp.where(real[:, None], logits, 0.0), caches
 
 
 def step_fn(config: Config):

@@ -14,6 +14,7 @@ and never raises under `jit`. See docs/paged.md.
   * `kvattn.paged.attention`: `paged_attention` and the backend records.
   * `kvattn.paged.xla`: the portable kernel.
   * `kvattn.paged.layer`: `paged_prefill`, the attention layer.
+  * `kvattn.paged.stack`: a model's layers over one stack, in place.
   * `kvattn.paged.sharding`: the cache's shardings.
 """
 
@@ -23,15 +24,19 @@ from kvattn.paged.attention import paged_attention
 from kvattn.paged.cache import NO_PAGE
 from kvattn.paged.cache import PagedCache
 from kvattn.paged.cache import init_paged_cache
+from kvattn.paged.cache import layer_view
+from kvattn.paged.cache import stack_of
 from kvattn.paged.pages import fork
 from kvattn.paged.pages import pages_in_use
 from kvattn.paged.pages import release
 from kvattn.paged.pages import reserve
 from kvattn.paged.layer import paged_prefill
+from kvattn.paged.layer import token_mask
 from kvattn.paged.layer import token_positions
 from kvattn.paged.sharding import paged_cache_logical_axes
 from kvattn.paged.sharding import paged_cache_shardings
 from kvattn.paged.sharding import paged_cache_specs
+from kvattn.paged.stack import scan_layers
 
 __all__ = [
     "BACKENDS",
@@ -40,6 +45,7 @@ __all__ = [
     "PagedCache",
     "fork",
     "init_paged_cache",
+    "layer_view",
     "pages_in_use",
     "paged_attention",
     "paged_cache_logical_axes",
@@ -48,5 +54,8 @@ __all__ = [
     "paged_prefill",
     "release",
     "reserve",
+    "scan_layers",
+    "stack_of",
+    "token_mask",
     "token_positions",
 ]

@@ -42,7 +42,7 @@ from kvattn import attention as dense_attention
 from kvattn._checks import check_heads, check_positive_ints, check_shape
 from kvattn.paged import batch as batch_lib
 from kvattn.paged import xla
-from kvattn.paged.cache import PagedCache, check_page_table, check_paged_cache
+from kvattn.paged.cache import PagedCache, check_one_layer, check_page_table, check_paged_cache
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,7 +105,8 @@ def paged_attention(
   Args:
     q: `[TT, N, H]` queries (after RoPE, if used).
     k, v: `[TT, K, H]` new keys (after RoPE, if used) and values.
-    cache: the `PagedCache`.
+    cache: the `PagedCache`: one layer's, or a layer view of a stack
+      (`kvattn.paged.layer_view`), whose layer's pages are read and written.
     seq_slots: int `[B]` the cache slot of each sequence of the batch.
     cu_q_lens: int `[B + 1]` row offsets of the sequences, from 0.
     num_seqs: int or integer scalar (may be traced): the sequences in the
@@ -122,6 +123,7 @@ def paged_attention(
     `(o, cache)`: o `[TT, N, H]` in q's dtype, and the updated cache.
   """
   check_paged_cache(cache)
+  check_one_layer(cache)
   check_qkv(q, k, v, cache)
   check_options(implementation, block_q, block_kv, scale, softcap)
   batch_lib.check_batch(cache, q.shape[0], seq_slots, cu_q_lens, num_seqs)

@@ -158,7 +158,9 @@ def write(cache: PagedCache, k: jax.Array, v: jax.Array,
   ok = batch.valid & ~cache.exhausted[batch.slot] & (missing == 0)
   into = jnp.where(real & ok[batch.seq], page, p)  # Page P: dropped.
   offset = batch.position % ps
-  pages = {name: _put(getattr(cache, name), x, into, offset) for name, x in stored.items()}
+  pages = {
+      name: _put(getattr(cache, name), x, into, offset, cache.layer) for name, x in stored.items()
+  }
   target = jnp.where(batch.valid, batch.slot, sq)  # Slot SQ: dropped.
   lengths = cache.lengths.at[target].add(jnp.where(ok, batch.q_len, 0), mode="drop")
   refused = batch.valid & ~ok & (batch.q_len > 0)
@@ -166,22 +168,25 @@ def write(cache: PagedCache, k: jax.Array, v: jax.Array,
   return cache._replace(lengths=lengths, exhausted=exhausted, **pages), k, v
 
 
-def _put(buf: jax.Array, x: jax.Array, page: jax.Array, offset: jax.Array) -> jax.Array:
+def _put(buf: jax.Array, x: jax.Array, page: jax.Array, offset: jax.Array,
+         layer: jax.Array | None = None) -> jax.Array:
   """`buf [P, PS, ...]` with row r of `x [TT, ...]` at `[page[r], offset[r]]`; page P: dropped.
 
-  A scatter, in place; a bfloat16 buffer on XLA:CPU is written one token at
-  a time instead (`_put_bits`).
+  With a layer (a layer view's), `buf` is a stack `[L, P, PS, ...]` and the
+  rows go into its layer `layer`. A scatter, in place; a bfloat16 buffer on
+  XLA:CPU is written one token at a time instead (`_put_bits`).
   """
+  lead = () if layer is None else (layer,)
   if buf.dtype == jnp.bfloat16:
-    return lax.platform_dependent(buf, x, page, offset, cpu=_put_bits, default=_scatter)
-  return _scatter(buf, x, page, offset)
+    return lax.platform_dependent(buf, x, page, offset, *lead, cpu=_put_bits, default=_scatter)
+  return _scatter(buf, x, page, offset, *lead)
 
 
-def _scatter(buf, x, page, offset):
-  return buf.at[page, offset].set(x.astype(buf.dtype), mode="drop")
+def _scatter(buf, x, page, offset, *lead):
+  return buf.at[lead + (page, offset)].set(x.astype(buf.dtype), mode="drop")
 
 
-def _put_bits(buf, x, page, offset):
+def _put_bits(buf, x, page, offset, *lead):
   """`_scatter` for a bfloat16 buffer on XLA:CPU: one in-place write of its bits per token.
 
   XLA:CPU converts a whole bfloat16 buffer to float32 and back around a
@@ -192,14 +197,16 @@ def _put_bits(buf, x, page, offset):
   zero = jnp.zeros((), jnp.int32)
   tail = (zero,) * (x.ndim - 1)
   bits = lax.bitcast_convert_type(x.astype(buf.dtype), jnp.uint16)
+  num_pages = buf.shape[len(lead)]
 
   def body(r, buf):
     def write(buf):
-      token = lax.dynamic_slice(bits, (r,) + tail, (1,) + bits.shape[1:])[None]
+      token = lax.dynamic_slice(bits, (r,) + tail, (1,) + bits.shape[1:])
+      token = token.reshape((1,) * (len(lead) + 1) + token.shape)
       new = lax.dynamic_update_slice(lax.bitcast_convert_type(buf, jnp.uint16), token,
-                                     (page[r], offset[r]) + tail)
+                                     lead + (page[r], offset[r]) + tail)
       return lax.bitcast_convert_type(new, buf.dtype)
 
-    return lax.cond(page[r] < buf.shape[0], write, lambda buf: buf, buf)
+    return lax.cond(page[r] < num_pages, write, lambda buf: buf, buf)
 
   return lax.fori_loop(0, x.shape[0], body, buf)

@@ -15,6 +15,7 @@ Shape legend:
   B: sequences listed in one call (seq_slots)
   K: number of key/value heads
   H: head dimension
+  L: layers of a model, in a stack (`init_paged_cache(..., num_layers=L)`)
 """
 
 from __future__ import annotations
@@ -32,6 +33,10 @@ from kvattn._checks import check_positive_ints, check_shape, is_concrete, is_int
 # The page table's entry for a page not allocated.
 NO_PAGE = -1
 
+# The leaves a stack of layers keeps per layer (leading L axis); the rest,
+# the bookkeeping, is kept once for every layer.
+PAGE_LEAVES = ("k_pages", "v_pages", "k_scale", "v_scale")
+
 
 class PagedCache(NamedTuple):
   """Pages of keys and values, and the bookkeeping of the sequences that own them.
@@ -39,6 +44,12 @@ class PagedCache(NamedTuple):
   A pytree of arrays (a NamedTuple: `cache._replace(...)` builds a modified
   copy); functions return a new one. Its sizes are its leaves' shapes, static
   under `jit` like every shape, so it has no static fields.
+
+  A model's layers share one cache as a stack (`init_paged_cache(...,
+  num_layers=L)`): the page leaves (`PAGE_LEAVES`) get a leading L axis, the
+  bookkeeping is kept once, since every layer writes the same tokens into
+  the same pages. `reserve`, `release` and `fork` take the stack as they
+  take one layer's cache; attention takes a layer view (`layer_view`).
 
   Fields:
     k_pages: [P, PS, K, H] cached keys (after RoPE, when RoPE is used).
@@ -54,6 +65,9 @@ class PagedCache(NamedTuple):
     k_scale: [P, PS, K] float32 scale of each int8 key vector, or None when
       the pages are not quantised (see `kvattn.quant`).
     v_scale: [P, PS, K] float32, or None.
+    layer: None, except in a layer view (`layer_view`): an int32 scalar, the
+      layer of a stack (page leaves `[L, P, ...]`) that attention reads and
+      writes in place.
   """
 
   k_pages: jax.Array
@@ -64,6 +78,7 @@ class PagedCache(NamedTuple):
   exhausted: jax.Array
   k_scale: jax.Array | None = None
   v_scale: jax.Array | None = None
+  layer: jax.Array | None = None
 
   @property
   def num_pages(self) -> int:
@@ -114,6 +129,7 @@ def init_paged_cache(
     dtype: jnp.dtype = jnp.float32,
     *,
     quantized: bool = False,
+    num_layers: int | None = None,
 ) -> PagedCache:
   """Returns an empty paged cache: every page free, every slot empty.
 
@@ -129,13 +145,19 @@ def init_paged_cache(
       is always computed in float32.
     quantized: int8 pages with a float32 scale per token and kv head, as
       `kvattn.init_cache(..., quantized=True)`; `dtype` must then stay float32.
+    num_layers: None for one layer's cache; L for a stack of L layers'
+      pages (`[L, P, PS, K, H]`, scales `[L, P, PS, K]`) sharing one page
+      table, lengths and refs (the class doc).
 
   Returns:
-    A `PagedCache` with k_pages, v_pages `[P, PS, K, H]` of zeros, the page
-    table all `NO_PAGE`, lengths, refs 0, nothing exhausted.
+    A `PagedCache` with k_pages, v_pages `[P, PS, K, H]` (`[L, P, PS, K, H]`)
+    of zeros, the page table all `NO_PAGE`, lengths, refs 0, nothing
+    exhausted.
   """
   check_positive_ints(num_pages=num_pages, page_size=page_size, max_seqs=max_seqs,
                       pages_per_seq=pages_per_seq, num_kv_heads=num_kv_heads, head_dim=head_dim)
+  if num_layers is not None:
+    check_positive_ints(num_layers=num_layers)
   if not isinstance(quantized, bool):
     raise ValueError(f"quantized should be a bool: but got {quantized!r}")
   dtype = jnp.dtype(dtype)
@@ -153,7 +175,8 @@ def init_paged_cache(
       leaves[name] = None
     else:
       fill = NO_PAGE if name == "page_table" else 0
-      leaves[name] = jnp.full(field.shape(sizes), fill, field.dtype or storage)
+      lead = (num_layers,) if num_layers is not None and name in PAGE_LEAVES else ()
+      leaves[name] = jnp.full(lead + field.shape(sizes), fill, field.dtype or storage)
   return PagedCache(**leaves)
 
 
@@ -163,12 +186,18 @@ def check_paged_cache(cache) -> None:
     raise TypeError(f"cache should be a kvattn.paged.PagedCache: but got {type(cache).__name__}")
   pages = layout.PAGED_CACHE["k_pages"]
   shape = getattr(cache.k_pages, "shape", None)
-  if shape is None or len(shape) != len(pages.dims):
-    raise ValueError(f"cache.k_pages shape should be {pages.legend()}: but got {shape}")
+  if shape is None or len(shape) not in (4, 5):
+    raise ValueError(f"cache.k_pages shape should be {pages.legend()} (or (L, P, PS, K, H), a "
+                     f"stack of layers): but got {shape}")
+  lead = tuple(shape[:-4])
+  if cache.layer is not None and (not lead or getattr(cache.layer, "shape", None) != ()):
+    raise ValueError(f"cache.layer should be None, or an int32 scalar with k_pages (L, P, PS, K, "
+                     f"H) (a layer view): but got layer {getattr(cache.layer, 'shape', None)} "
+                     f"and k_pages {shape}")
   table = getattr(cache.page_table, "shape", None)
   if table is None or len(table) != 2:
     raise ValueError(f"cache.page_table shape should be (SQ, PPS): but got {table}")
-  sizes = dict(zip(pages.dims, shape), SQ=table[0], PPS=table[1])
+  sizes = dict(zip(pages.dims, shape[-4:]), SQ=table[0], PPS=table[1])
   int8 = cache.k_pages.dtype == jnp.int8
   if not (int8 or jnp.issubdtype(cache.k_pages.dtype, jnp.floating)):
     raise ValueError(f"cache.k_pages dtype should be a floating dtype or int8: but got "
@@ -181,10 +210,47 @@ def check_paged_cache(cache) -> None:
                        f"got {getattr(x, 'shape', x)}")
     if x is None:
       continue
-    check_shape(f"cache.{name}", x, field.legend(), field.shape(sizes))
+    if lead and name in PAGE_LEAVES:
+      check_shape(f"cache.{name}", x, "(L, " + field.legend()[1:], lead + field.shape(sizes))
+    else:
+      check_shape(f"cache.{name}", x, field.legend(), field.shape(sizes))
     dtype = jnp.dtype(field.dtype) if field.dtype else cache.k_pages.dtype
     if x.dtype != dtype:
       raise ValueError(f"cache.{name} dtype should be {dtype}: but got {x.dtype}")
+
+
+def check_one_layer(cache: PagedCache) -> None:
+  """Raises ValueError for a stack of layers' pages that is not a layer view (attention's input)."""
+  if cache.k_pages.ndim == 5 and cache.layer is None:
+    raise ValueError(f"cache should be one layer's: but got a stack of {cache.k_pages.shape[0]} "
+                     f"layers' pages {cache.k_pages.shape}: pass kvattn.paged.layer_view(stack, "
+                     f"layer), or run the layers with kvattn.paged.scan_layers")
+
+
+def layer_view(stack: PagedCache, layer: int | jax.Array) -> PagedCache:
+  """Layer `layer` of a stack, as a cache that attention reads and writes in place.
+
+  `stack` holds L layers' pages (`init_paged_cache(..., num_layers=L)`); the
+  view goes wherever a cache does in `paged_attention` and `paged_prefill`,
+  which then gather that layer's pages from the stacked buffers and scatter
+  its new tokens into them: a layer loop that carries the stack costs one
+  layer's reads and writes, never a copy of the pool. `stack_of` turns the
+  returned view back into the stack (`kvattn.paged.scan_layers` does both).
+
+  Args:
+    stack: a `PagedCache` with page leaves `[L, ...]` and no layer set.
+    layer: int32 scalar in [0, L), may be traced.
+  """
+  check_paged_cache(stack)
+  if stack.layer is not None or stack.k_pages.ndim != 5:
+    raise ValueError(f"stack should be a stack of layers (k_pages (L, P, PS, K, H), no layer "
+                     f"set): but got k_pages {stack.k_pages.shape} and layer {stack.layer!r}")
+  return stack._replace(layer=jnp.asarray(layer, jnp.int32))
+
+
+def stack_of(view: PagedCache) -> PagedCache:
+  """The stack a layer view was made from (with the view's writes): `layer` unset."""
+  return view._replace(layer=None)
 
 
 def check_page_table(cache: PagedCache) -> None:

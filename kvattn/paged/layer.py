@@ -21,7 +21,7 @@ from kvattn import rope
 from kvattn._checks import check_shape
 from kvattn.paged import attention
 from kvattn.paged import batch as batch_lib
-from kvattn.paged.cache import PagedCache, check_page_table, check_paged_cache
+from kvattn.paged.cache import PagedCache, check_one_layer, check_page_table, check_paged_cache
 from kvattn.params import Params, check_params
 
 
@@ -51,7 +51,8 @@ def paged_prefill(
 
   Args:
     params: attention params (see `kvattn.params`).
-    cache: the `PagedCache`.
+    cache: the `PagedCache`: one layer's, or a layer view of a stack
+      (`kvattn.paged.layer_view`; `kvattn.paged.scan_layers`).
     x: `[TT, DM]` inputs.
     seq_slots: int `[B]`; cu_q_lens: int `[B + 1]`; num_seqs: int or integer
       scalar: the batch, as in `paged_attention`.
@@ -66,6 +67,7 @@ def paged_prefill(
   """
   options = layer.Options(rope_base, rope_scaling, rotary_dim, scale, softcap, qk_norm_eps)
   check_paged_cache(cache)
+  check_one_layer(cache)
   dm, _ = check_params(params, cache.num_kv_heads, cache.head_dim)
   check_shape("x", x, "(TT, DM)", (None, dm))
   layer.check_x_dtype(x)
@@ -96,3 +98,15 @@ def token_positions(cache: PagedCache, num_tokens: int, seq_slots: jax.Array, cu
   check_paged_cache(cache)
   batch_lib.check_batch(cache, num_tokens, seq_slots, cu_q_lens, num_seqs)
   return batch_lib.ragged(cache, num_tokens, seq_slots, cu_q_lens, num_seqs).position
+
+
+def token_mask(cache: PagedCache, num_tokens: int, seq_slots: jax.Array, cu_q_lens: jax.Array,
+               num_seqs: int | jax.Array) -> jax.Array:
+  """bool `[TT]`: True at the rows that are new tokens, False at padding.
+
+  The rows the kernel treats as tokens (after the metadata is made safe, as
+  `paged_attention` does under jit): e.g. to zero a model's logits at padding.
+  """
+  check_paged_cache(cache)
+  batch_lib.check_batch(cache, num_tokens, seq_slots, cu_q_lens, num_seqs)
+  return batch_lib.ragged(cache, num_tokens, seq_slots, cu_q_lens, num_seqs).real

@@ -4,7 +4,9 @@ Pages come from the free pool (refs == 0), lowest page id first; a slot's
 table row holds its pages in order, `NO_PAGE` after them. None of these
 functions raises under `jit`: running out of pages is reported per sequence
 (`reserve`'s `fits`, `fork`'s `ok`), and nothing else changes for that
-sequence.
+sequence. Each takes one layer's cache or a stack of layers' (its page
+table is kept once for every layer; `fork` copies a partial page in every
+layer).
 
 Shape legend:
   P: pages in the pool
@@ -24,7 +26,7 @@ from jax import lax
 import numpy as np
 
 from kvattn._checks import check_shape, is_concrete
-from kvattn.paged.cache import NO_PAGE, PagedCache, check_count, check_paged_cache
+from kvattn.paged.cache import NO_PAGE, PAGE_LEAVES, PagedCache, check_count, check_paged_cache
 from kvattn.paged.cache import check_slots, listed
 
 
@@ -224,10 +226,12 @@ def _fork(cache: PagedCache, src, dst) -> tuple[PagedCache, jax.Array]:
   # The partial page's tokens, copied into the fresh page: PS tokens per fork.
   last = cache.page_table[src, jnp.minimum(full, pps - 1)]
   into = _or_drop(copy, ok, p)
+  # Every layer's, in a stack of layers (page leaves [L, P, ...]).
+  lead = (slice(None),) * (cache.k_pages.ndim - 4)
   copies = {
-      name: getattr(cache,
-                    name).at[into].set(getattr(cache, name)[jnp.maximum(last, 0)], mode="drop")
-      for name in ("k_pages", "v_pages", "k_scale", "v_scale") if getattr(cache, name) is not None
+      name: getattr(cache, name).at[lead + (into,)].set(
+          getattr(cache, name)[lead + (jnp.maximum(last, 0),)],
+          mode="drop") for name in PAGE_LEAVES if getattr(cache, name) is not None
   }
   target = jnp.where(ok, dst, sq)
   return cache._replace(

@@ -20,7 +20,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from kvattn import layout
 from kvattn import sharding
-from kvattn.paged.cache import PagedCache, check_paged_cache
+from kvattn.paged.cache import PAGE_LEAVES, PagedCache, check_paged_cache
 
 # The logical axes only the paged cache has, replicated unless the rules name them.
 PAGED_AXES = ("pages", "page_slots", "seq_slots", "seq_pages")
@@ -29,10 +29,13 @@ PAGED_AXES = ("pages", "page_slots", "seq_slots", "seq_pages")
 def paged_cache_logical_axes(cache: PagedCache) -> PagedCache:
   """A PagedCache whose leaves are the logical axes (a PartitionSpec of names) of cache's."""
   check_paged_cache(cache)
+  # A stack of layers' pages: a leading "layers" axis on the page leaves.
+  lead = ("layers",) * (cache.k_pages.ndim - 4)
   return PagedCache(
       **{
-          name: None if getattr(cache, name) is None else PartitionSpec(*field.logical_axes())
-          for name, field in layout.PAGED_CACHE.items()
+          name: None if getattr(cache, name) is
+                None else PartitionSpec(*(lead if name in PAGE_LEAVES else (
+                )), *field.logical_axes()) for name, field in layout.PAGED_CACHE.items()
       })
 
 

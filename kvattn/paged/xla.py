@@ -63,7 +63,8 @@ def attend(q: jax.Array, k_new: jax.Array, v_new: jax.Array, cache: PagedCache, 
     k_new, v_new: `[TT, K, H]` the new tokens as the pages hold them
       (`kvattn.paged.batch.write` returns them).
     cache: the cache after the write; each sequence reads its slot's first
-      `batch.kv_len` tokens from it.
+      `batch.kv_len` tokens from it (from layer `cache.layer` of stacked
+      pages, in a layer view).
     batch: the `Ragged` batch.
     block_q: Q, queries per tile of a chunk; None for `BLOCK_Q`.
     block_kv: cached tokens per block, rounded down to whole pages (at least
@@ -83,18 +84,22 @@ def attend(q: jax.Array, k_new: jax.Array, v_new: jax.Array, cache: PagedCache, 
   o = jnp.zeros((tt, n, h), jnp.float32)
   rows = min(DECODE_ROWS, tt)
   decode = batch.valid & (batch.q_len >= 1) & (batch.q_len <= rows)
-  o, bufs = _decode(q, k_new, v_new, o, cache.page_table, bufs, batch, decode, rows, pages, scale,
-                    softcap)
+  o, bufs = _decode(q, k_new, v_new, o, cache.page_table, bufs, cache.layer, batch, decode, rows,
+                    pages, scale, softcap)
   chunk = batch.valid & (batch.q_len > rows)
-  o, bufs = _chunks(q, k_new, v_new, o, cache.page_table, bufs, batch, chunk,
+  o, bufs = _chunks(q, k_new, v_new, o, cache.page_table, bufs, cache.layer, batch, chunk,
                     min(block_q or BLOCK_Q, tt), pages, scale, softcap)
   return o.astype(q.dtype), cache._replace(**bufs)
 
 
-def _block(bufs: dict, ids: jax.Array) -> tuple[jax.Array, jax.Array, tuple | None]:
-  """Keys, values (and int8 scales) of the pages `ids [B, pages]`: `[B, C, K, H]`."""
+def _block(bufs: dict, ids: jax.Array, layer) -> tuple[jax.Array, jax.Array, tuple | None]:
+  """Keys, values (and int8 scales) of the pages `ids [B, pages]`: `[B, C, K, H]`.
+
+  With a layer (a layer view's), the buffers are stacks `[L, P, ...]` and
+  the pages are gathered from layer `layer` where they are.
+  """
   def gather(x):
-    x = x[ids]
+    x = x[ids] if layer is None else x[layer, ids]
     return x.reshape(ids.shape[0], -1, *x.shape[3:])
 
   scales = None
@@ -116,7 +121,7 @@ def _page_ids(table_rows: jax.Array, j, pages: int, num_pages: int) -> jax.Array
   return jnp.clip(ids, 0, num_pages - 1)
 
 
-def _cached(qh, q_real, table_rows, kv_len, bufs, pages, page_size, num_pages, softcap):
+def _cached(qh, q_real, table_rows, kv_len, bufs, layer, pages, page_size, num_pages, softcap):
   """Partial softmax of queries `qh [B, K, G, T, H]` over each row's first `kv_len [B]` tokens.
 
   A loop over blocks of C = pages * PS tokens, up to the longest row; row b
@@ -128,7 +133,7 @@ def _cached(qh, q_real, table_rows, kv_len, bufs, pages, page_size, num_pages, s
   def body(j, carry):
     acc, bufs = carry
     bufs = dense.barrier(bufs)  # Read in place, block by block (see the dense kernel).
-    k, v, scales = _block(bufs, _page_ids(table_rows, j, pages, num_pages))
+    k, v, scales = _block(bufs, _page_ids(table_rows, j, pages, num_pages), layer)
     seen = (j * c + lax.broadcasted_iota(jnp.int32, (1, c), 1)) < kv_len[:, None]  # [B, C]
     mask = q_real[:, :, None] & seen[:, None, :]
     return accumulate(acc, dense.block_partial(qh, k, v, mask, scales, softcap)), bufs
@@ -138,8 +143,8 @@ def _cached(qh, q_real, table_rows, kv_len, bufs, pages, page_size, num_pages, s
   return lax.fori_loop(0, trips, body, (init, bufs))
 
 
-def _decode(q, k_new, v_new, o, table, bufs, batch: Ragged, take, rows: int, pages: int, scale,
-            softcap):
+def _decode(q, k_new, v_new, o, table, bufs, layer, batch: Ragged, take, rows: int, pages: int,
+            scale, softcap):
   """The decode path: every sequence with 1 .. R new tokens, as one batch of B rows."""
   tt, n, h = q.shape
   b, kh = batch.slot.shape[0], k_new.shape[1]
@@ -152,21 +157,21 @@ def _decode(q, k_new, v_new, o, table, bufs, batch: Ragged, take, rows: int, pag
                                 1) <= lax.broadcasted_iota(jnp.int32, (rows, rows), 0)
   new = dense.block_partial(qh, k_new[index], v_new[index],
                             real[:, :, None] & real[:, None, :] & causal[None], None, softcap)
-  acc, bufs = _cached(qh, real, table[batch.slot], jnp.where(take, batch.kv_len, 0), bufs, pages,
-                      bufs["k_pages"].shape[1], bufs["k_pages"].shape[0], softcap)
+  acc, bufs = _cached(qh, real, table[batch.slot], jnp.where(take, batch.kv_len, 0), bufs, layer,
+                      pages, bufs["k_pages"].shape[-3], bufs["k_pages"].shape[-4], softcap)
   out = normalize(accumulate(acc, new)).reshape(b, kh, g, rows, h)
   out = out.transpose(0, 3, 1, 2, 4).reshape(b, rows, n, h)
   return o.at[jnp.where(real, index, tt)].set(out, mode="drop"), bufs
 
 
-def _chunks(q, k_new, v_new, o, table, bufs, batch: Ragged, take, block: int, pages: int, scale,
-            softcap):
+def _chunks(q, k_new, v_new, o, table, bufs, layer, batch: Ragged, take, block: int, pages: int,
+            scale, softcap):
   """The chunk path: each sequence with more new tokens, one after another, in tiles of Q."""
   tt, n, h = q.shape
   kh = k_new.shape[1]
   g = n // kh
   b = batch.slot.shape[0]
-  page_size, num_pages = bufs["k_pages"].shape[1], bufs["k_pages"].shape[0]
+  page_size, num_pages = bufs["k_pages"].shape[-3], bufs["k_pages"].shape[-4]
   order = jnp.nonzero(take, size=b, fill_value=0)[0]
   iota = lax.broadcasted_iota(jnp.int32, (block,), 0)
 
@@ -182,8 +187,8 @@ def _chunks(q, k_new, v_new, o, table, bufs, batch: Ragged, take, block: int, pa
       rows = at + iota
       real = (rows >= first) & (rows < start + q_len)
       qh = dense.group_queries(lax.dynamic_slice_in_dim(q, at, block, axis=0)[None], kh, scale)
-      acc, bufs = _cached(qh, real[None], table_row, batch.kv_len[i][None], bufs, pages, page_size,
-                          num_pages, softcap)
+      acc, bufs = _cached(qh, real[None], table_row, batch.kv_len[i][None], bufs, layer, pages,
+                          page_size, num_pages, softcap)
 
       def new_keys(u, acc):
         key_first = start + u * block
