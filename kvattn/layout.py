@@ -16,7 +16,7 @@ sharding rules map to mesh axes):
 
 and for the paged cache (`kvattn.paged`, the PAGED_CACHE table):
 
-  P: "pages"         pages in the pool
+  NP: "pages"         pages in the pool
   PS: "page_slots"   tokens per page (page_size)
   SQ: "seq_slots"    sequence slots (max_seqs)
   PPS: "seq_pages"   pages per sequence (pages_per_seq)
@@ -33,7 +33,7 @@ LOGICAL_AXES = {
     "K": "kv_heads",
     "H": "head_dim",
     "DM": "embed",
-    "P": "pages",
+    "NP": "pages",
     "PS": "page_slots",
     "SQ": "seq_slots",
     "PPS": "seq_pages",
@@ -119,16 +119,16 @@ QK_NORMS: dict[str, tuple[str, str]] = {
 }
 
 # The PagedCache's fields, in order (see kvattn.paged.PagedCache): pages of
-# PS tokens in a pool of P, a page table and counters per sequence slot, a
+# PS tokens in a pool of NP, a page table and counters per sequence slot, a
 # reference count per page. Its sizes are the leaves' shapes (static under
 # jit), so it has no static fields.
 PAGED_CACHE: dict[str, Field] = {
-    "k_pages": Field(("P", "PS", "K", "H")),
-    "v_pages": Field(("P", "PS", "K", "H")),
+    "k_pages": Field(("NP", "PS", "K", "H")),
+    "v_pages": Field(("NP", "PS", "K", "H")),
     "page_table": Field(("SQ", "PPS"), "int32"),
     "lengths": Field(("SQ",), "int32"),
-    "refs": Field(("P",), "int32"),
+    "refs": Field(("NP",), "int32"),
     "exhausted": Field(("SQ",), "bool"),
-    "k_scale": Field(("P", "PS", "K"), "float32", optional=True, feature="int8"),
-    "v_scale": Field(("P", "PS", "K"), "float32", optional=True, feature="int8"),
+    "k_scale": Field(("NP", "PS", "K"), "float32", optional=True, feature="int8"),
+    "v_scale": Field(("NP", "PS", "K"), "float32", optional=True, feature="int8"),
 }

@@ -579,7 +579,7 @@ def test_bad_metadata_past_capacity_and_bad_page_ids_are_refused():
     paged.paged_attention(q, k, v, args["cache"], args["seq_slots"], np.array([0, 1, 8], np.int32),
                           2)
   cache = args["cache"]._replace(page_table=args["cache"].page_table.at[1, 0].set(8))
-  with pytest.raises(ValueError, match=r"page ids in \[0, P=8\).*but got 8 at \[1, 0\]"):
+  with pytest.raises(ValueError, match=r"page ids in \[0, NP=8\).*but got 8 at \[1, 0\]"):
     paged.paged_attention(**{**args, "cache": cache})
   with pytest.raises(ValueError, match=r"counts should be in \[0, PPS \* PS=6\]"):
     paged.reserve(cache, np.array([0], np.int32), np.array([7], np.int32))

@@ -429,8 +429,8 @@ def init_paged_caches(config: Config, num_pages: int, page_size: int, max_seqs: 
                       quantized: bool = False) -> kvattn.paged.PagedCache:
   """Returns the paged cache of every layer: one stack, for `paged_step`.
 
-  Pages `[L, P, PS, K, H]` (int8 with scales `[L, P, PS, K]` when
-  quantized), one page table `[SQ, PPS]`, lengths `[SQ]` and refs `[P]` for
+  Pages `[L, NP, PS, K, H]` (int8 with scales `[L, NP, PS, K]` when
+  quantized), one page table `[SQ, PPS]`, lengths `[SQ]` and refs `[NP]` for
   every layer: the layers write the same tokens into the same pages, so
   the bookkeeping is kept once and `kvattn.paged.reserve`, `release` and
   `fork` take the stack as they take one layer's cache. The arguments are
@@ -478,7 +478,7 @@ def paged_step(params: Params, caches: kvattn.paged.PagedCache, tokens: jax.Arra
     raise ValueError(f"tokens should be int with shape (TT,): but got {shape} "
                      f"{getattr(tokens, 'dtype', None)}")
   if not isinstance(caches, kvattn.paged.PagedCache) or getattr(caches.k_pages, "ndim", None) != 5:
-    raise ValueError(f"caches should be init_paged_caches' stack (k_pages (L, P, PS, K, H)): but "
+    raise ValueError(f"caches should be init_paged_caches' stack (k_pages (L, NP, PS, K, H)): but "
                      f"got {type(caches).__name__} "
                      f"{getattr(getattr(caches, 'k_pages', None), 'shape', None)}")
   tt = shape[0]

@@ -18,7 +18,7 @@ Shape legend:
   TT: tokens in the flat batch (new tokens of every sequence, then padding)
   B: sequences in the batch (entries of seq_slots)
   SQ: sequence slots of the cache
-  P: pages; PS: tokens per page; PPS: pages per slot
+  NP: pages; PS: tokens per page; PPS: pages per slot
   K: number of key/value heads
   H: head dimension
 """
@@ -156,7 +156,7 @@ def write(cache: PagedCache, k: jax.Array, v: jax.Array,
   missing = jnp.zeros(batch.slot.shape, jnp.int32).at[batch.seq].add(
       (real & ~owned).astype(jnp.int32))
   ok = batch.valid & ~cache.exhausted[batch.slot] & (missing == 0)
-  into = jnp.where(real & ok[batch.seq], page, p)  # Page P: dropped.
+  into = jnp.where(real & ok[batch.seq], page, p)  # Page NP: dropped.
   offset = batch.position % ps
   pages = {
       name: _put(getattr(cache, name), x, into, offset, cache.layer) for name, x in stored.items()
@@ -170,9 +170,9 @@ def write(cache: PagedCache, k: jax.Array, v: jax.Array,
 
 def _put(buf: jax.Array, x: jax.Array, page: jax.Array, offset: jax.Array,
          layer: jax.Array | None = None) -> jax.Array:
-  """`buf [P, PS, ...]` with row r of `x [TT, ...]` at `[page[r], offset[r]]`; page P: dropped.
+  """`buf [NP, PS, ...]` with row r of `x [TT, ...]` at `[page[r], offset[r]]`; page NP: dropped.
 
-  With a layer (a layer view's), `buf` is a stack `[L, P, PS, ...]` and the
+  With a layer (a layer view's), `buf` is a stack `[L, NP, PS, ...]` and the
   rows go into its layer `layer`. A scatter, in place; a bfloat16 buffer on
   XLA:CPU is written one token at a time instead (`_put_bits`).
   """

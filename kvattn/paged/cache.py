@@ -1,6 +1,6 @@
 """The paged key/value cache: a pool of pages and a page table per sequence slot.
 
-Keys and values live in P pages of PS tokens each. Sequence slot `s` holds
+Keys and values live in NP pages of PS tokens each. Sequence slot `s` holds
 `lengths[s]` tokens; token `t` of it is in page `page_table[s, t // PS]` at
 offset `t % PS`. `kvattn.paged.pages` hands pages out (`reserve`), takes
 them back (`release`) and shares them (`fork`, reference counts in `refs`).
@@ -8,7 +8,7 @@ This module holds the pytree, its constructor, and the checks every paged
 function shares.
 
 Shape legend:
-  P: pages in the pool (num_pages)
+  NP: pages in the pool (num_pages)
   PS: tokens per page (page_size)
   SQ: sequence slots (max_seqs)
   PPS: pages per sequence slot (pages_per_seq); a slot holds at most PPS * PS tokens
@@ -52,21 +52,21 @@ class PagedCache(NamedTuple):
   take one layer's cache; attention takes a layer view (`layer_view`).
 
   Fields:
-    k_pages: [P, PS, K, H] cached keys (after RoPE, when RoPE is used).
-    v_pages: [P, PS, K, H] cached values.
+    k_pages: [NP, PS, K, H] cached keys (after RoPE, when RoPE is used).
+    v_pages: [NP, PS, K, H] cached values.
     page_table: [SQ, PPS] int32, the pages of each sequence slot in order:
       entries [0, n) are pages, the rest `NO_PAGE` (-1).
     lengths: [SQ] int32, tokens cached per slot (the position of its next
       token).
-    refs: [P] int32, the slots whose table holds each page; 0 = free.
+    refs: [NP] int32, the slots whose table holds each page; 0 = free.
     exhausted: [SQ] bool, sticky until `release`: a write of the slot found
       no page (not reserved, or past PPS * PS): nothing of that call, and
       nothing later, was written for it.
-    k_scale: [P, PS, K] float32 scale of each int8 key vector, or None when
+    k_scale: [NP, PS, K] float32 scale of each int8 key vector, or None when
       the pages are not quantised (see `kvattn.quant`).
-    v_scale: [P, PS, K] float32, or None.
+    v_scale: [NP, PS, K] float32, or None.
     layer: None, except in a layer view (`layer_view`): an int32 scalar, the
-      layer of a stack (page leaves `[L, P, ...]`) that attention reads and
+      layer of a stack (page leaves `[L, NP, ...]`) that attention reads and
       writes in place.
   """
 
@@ -82,7 +82,7 @@ class PagedCache(NamedTuple):
 
   @property
   def num_pages(self) -> int:
-    """P, the pages in the pool."""
+    """NP, the pages in the pool."""
     return self.k_pages.shape[-4]
 
   @property
@@ -134,7 +134,7 @@ def init_paged_cache(
   """Returns an empty paged cache: every page free, every slot empty.
 
   Args:
-    num_pages: P, the pages in the pool (the memory: P * PS tokens in all).
+    num_pages: NP, the pages in the pool (the memory: NP * PS tokens in all).
     page_size: PS, the tokens per page.
     max_seqs: SQ, the sequence slots.
     pages_per_seq: PPS, the pages a slot may hold: a sequence holds at most
@@ -146,11 +146,11 @@ def init_paged_cache(
     quantized: int8 pages with a float32 scale per token and kv head, as
       `kvattn.init_cache(..., quantized=True)`; `dtype` must then stay float32.
     num_layers: None for one layer's cache; L for a stack of L layers'
-      pages (`[L, P, PS, K, H]`, scales `[L, P, PS, K]`) sharing one page
+      pages (`[L, NP, PS, K, H]`, scales `[L, NP, PS, K]`) sharing one page
       table, lengths and refs (the class doc).
 
   Returns:
-    A `PagedCache` with k_pages, v_pages `[P, PS, K, H]` (`[L, P, PS, K, H]`)
+    A `PagedCache` with k_pages, v_pages `[NP, PS, K, H]` (`[L, NP, PS, K, H]`)
     of zeros, the page table all `NO_PAGE`, lengths, refs 0, nothing
     exhausted.
   """
@@ -166,7 +166,7 @@ def init_paged_cache(
   if quantized and dtype != jnp.float32:
     raise ValueError(f"dtype should be float32 when quantized=True (pages are stored as int8 "
                      f"and dequantised to float32): but got {dtype}")
-  sizes = dict(P=num_pages, PS=page_size, SQ=max_seqs, PPS=pages_per_seq, K=num_kv_heads,
+  sizes = dict(NP=num_pages, PS=page_size, SQ=max_seqs, PPS=pages_per_seq, K=num_kv_heads,
                H=head_dim)
   storage = jnp.dtype(jnp.int8) if quantized else dtype
   leaves = {}
@@ -187,11 +187,11 @@ def check_paged_cache(cache) -> None:
   pages = layout.PAGED_CACHE["k_pages"]
   shape = getattr(cache.k_pages, "shape", None)
   if shape is None or len(shape) not in (4, 5):
-    raise ValueError(f"cache.k_pages shape should be {pages.legend()} (or (L, P, PS, K, H), a "
+    raise ValueError(f"cache.k_pages shape should be {pages.legend()} (or (L, NP, PS, K, H), a "
                      f"stack of layers): but got {shape}")
   lead = tuple(shape[:-4])
   if cache.layer is not None and (not lead or getattr(cache.layer, "shape", None) != ()):
-    raise ValueError(f"cache.layer should be None, or an int32 scalar with k_pages (L, P, PS, K, "
+    raise ValueError(f"cache.layer should be None, or an int32 scalar with k_pages (L, NP, PS, K, "
                      f"H) (a layer view): but got layer {getattr(cache.layer, 'shape', None)} "
                      f"and k_pages {shape}")
   table = getattr(cache.page_table, "shape", None)
@@ -243,7 +243,7 @@ def layer_view(stack: PagedCache, layer: int | jax.Array) -> PagedCache:
   """
   check_paged_cache(stack)
   if stack.layer is not None or stack.k_pages.ndim != 5:
-    raise ValueError(f"stack should be a stack of layers (k_pages (L, P, PS, K, H), no layer "
+    raise ValueError(f"stack should be a stack of layers (k_pages (L, NP, PS, K, H), no layer "
                      f"set): but got k_pages {stack.k_pages.shape} and layer {stack.layer!r}")
   return stack._replace(layer=jnp.asarray(layer, jnp.int32))
 
@@ -254,14 +254,14 @@ def stack_of(view: PagedCache) -> PagedCache:
 
 
 def check_page_table(cache: PagedCache) -> None:
-  """With a concrete cache: raises ValueError unless every page id is in [0, P) or NO_PAGE."""
+  """With a concrete cache: raises ValueError unless every page id is in [0, NP) or NO_PAGE."""
   if not is_concrete(cache.page_table):
     return
   table = np.asarray(cache.page_table)
   bad = (table != NO_PAGE) & ((table < 0) | (table >= cache.num_pages))
   if bad.any():
     s, j = (int(i) for i in np.argwhere(bad)[0])
-    raise ValueError(f"cache.page_table entries should be page ids in [0, P={cache.num_pages}) or "
+    raise ValueError(f"cache.page_table entries should be page ids in [0, NP={cache.num_pages}) or "
                      f"NO_PAGE ({NO_PAGE}): but got {int(table[s, j])} at [{s}, {j}]")
 
 

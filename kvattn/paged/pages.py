@@ -9,7 +9,7 @@ table is kept once for every layer; `fork` copies a partial page in every
 layer).
 
 Shape legend:
-  P: pages in the pool
+  NP: pages in the pool
   PS: tokens per page
   SQ: sequence slots
   PPS: pages per sequence slot
@@ -48,7 +48,7 @@ def _take_free(refs: jax.Array, need: jax.Array, most: int) -> tuple[jax.Array, 
   so a large request that does not fit leaves room to smaller later ones).
 
   Args:
-    refs: `[P]` reference counts; 0 = free.
+    refs: `[NP]` reference counts; 0 = free.
     need: int32 `[E]` pages each request needs (0 for none).
     most: a static bound on any request's need.
 
@@ -74,7 +74,7 @@ def _take_free(refs: jax.Array, need: jax.Array, most: int) -> tuple[jax.Array, 
 
 
 def _or_drop(ids: jax.Array, keep: jax.Array, num_pages: int) -> jax.Array:
-  """Page ids to scatter at: P (dropped by `mode="drop"`) unless kept and in [0, P).
+  """Page ids to scatter at: NP (dropped by `mode="drop"`) unless kept and in [0, NP).
 
   Never NO_PAGE itself: jax reads a negative index from the end.
   """
@@ -226,7 +226,7 @@ def _fork(cache: PagedCache, src, dst) -> tuple[PagedCache, jax.Array]:
   # The partial page's tokens, copied into the fresh page: PS tokens per fork.
   last = cache.page_table[src, jnp.minimum(full, pps - 1)]
   into = _or_drop(copy, ok, p)
-  # Every layer's, in a stack of layers (page leaves [L, P, ...]).
+  # Every layer's, in a stack of layers (page leaves [L, NP, ...]).
   lead = (slice(None),) * (cache.k_pages.ndim - 4)
   copies = {
       name: getattr(cache, name).at[lead + (into,)].set(

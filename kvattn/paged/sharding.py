@@ -8,7 +8,7 @@ flags have only "seq_slots", "seq_pages" and "pages". With
 device holds its kv heads of every page, and reads and writes only those.
 The paged axes are replicated unless the rules name them.
 
-Shape legend: P pages, PS tokens per page, SQ sequence slots, PPS pages per
+Shape legend: NP pages, PS tokens per page, SQ sequence slots, PPS pages per
 slot, K kv heads, H head dim.
 """
 

@@ -1,7 +1,7 @@
 """A layer loop over a stack of layers' pages that updates them in place.
 
 A model's layers share one `PagedCache` stack (`init_paged_cache(...,
-num_layers=L)`): pages `[L, P, PS, K, H]`, one page table, lengths and refs.
+num_layers=L)`): pages `[L, NP, PS, K, H]`, one page table, lengths and refs.
 `scan_layers` carries the stack through the layers and hands each a layer
 view (`kvattn.paged.layer_view`), so each layer's attention gathers its
 pages from the stack and scatters its new tokens into it where they are: a
@@ -63,7 +63,7 @@ def scan_layers(body: Callable[[Any, Any, PagedCache], tuple[Any, PagedCache]], 
   }
   if sizes != {num_layers}:
     raise ValueError(f"layer_params should have one layer per layer of the stack (k_pages "
-                     f"(L, P, PS, K, H)={stack.k_pages.shape}): but got leading sizes "
+                     f"(L, NP, PS, K, H)={stack.k_pages.shape}): but got leading sizes "
                      f"{sorted(sizes, key=str)}")
   before = stack
 

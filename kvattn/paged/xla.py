@@ -1,7 +1,7 @@
 """The portable paged kernel: ragged attention over pages, in plain XLA.
 
 The default on every platform. Its cost follows the batch's own tokens:
-neither the pool (P) nor the slots' capacity (SQ x PPS x PS) appear in a
+neither the pool (NP) nor the slots' capacity (SQ x PPS x PS) appear in a
 trip count or a temporary. The sequences of a batch take one of two paths:
 
   * decode (1 new token, `DECODE_ROWS`): all such sequences at once, as the
@@ -23,7 +23,7 @@ XLA kernel's (`kvattn.kernels.xla`), so both caches give the same numbers.
 Shape legend:
   TT: tokens in the flat batch
   B: sequences in the batch
-  P: pages; PS: tokens per page; PPS: pages per slot
+  NP: pages; PS: tokens per page; PPS: pages per slot
   N: number of query heads
   K: number of key/value heads
   G: N // K, query heads per key/value head
@@ -95,7 +95,7 @@ def attend(q: jax.Array, k_new: jax.Array, v_new: jax.Array, cache: PagedCache, 
 def _block(bufs: dict, ids: jax.Array, layer) -> tuple[jax.Array, jax.Array, tuple | None]:
   """Keys, values (and int8 scales) of the pages `ids [B, pages]`: `[B, C, K, H]`.
 
-  With a layer (a layer view's), the buffers are stacks `[L, P, ...]` and
+  With a layer (a layer view's), the buffers are stacks `[L, NP, ...]` and
   the pages are gathered from layer `layer` where they are.
   """
   def gather(x):
@@ -109,7 +109,7 @@ def _block(bufs: dict, ids: jax.Array, layer) -> tuple[jax.Array, jax.Array, tup
 
 
 def _page_ids(table_rows: jax.Array, j, pages: int, num_pages: int) -> jax.Array:
-  """Page ids of block j of each row of `table_rows [B, PPS]`: `[B, pages]`, clipped to [0, P).
+  """Page ids of block j of each row of `table_rows [B, PPS]`: `[B, pages]`, clipped to [0, NP).
 
   Columns past PPS (a last block that overhangs) and entries without a page
   read page 0: their tokens are past each sequence's length, masked.
