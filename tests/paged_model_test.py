@@ -84,10 +84,13 @@ def dense_alone(config, params, chunks):
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("unstacked", [False, True], ids=["stacked", "unstacked"])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_ragged_mix_matches_dense_step_per_sequence(name):
+def test_ragged_mix_matches_dense_step_per_sequence(name, unstacked):
+  """Per-layer params (`transformer.unstack_layers`, run unrolled) give the same logits."""
   config = CONFIGS[name]
-  params = params_for(config)
+  dense_params = params_for(config)
+  params = transformer.unstack_layers(dense_params) if unstacked else dense_params
   caches = transformer.init_paged_caches(config, num_pages=24, page_size=2, max_seqs=4,
                                          pages_per_seq=8)
   # Steps of (slot, tokens): two prefills; a prefill chunk of slot 0 beside
@@ -107,7 +110,7 @@ def test_ragged_mix_matches_dense_step_per_sequence(name):
   np.testing.assert_array_equal(np.asarray(caches.lengths), [8, 4, 0, 5])
   for slot in got:
     chunks = [t for entries in schedule for s, t in entries if s == slot]
-    for want, out in zip(dense_alone(config, params, chunks), got[slot]):
+    for want, out in zip(dense_alone(config, dense_params, chunks), got[slot]):
       np.testing.assert_allclose(out, want, **TOL)
 
 
