@@ -227,10 +227,8 @@ def load(directory: str | pathlib.Path,
     dtype: the params' numpy dtype (np.float32, or ml_dtypes.bfloat16 to keep
       a bfloat16 checkpoint's memory).
   """
-  hf = checkpoint.read_config(directory)
-  config = config_from_hf(hf)
-  weights = checkpoint.read_tensors(directory, keep=lambda name: "rotary_emb" not in name)
-  return params_from_hf(weights, config, dtype), config, hf
+  return llama.load_with(directory, dtype, config_from_hf=config_from_hf,
+                         params_from_hf=params_from_hf)
 
 
 def _check_activation(hf: dict[str, Any], gemma1: bool) -> None:
