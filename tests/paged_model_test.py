@@ -33,6 +33,10 @@ CONFIGS = {
                                 gated_mlp=True, norm_placement="pre_post", embed_scale=32**0.5,
                                 attn_scale=0.2, attn_softcap=50.0, final_softcap=30.0,
                                 qk_norm="head"),
+    # GPT-2-like: learned positions, LayerNorm, biases.
+    "gpt2": transformer.Config(vocab_size=64, num_layers=2, d_model=32, num_heads=4, num_kv_heads=4,
+                               head_dim=8, d_ff=64, max_positions=32, activation="gelu_tanh",
+                               use_bias=True, norm="layer_norm"),
 }
 
 # Static sizes of every step: tokens per step, sequences per step.
@@ -197,8 +201,7 @@ def test_refuses_what_the_paged_path_cannot_run():
   base = CONFIGS["llama"]
   scaling = kvattn.rope.Scaling("longrope", 2.0, original_max_positions=4, short_factor=(1.0,) * 4,
                                 long_factor=(2.0,) * 4)
-  for config, match in ((base._replace(window_pattern=(4, None)),
-                         "window_pattern"), (base._replace(max_positions=16), "max_positions"),
+  for config, match in ((base._replace(window_pattern=(4, None)), "window_pattern"),
                         (base._replace(rope_scaling=scaling), "longrope")):
     with pytest.raises(ValueError, match=match):
       transformer.init_paged_caches(config, 8, 2, 2, 4)
@@ -207,6 +210,30 @@ def test_refuses_what_the_paged_path_cannot_run():
     with pytest.raises(ValueError, match=match):
       transformer.paged_step({}, caches, jnp.zeros((2,), jnp.int32), jnp.zeros((1,), jnp.int32),
                              jnp.asarray([0, 2], jnp.int32), 1, config=config)
+
+
+@pytest.mark.parametrize("name", ["llama", "gpt2"])
+def test_logits_at_returns_the_rows_asked_for(name):
+  """`logits_at` gives the full step's rows (repeats allowed), zeros at padding rows."""
+  config = CONFIGS[name]
+  params = params_for(config)
+  entries = [(2, [5, 9, 2, 7]), (0, [4]), (1, [8, 8])]
+  caches = transformer.init_paged_caches(config, 16, 2, 3, 4)
+  _, full, caches_full = ragged_step(config, params, caches, entries)
+  caches = transformer.init_paged_caches(config, 16, 2, 3, 4)
+  slots = jnp.asarray([2, 0, 1], jnp.int32)
+  cu = jnp.asarray([0, 4, 5, 7], jnp.int32)
+  tokens = jnp.asarray([5, 9, 2, 7, 4, 8, 8, 0, 0, 0, 0, 0], jnp.int32)
+  caches, _ = paged.reserve(caches, slots, jnp.diff(cu), 3)
+  at = jnp.asarray([3, 4, 6, 6, 0, 10], jnp.int32)  # Last rows, a repeat, a first, a padding row.
+  logits, caches = transformer.paged_step(params, caches, tokens, slots, cu, 3, config=config,
+                                          logits_at=at)
+  assert logits.shape == (6, config.vocab_size)
+  np.testing.assert_allclose(np.asarray(logits), full[np.asarray(at)], rtol=1e-6, atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(caches.lengths), np.asarray(caches_full.lengths))
+  with pytest.raises(ValueError, match="logits_at"):
+    transformer.paged_step(params, caches, tokens, slots, cu, 3, config=config, logits_at=jnp.zeros(
+        (2, 2), jnp.int32))
 
 
 def test_refuses_bad_tokens_and_caches():

@@ -416,9 +416,6 @@ def check_paged_config(config: Config) -> None:
   if windows:
     raise ValueError(f"config.window_pattern should have no window with a paged cache (the paged "
                      f"kernel attends to every cached token): but got {config.window_pattern!r}")
-  if config.max_positions:
-    raise ValueError(f"config.max_positions should be 0 with a paged cache (learned positions "
-                     f"have no overflow report there): but got {config.max_positions}")
   if config.rope_scaling is not None and config.rope_scaling.kind == "longrope":
     raise ValueError("config.rope_scaling kind 'longrope' is not supported with a paged cache: it "
                      "picks its factors from the whole call's longest position")
@@ -444,7 +441,8 @@ def init_paged_caches(config: Config, num_pages: int, page_size: int, max_seqs: 
 
 def paged_step(params: Params, caches: kvattn.paged.PagedCache, tokens: jax.Array,
                seq_slots: jax.Array, cu_q_lens: jax.Array, num_seqs: int | jax.Array, *,
-               config: Config) -> tuple[jax.Array, kvattn.paged.PagedCache]:
+               config: Config,
+               logits_at: jax.Array | None = None) -> tuple[jax.Array, kvattn.paged.PagedCache]:
   """Runs a ragged batch of new tokens through the model with a paged cache.
 
   `step` for `init_paged_caches`' stack: sequence i of the batch is slot
@@ -454,8 +452,10 @@ def paged_step(params: Params, caches: kvattn.paged.PagedCache, tokens: jax.Arra
   freely. Reserve the pages first (`kvattn.paged.reserve` on the stack).
   Each layer reads and writes its pages of the stack in place
   (`kvattn.paged.scan_layers`): with the caches donated, the step's memory
-  does not grow with the pool. Configs with windows, learned positions or
-  LongRoPE are refused (`check_paged_config`).
+  does not grow with the pool. Configs with windows or LongRoPE are refused
+  (`check_paged_config`). With learned positions, a token past the last one
+  reuses it, as in `step`: bound the lengths before (`kvattn.serving` refuses
+  such requests).
 
   Shape legend (beyond the module's): TT tokens in the flat batch, B
   sequences in the batch.
@@ -468,9 +468,13 @@ def paged_step(params: Params, caches: kvattn.paged.PagedCache, tokens: jax.Arra
     seq_slots: int `[B]`; cu_q_lens: int `[B + 1]`; num_seqs: int or integer
       scalar (may be traced): the batch.
     config: the static `Config`.
+    logits_at: None, or int `[R]`: the rows of the flat batch whose logits
+      to return (e.g. each sequence's last token, `cu_q_lens[1:] - 1`; a row
+      may repeat). The unembedding then costs R rows, not TT.
 
   Returns:
-    `(logits [TT, V] float32, caches)`; logits are zeros at padding.
+    `(logits, caches)`: logits float32 `[TT, V]`, or `[R, V]` with
+    logits_at; zeros at padding rows.
   """
   check_paged_config(config)
   shape = getattr(tokens, "shape", None)
@@ -482,8 +486,16 @@ def paged_step(params: Params, caches: kvattn.paged.PagedCache, tokens: jax.Arra
                      f"got {type(caches).__name__} "
                      f"{getattr(getattr(caches, 'k_pages', None), 'shape', None)}")
   tt = shape[0]
+  if logits_at is not None:
+    at_shape = getattr(logits_at, "shape", None)
+    if at_shape is None or len(at_shape) != 1 or not jnp.issubdtype(logits_at.dtype, jnp.integer):
+      raise ValueError(f"logits_at should be int with shape (R,): but got {at_shape} "
+                       f"{getattr(logits_at, 'dtype', None)}")
   real = kvattn.paged.token_mask(caches, tt, seq_slots, cu_q_lens, num_seqs)  # [TT]
-  h = _embed(params, tokens[None], None, config, real[None])  # [1, TT, DM]
+  positions = None
+  if config.max_positions:
+    positions = kvattn.paged.token_positions(caches, tt, seq_slots, cu_q_lens, num_seqs)[None]
+  h = _embed(params, tokens[None], positions, config, real[None])  # [1, TT, DM]
   options = _attention_options(config, None)
 
   def body(h, p, cache):
@@ -495,6 +507,9 @@ def paged_step(params: Params, caches: kvattn.paged.PagedCache, tokens: jax.Arra
     return _block(p, h, attend, config)
 
   h, caches = kvattn.paged.scan_layers(body, h, _layers(params, 0, config.num_layers), caches)
+  if logits_at is not None:
+    rows = jnp.clip(logits_at.astype(jnp.int32), 0, tt - 1)
+    h, real = h[:, rows], real[rows]
   logits = _unembed(params, h, config)[0]
   return jnp.where(real[:, None], logits, 0.0), caches
 
