@@ -195,15 +195,16 @@ class Engine:
     engine_config: the sizes (`EngineConfig`).
     eos_token_ids: ids that end a request unless it sets ignore_eos.
     mesh: None, or a `jax.sharding.Mesh`: the params and pages are placed
-      with `rules` (kv heads over "model"; the rest replicated).
-    rules: the logical-axis rules for the mesh.
+      with `rules` (kv heads and the MLP over "model"; the page table and
+      everything else replicated).
+    rules: the logical-axis rules for the mesh (`transformer.RULES`).
     warmup: compile every bucket now (default); False defers each to its
       first use (tests of the compile count need True).
     clock: seconds, for the metrics.
   """
   def __init__(self, params, config: transformer.Config,
                engine_config: EngineConfig = EngineConfig(), *, eos_token_ids: Sequence[int] = (),
-               mesh=None, rules: sharding.Rules = sharding.DEFAULT_RULES, warmup: bool = True,
+               mesh=None, rules: sharding.Rules = transformer.RULES, warmup: bool = True,
                clock: Callable[[], float] = time.perf_counter):
     if not isinstance(config, transformer.Config):
       raise TypeError(f"config should be a transformer.Config: but got {type(config).__name__}")
