@@ -1,4 +1,4 @@
-"""Multi-process generation with jax.distributed: two CPU processes, one global mesh.
+"""Multi-process generation and serving with jax.distributed: two CPU processes, one mesh.
 
 Two subprocesses run tests/distributed_worker.py on 127.0.0.1 with 4 host
 devices each and gloo collectives; together they form one data:2 x model:4
@@ -81,3 +81,6 @@ def test_two_processes_generate_what_one_process_does():
     assert (got["process_id"], got["devices"], got["local_devices"]) == (i, 8, 4)
     np.testing.assert_array_equal(got["tokens"], want["tokens"])
     np.testing.assert_allclose(got["logits"], want["logits"], rtol=1e-5, atol=1e-5)
+    # The serving engine: process 0 took the requests; the others followed it.
+    assert got["served"] == (want["served"] if i == 0 else None)
+  assert [len(outs) for outs in want["served"]] == [1, 2, 1, 1]

@@ -8,8 +8,10 @@ Without --coordinator_address it runs alone, on one device: the reference.
 Each process joins `jax.distributed` (gloo collectives on CPU), builds one
 global data:2 x model:4 mesh over both processes' devices, and runs greedy
 generation with a small kvattn decoder, params and caches sharded by
-`kvattn.sharding`. It prints one line, `RESULT {"tokens": ..., "logits": ...}`,
-which must equal the single-process, single-device run's.
+`kvattn.sharding`; then serves a few requests with `kvattn.serving.Engine`
+on the same mesh (process 0 takes them, the others `follow`). It prints one
+line, `RESULT {"tokens": ..., "logits": ..., "served": ...}`, which must
+equal the single-process, single-device run's ("served" on process 0).
 
 Shape legend:
   B: batch size
@@ -40,7 +42,9 @@ from jax.sharding import NamedSharding, PartitionSpec
 import numpy as np
 
 import kvattn
+from kvattn import serving
 from kvattn import sharding
+from kvattn.models import transformer
 
 B, PROMPT, GENERATED, L, V, DM, N, K, H = 4, 6, 10, 2, 64, 32, 8, 4, 8
 ROPE = 10_000.0
@@ -140,6 +144,34 @@ def generate(mesh: jax.sharding.Mesh | None) -> tuple[np.ndarray, np.ndarray]:
   return np.asarray(out), np.asarray(logits)
 
 
+def serve(mesh: jax.sharding.Mesh | None) -> list | None:
+  """The serving engine on the mesh: process 0 takes the requests, the others follow.
+
+  Returns each request's tokens on process 0 (and alone); None on the others.
+  """
+  config = transformer.Config(vocab_size=V, num_layers=L, d_model=DM, num_heads=N, num_kv_heads=K,
+                              head_dim=H, d_ff=2 * DM, rope_base=ROPE, tie_embeddings=False,
+                              activation="silu", use_bias=False, norm="rms_norm", gated_mlp=True)
+  params = transformer.init_params(jax.random.key(2), config)
+  engine = serving.Engine(
+      params, config, serving.EngineConfig(max_seqs=4, max_len=32, page_size=4, token_budget=16),
+      mesh=mesh)
+  if mesh is not None and jax.process_index() != 0:
+    engine.follow(max_steps=1000)
+    engine.pool.check_idle()
+    return None
+  prompts = [[3, 1, 4, 1, 5, 9, 2], [6], [5, 3, 5, 8, 9, 7, 9, 3, 2, 3, 8], [4, 6, 2, 6]]
+  done = engine.generate(prompts, [
+      serving.SamplingParams(max_tokens=6, temperature=0),
+      serving.SamplingParams(max_tokens=9, temperature=1.0, seed=5, n=2),
+      serving.SamplingParams(max_tokens=4, temperature=0),
+      serving.SamplingParams(max_tokens=7, temperature=0.8, top_k=8, seed=11),
+  ])
+  engine.close()
+  engine.pool.check_idle()
+  return [c.token_ids for c in done]
+
+
 _COORDINATOR = flags.DEFINE_string("coordinator_address", None,
                                    "host:port of process 0; None: one process, one device.")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 2, "Number of processes.")
@@ -157,13 +189,15 @@ def main(argv):
                                process_id=_PROCESS_ID.value, initialization_timeout=60)
     mesh = sharding.make_mesh("data:2,model:4")
   tokens, logits = generate(mesh)
+  served = serve(mesh)
   print(
       "RESULT " + json.dumps({
           "process_id": jax.process_index(),
           "devices": jax.device_count(),
           "local_devices": jax.local_device_count(),
           "tokens": tokens.tolist(),
-          "logits": logits.tolist()
+          "logits": logits.tolist(),
+          "served": served,
       }), flush=True)
 
 

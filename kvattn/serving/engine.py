@@ -35,12 +35,14 @@ import time
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
+from jax.sharding import NamedSharding, PartitionSpec
 import numpy as np
 
 from kvattn import paged
 from kvattn import sharding
 from kvattn._checks import is_int
 from kvattn.models import transformer
+from kvattn.serving import hosts
 from kvattn.serving import pool as pool_lib
 from kvattn.serving import scheduler as scheduler_lib
 from kvattn.serving import step as step_lib
@@ -222,6 +224,9 @@ class Engine:
     caches = transformer.init_paged_caches(config, ec.pool_pages, ec.page_size, ec.max_seqs,
                                            ec.pages_per_seq, dtype, quantized=ec.quantized)
     cache_shardings = None
+    # A mesh over several processes: process 0 takes the requests (`follow`).
+    self._many_hosts = mesh is not None and len({d.process_index for d in mesh.devices.flat}) > 1
+    self._closed = False
     if mesh is not None:
       shapes = jax.eval_shape(lambda: params)
       specs = sharding.tree_specs(shapes, transformer.params_logical_axes(shapes), mesh, rules,
@@ -231,7 +236,8 @@ class Engine:
       caches = sharding.put(caches, cache_shardings)
     self.params = params
     self.caches = caches
-    self._step = step_lib.jitted(config, ec.max_logprobs, cache_shardings)
+    self._step = step_lib.jitted(config, ec.max_logprobs, cache_shardings,
+                                 None if mesh is None else NamedSharding(mesh, PartitionSpec()))
     self.pool = pool_lib.PagePool(ec.pool_pages, ec.page_size, ec.prefix_caching)
     self.scheduler = scheduler_lib.Scheduler(ec.max_seqs, ec.pages_per_seq, ec.token_budget,
                                              self.pool)
@@ -295,19 +301,14 @@ class Engine:
       elif not isinstance(request_id, str):
         raise TypeError(f"request_id should be a str: but got {type(request_id).__name__}")
       if request_id in self._requests or any(
-          m == "add" and r.request_id == request_id for m, r in self._inbox):
+          kind == "add" and item["request_id"] == request_id for kind, item in self._inbox):
         raise ValueError(f"request_id should be new: but {request_id!r} is running")
-      seed = params.seed
-      if seed is None:
-        seed = int(self._seeds.integers(0, MAX_SEED - params.n + 2))
-      stop = frozenset(params.stop_token_ids)
-      if not params.ignore_eos:
-        stop |= frozenset(self.eos_token_ids)
-      arrival = self.clock()
-      seq = scheduler_lib.Sequence(request_id, 0, list(prompt), len(prompt), params, seed, stop,
-                                   arrival, forks=params.n)
-      request = _Request(request_id, params, len(prompt), arrival, {0: seq}, set(range(params.n)))
-      self._inbox.append(("add", request))
+      if params.seed is None:
+        params = dataclasses.replace(params,
+                                     seed=int(self._seeds.integers(0, MAX_SEED - params.n + 2)))
+      self._inbox.append(("add",
+                          dict(request_id=request_id, prompt=prompt,
+                               params=dataclasses.asdict(params), arrival=self.clock())))
     return request_id
 
   def abort(self, request_id: str) -> None:
@@ -318,6 +319,32 @@ class Engine:
   def has_work(self) -> bool:
     with self._lock:
       return bool(self._inbox) or self.scheduler.has_work()
+
+  # Many hosts. -------------------------------------------------------------
+
+  def follow(self, max_steps: int | None = None) -> None:
+    """On a process other than 0 of a mesh over many hosts: steps as process 0 does.
+
+    Process 0 takes the requests; every step it sends the others what
+    arrived (`hosts.broadcast`), and each process runs the same schedule
+    (it depends on nothing else) and the same compiled step over its devices
+    of the mesh. Returns when process 0 calls `close()`; max_steps bounds
+    the loop (RuntimeError past it).
+    """
+    if not self._many_hosts or jax.process_index() == 0:
+      raise ValueError("follow() is for processes other than 0 of a mesh over many hosts")
+    for _ in itertools.count() if max_steps is None else range(max_steps):
+      self.step()
+      if self._closed:
+        return
+    raise RuntimeError(f"follow() did not see close() in {max_steps} steps")
+
+  def close(self) -> None:
+    """On process 0 of a mesh over many hosts: ends the other processes' `follow()`."""
+    if self._many_hosts and jax.process_index() == 0:
+      with self._lock:
+        self._inbox.append(("close", None))
+      self.step()
 
   # The loop. ---------------------------------------------------------------
 
@@ -348,12 +375,17 @@ class Engine:
   def _take_inbox(self) -> list[RequestOutput]:
     with self._lock:
       inbox, self._inbox = self._inbox, []
+    if self._many_hosts:
+      inbox = hosts.broadcast(inbox)
     outputs = []
     for kind, item in inbox:
       if kind == "add":
-        self._requests[item.request_id] = item
-        self.scheduler.add(item.seqs[0])
+        request = self._new_request(**item)
+        self._requests[request.request_id] = request
+        self.scheduler.add(request.seqs[0])
         self._stats["requests"] += 1
+      elif kind == "close":
+        self._closed = True
       else:
         request = self._requests.get(item)
         if request is None:
@@ -366,6 +398,15 @@ class Engine:
         self._stats["aborted"] += 1
         del self._requests[item]
     return outputs
+
+  def _new_request(self, request_id, prompt, params, arrival) -> _Request:
+    params = SamplingParams(**params)
+    stop = frozenset(params.stop_token_ids)
+    if not params.ignore_eos:
+      stop |= frozenset(self.eos_token_ids)
+    seq = scheduler_lib.Sequence(request_id, 0, list(prompt), len(prompt), params, params.seed,
+                                 stop, arrival, forks=params.n)
+    return _Request(request_id, params, len(prompt), arrival, {0: seq}, set(range(params.n)))
 
   def _inputs(self, plan: scheduler_lib.Plan):
     ec = self.engine_config

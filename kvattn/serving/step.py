@@ -97,9 +97,13 @@ def serve_step(params, caches: paged.PagedCache, batch: StepInputs, *, config: t
 
 
 @functools.lru_cache(maxsize=None)
-def jitted(config: transformer.Config, num_top: int, cache_shardings=None):
-  """The jitted `serve_step` for a config (caches donated; their shardings kept when given)."""
+def jitted(config: transformer.Config, num_top: int, cache_shardings=None, replicated=None):
+  """The jitted `serve_step` for a config, the caches donated.
+
+  On a mesh: the caches keep `cache_shardings`, and the draws are
+  `replicated` (every process reads them whole).
+  """
   fn = functools.partial(serve_step, config=config, num_top=num_top)
   if cache_shardings is None:
     return jax.jit(fn, donate_argnums=1)
-  return jax.jit(fn, donate_argnums=1, out_shardings=(None, None, cache_shardings))
+  return jax.jit(fn, donate_argnums=1, out_shardings=(replicated, replicated, cache_shardings))
