@@ -461,7 +461,6 @@ class Engine:
     for chunk, r in zip(plan.chunks, rows):
       seq = chunk.seq
       seq.computed += chunk.count
-      self._stats["prompt_tokens"] += chunk.count if chunk.draws == 0 or seq.drawn == 0 else 0
       self.scheduler.remember_pages(seq)
       if not chunk.draws:
         continue
