@@ -269,6 +269,39 @@ def test_abort_frees_the_slot_and_pages_and_touches_no_other_request():
   check_idle(engine)
 
 
+def test_aborting_one_output_of_n_leaves_the_others_as_they_were():
+  prompt = [7, 3, 9, 1, 4, 4, 2, 8, 5, 6]
+  settings = dict(max_tokens=8, temperature=1.0, top_k=30)
+  separate = engine_for("tiny").generate(
+      [prompt] * 4, [SamplingParams(seed=50 + i, **settings) for i in range(4)])
+  engine = engine_for("tiny", token_budget=8)  # The prompt takes two steps.
+  rid = engine.add_request(prompt, SamplingParams(n=4, seed=50, **settings))
+  got = {i: [] for i in range(4)}
+  reasons = {}
+
+  def step():
+    for out in engine.step():
+      got[out.index].extend(out.token_ids)
+      if out.finished:
+        reasons[out.index] = out.finish_reason
+
+  step()  # Half the prompt: nothing forked yet.
+  engine.abort(rid, index=0)  # The output that carries the prompt, before the fork.
+  engine.abort(rid, index=2)
+  step()  # The prompt is done: outputs 1 and 3 draw, 0 and 2 never do.
+  step()
+  engine.abort(rid, index=3)  # After the fork.
+  for _ in range(20):
+    step()
+  assert reasons == {0: "abort", 2: "abort", 3: "abort", 1: "length"}
+  assert got[0] == got[2] == []
+  assert got[1] == separate[1].token_ids[0]
+  assert got[3] == separate[3].token_ids[0][:len(got[3])] and len(got[3]) == 2
+  check_idle(engine)
+  with pytest.raises(ValueError, match="index"):
+    engine.abort(rid, index="1")
+
+
 # Compiled shapes, bad input, sizes. ---------------------------------------------
 
 

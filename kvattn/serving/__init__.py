@@ -7,11 +7,14 @@
   * `kvattn.serving.step`: the one compiled device function.
   * `kvattn.serving.engine`: `Engine`, the loop, warmup and metrics.
   * `kvattn.serving.async_engine`: `AsyncEngine`, the loop in a thread for asyncio.
+  * `kvattn.serving.hosts`: many hosts: process 0's arrivals sent to the others each step.
+  * `kvattn.serving.text`: tokenizers and chat templates for the server.
   * `kvattn.serving.openai_api`: an OpenAI-compatible HTTP app (FastAPI; the `serve` extra).
 
 See docs/serving.md.
 """
 
+from kvattn.serving.async_engine import AsyncEngine
 from kvattn.serving.engine import Completion
 from kvattn.serving.engine import Engine
 from kvattn.serving.engine import EngineConfig
@@ -20,6 +23,7 @@ from kvattn.serving.engine import RequestOutput
 from kvattn.serving.settings import SamplingParams
 
 __all__ = [
+    "AsyncEngine",
     "Completion",
     "Engine",
     "EngineConfig",

@@ -185,6 +185,7 @@ class _Request:
   arrival: float
   seqs: dict[int, scheduler_lib.Sequence]
   unfinished: set[int]
+  cancelled: set[int] = dataclasses.field(default_factory=set)  # Before the fork.
 
 
 class Engine:
@@ -271,8 +272,10 @@ class Engine:
       ids = np.asarray(prompt)
     except (TypeError, ValueError) as e:
       raise ValueError(f"prompt should be a sequence of token ids: {e}") from None
-    if ids.ndim != 1 or ids.size == 0 or not (ids.dtype.kind in "iu" or ids.dtype == object
-                                              and all(is_int(t) for t in ids)):
+    if ids.size == 0:
+      raise ValueError("prompt should be a non-empty list of token ids: but got an empty one")
+    if ids.ndim != 1 or not (ids.dtype.kind in "iu"
+                             or ids.dtype == object and all(is_int(t) for t in ids)):
       raise ValueError(f"prompt should be a non-empty list of token ids: but got shape "
                        f"{ids.shape} {ids.dtype}")
     ids = ids.astype(np.int64)
@@ -311,10 +314,17 @@ class Engine:
                                params=dataclasses.asdict(params), arrival=self.clock())))
     return request_id
 
-  def abort(self, request_id: str) -> None:
-    """Cancels a request (thread-safe): its slots and pages are freed at the next step."""
+  def abort(self, request_id: str, index: int | None = None) -> None:
+    """Cancels a request (thread-safe): its slots and pages are freed at the next step.
+
+    index: None cancels every output of the request; an int only that one
+    (e.g. an output of n that met a stop string). Ids that finished already
+    are ignored.
+    """
+    if index is not None and not is_int(index):
+      raise ValueError(f"index should be an int or None: but got {index!r}")
     with self._lock:
-      self._inbox.append(("abort", request_id))
+      self._inbox.append(("abort", [request_id, index]))
 
   def has_work(self) -> bool:
     with self._lock:
@@ -387,16 +397,28 @@ class Engine:
       elif kind == "close":
         self._closed = True
       else:
-        request = self._requests.get(item)
-        if request is None:
-          continue
-        for index in sorted(request.unfinished):
-          seq = request.seqs.get(index)
-          if seq is not None:
-            self.scheduler.finish(seq, "abort")
-          outputs.append(RequestOutput(item, index, (), None, True, "abort"))
-        self._stats["aborted"] += 1
-        del self._requests[item]
+        outputs += self._abort(*item)
+    return outputs
+
+  def _abort(self, request_id: str, index: int | None) -> list[RequestOutput]:
+    request = self._requests.get(request_id)
+    if request is None:
+      return []
+    outputs = []
+    for i in sorted(request.unfinished if index is None else request.unfinished & {index}):
+      request.unfinished.discard(i)
+      outputs.append(RequestOutput(request_id, i, (), None, True, "abort"))
+      seq = request.seqs.get(i)
+      if seq is not None and seq.forks == 1:
+        self.scheduler.finish(seq, "abort")
+      else:  # Not forked yet: dropped when the prompt is done.
+        request.cancelled.add(i)
+    if not request.unfinished:
+      for seq in request.seqs.values():
+        if seq.finish_reason is None:
+          self.scheduler.finish(seq, "abort")
+      self._stats["aborted"] += 1
+      del self._requests[request_id]
     return outputs
 
   def _new_request(self, request_id, prompt, params, arrival) -> _Request:
@@ -477,7 +499,10 @@ class Engine:
           request.seqs[child.index] = child
         drawn += children
       for k, s in enumerate(drawn):
-        outputs.append(self._emit(request, s, draw, r + k, now))
+        if s.index in request.cancelled:
+          self.scheduler.finish(s, "abort")
+        else:
+          outputs.append(self._emit(request, s, draw, r + k, now))
     return outputs
 
   def _emit(self, request, seq, draw, row, now) -> RequestOutput:

@@ -65,7 +65,10 @@ class SamplingParams:
   ignore_eos: bool = False
 
   def __post_init__(self):
-    object.__setattr__(self, "stop_token_ids", tuple(self.stop_token_ids))
+    stop = self.stop_token_ids
+    if isinstance(stop, (str, bytes)) or not hasattr(stop, "__iter__"):
+      raise ValueError(f"stop_token_ids should be a sequence of token ids: but got {stop!r}")
+    object.__setattr__(self, "stop_token_ids", tuple(stop))
 
   def check(self, vocab_size: int, max_logprobs: int) -> None:
     """Raises ValueError naming the first setting out of range."""
@@ -77,12 +80,12 @@ class SamplingParams:
     _number_in("min_p", self.min_p, 0.0, 1.0)
     for token in self.stop_token_ids:
       _int_in("stop_token_ids entry", token, 0, vocab_size - 1)
+    _int_in("n", self.n, 1, None)
     if self.seed is not None:
       _int_in("seed", self.seed, 0, MAX_SEED)
       if self.seed + self.n - 1 > MAX_SEED:
         raise ValueError(f"seed + n - 1 should be at most {MAX_SEED}: but got seed={self.seed}, "
                          f"n={self.n}")
-    _int_in("n", self.n, 1, None)
     if self.logprobs is not None:
       _int_in("logprobs", self.logprobs, 0, max_logprobs)
     if not isinstance(self.ignore_eos, (bool, np.bool_)):
