@@ -175,6 +175,27 @@ def test_stream_of_n_outputs_ends_after_the_last(model, async_engine):
     assert len(mine) == 5 and mine[-1].finished and not any(o.finished for o in mine[:-1])
 
 
+def test_cancelling_one_output_lets_the_others_finish(model, async_engine, slow_steps):
+  del slow_steps
+
+  async def collect():
+    params = serving.SamplingParams(max_tokens=30, temperature=0.8, n=2, seed=3)
+    stream = async_engine.submit(model[2].encode("x = "), params)
+    outs = []
+    async for out in stream:
+      outs.append(out)
+      if out.index == 0 and len(outs) == 3:
+        stream.cancel(0)
+    return outs
+
+  outs = asyncio.run(asyncio.wait_for(collect(), TIMEOUT_S))
+  first = [o for o in outs if o.index == 0]
+  second = [o for o in outs if o.index == 1]
+  assert first[-1].finish_reason == "abort" and len(first) < 30
+  assert second[-1].finish_reason == "length" and len(second) == 30
+  assert_idle(async_engine.engine)
+
+
 def test_bad_requests_raise_in_the_caller(model, async_engine):
   async def submit(prompt, params):
     return async_engine.submit(prompt, params)

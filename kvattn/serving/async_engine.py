@@ -84,6 +84,11 @@ class RequestStream:
       self._closed = True
       self._owner.abort(self.request_id)
 
+  def cancel(self, index: int) -> None:
+    """Cancels output `index` alone (e.g. it met a stop string); the others go on."""
+    if not self._closed and index in self._unfinished:
+      self._owner.abort(self.request_id, index)
+
   async def aclose(self) -> None:
     self.close()
 
@@ -214,11 +219,16 @@ class AsyncEngine:
     finally:
       stream.close()
 
-  def abort(self, request_id: str) -> None:
-    """Cancels a request (thread-safe); a finished or unknown id is ignored."""
+  def abort(self, request_id: str, index: int | None = None) -> None:
+    """Cancels a request, or only its output `index` (thread-safe); finished ones are ignored.
+
+    A request cancelled whole sends nothing more; a cancelled output ends in
+    its stream with finish_reason "abort".
+    """
     with self._cond:
-      self._routes.pop(request_id, None)
-      self.engine.abort(request_id)
+      if index is None:
+        self._routes.pop(request_id, None)
+      self.engine.abort(request_id, index)
       self._cond.notify_all()
 
   def metrics(self) -> dict[str, float]:

@@ -395,6 +395,8 @@ class _Generation:
     choice = self.choices[out.index]
     before = len(choice.logprobs)
     choice.add(out.token_ids, out.logprobs, out.finish_reason if out.finished else None)
+    if choice.finish_reason is not None and not out.finished:
+      self.stream.cancel(out.index)  # A stop string: free its slot, the others go on.
     return out.index, before
 
   def usage(self) -> dict[str, int]:
