@@ -119,6 +119,27 @@ def test_greedy_tokens_equal_each_request_alone_whatever_the_mix(name, page_size
   assert engine.metrics()["requests_finished"] == len(prompts)
 
 
+def test_decode_runs_give_the_tokens_of_single_steps():
+  """decode_steps > 1 runs several decode steps per call: same tokens, sampled or not, stops too."""
+  params_, config = model("tiny")
+  rng = np.random.default_rng(12)
+  prompts = random_prompts(rng, 6, config.vocab_size)
+  params = [
+      SamplingParams(max_tokens=int(rng.integers(5, 20)), temperature=float(t), seed=i, top_k=10,
+                     stop_token_ids=[int(rng.integers(1, 64))])
+      for i, t in enumerate([0, 1, 0.7, 0, 1.3, 1])
+  ]
+  got = {}
+  for steps in (1, 4):
+    engine = engine_for("tiny", decode_steps=steps)
+    got[steps] = [c.token_ids for c in engine.generate(prompts, params)]
+    metrics = engine.metrics()
+    check_idle(engine)
+    if steps == 4:
+      assert metrics["calls"] < metrics["steps"]
+  assert got[4] == got[1]
+
+
 def test_preemption_recomputes_and_loses_nothing():
   """A pool of one sequence's pages: sequences are preempted and finish as if alone."""
   rng = np.random.default_rng(5)
@@ -274,7 +295,8 @@ def test_aborting_one_output_of_n_leaves_the_others_as_they_were():
   settings = dict(max_tokens=8, temperature=1.0, top_k=30)
   separate = engine_for("tiny").generate(
       [prompt] * 4, [SamplingParams(seed=50 + i, **settings) for i in range(4)])
-  engine = engine_for("tiny", token_budget=8)  # The prompt takes two steps.
+  # The prompt takes two steps; one decode step per call.
+  engine = engine_for("tiny", token_budget=8, decode_steps=1)
   rid = engine.add_request(prompt, SamplingParams(n=4, seed=50, **settings))
   got = {i: [] for i in range(4)}
   reasons = {}

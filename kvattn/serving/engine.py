@@ -67,6 +67,11 @@ class EngineConfig(NamedTuple):
       token_budget; None: powers of two from the one >= max_seqs (at least
       8) up to the budget. A step runs at the smallest bucket that holds it.
     max_logprobs: the most alternatives a request may ask for per token.
+    decode_steps: when a step would only decode (no prompt to prefill, no
+      waiting request that could start), run up to this many decode steps
+      in one compiled call, each feeding its draws to the next: the host's
+      work and the device round trip are paid once per call. The tokens of
+      a call arrive together. 1: one step per call.
     prefix_caching: share the pages of common prompt prefixes.
     cache_dtype: the pages' dtype; None: the embedding's dtype.
     quantized: int8 pages with per-token scales.
@@ -80,6 +85,7 @@ class EngineConfig(NamedTuple):
   token_budget: int = 128
   token_buckets: tuple[int, ...] | None = None
   max_logprobs: int = 5
+  decode_steps: int = 4
   prefix_caching: bool = True
   cache_dtype: Any = None
   quantized: bool = False
@@ -109,7 +115,7 @@ def check_engine_config(ec: EngineConfig, config: transformer.Config) -> None:
   """Raises ValueError naming the first size out of range."""
   if not isinstance(ec, EngineConfig):
     raise TypeError(f"engine_config should be an EngineConfig: but got {type(ec).__name__}")
-  for name in ("max_seqs", "max_len", "page_size", "token_budget"):
+  for name in ("max_seqs", "max_len", "page_size", "token_budget", "decode_steps"):
     value = getattr(ec, name)
     if not is_int(value) or value < 1:
       raise ValueError(f"engine_config.{name} should be a positive int: but got {value!r}")
@@ -237,8 +243,10 @@ class Engine:
       caches = sharding.put(caches, cache_shardings)
     self.params = params
     self.caches = caches
-    self._step = step_lib.jitted(config, ec.max_logprobs, cache_shardings,
-                                 None if mesh is None else NamedSharding(mesh, PartitionSpec()))
+    replicated = None if mesh is None else NamedSharding(mesh, PartitionSpec())
+    self._step = step_lib.jitted(config, ec.max_logprobs, cache_shardings, replicated)
+    self._decode_steps = step_lib.jitted_decode_steps(config, ec.max_logprobs, ec.decode_steps,
+                                                      cache_shardings, replicated)
     self.pool = pool_lib.PagePool(ec.pool_pages, ec.page_size, ec.prefix_caching)
     self.scheduler = scheduler_lib.Scheduler(ec.max_seqs, ec.pages_per_seq, ec.token_budget,
                                              self.pool)
@@ -366,21 +374,59 @@ class Engine:
     if not plan.chunks:
       return outputs
     start = self.clock()
-    inputs, rows = self._inputs(plan)
-    draw, exhausted, self.caches = self._step(self.params, self.caches, inputs)
-    draw, exhausted = jax.device_get((draw, exhausted))
+    steps = self._decode_run(plan)
+    if steps > 1:
+      inputs, rows = self._inputs(plan, self.engine_config.max_seqs)
+      draws, exhausted, self.caches = self._decode_steps(self.params, self.caches, inputs,
+                                                         np.int32(steps))
+    else:
+      inputs, rows = self._inputs(plan)
+      draws, exhausted, self.caches = self._step(self.params, self.caches, inputs)
+    draws, exhausted = jax.device_get((draws, exhausted))
+    if steps == 1:
+      draws = jax.tree.map(lambda x: x[None], draws)  # On the host: nothing compiles.
     if exhausted.any():
       raise RuntimeError(f"the step found no page for slots {np.flatnonzero(exhausted).tolist()}: "
                          f"the engine reserved too few")
     now = self.clock()
-    outputs += self._update(plan, rows, draw, now)
     ec = self.engine_config
-    self._stats["steps"] += 1
+    self._stats["step_tokens"] += sum(c.count for c in plan.chunks) * steps
+    pairs = list(zip(plan.chunks, rows))
+    for j in range(steps):
+      draw = jax.tree.map(lambda x, j=j: x[j], draws)
+      # The tokens of a call arrive together; each is timed at its share of the call.
+      outputs += self._update(plan._replace(chunks=[c for c, _ in pairs]), [r for _, r in pairs],
+                              draw, start + (now - start) * (j + 1) / steps)
+      pairs = [(c, r) for c, r in pairs if c.seq.finish_reason is None]
+    self._stats["steps"] += steps
+    self._stats["calls"] += 1
     self._stats["busy_s"] += now - start
-    self._stats["step_tokens"] += sum(c.count for c in plan.chunks)
-    self._stats["slot_steps"] += ec.max_seqs - len(self.scheduler.free_slots)
-    self._stats["page_steps"] += self.pool.in_use
+    self._stats["slot_steps"] += (ec.max_seqs - len(self.scheduler.free_slots)) * steps
+    self._stats["page_steps"] += self.pool.in_use * steps
     return outputs
+
+  def _decode_run(self, plan: scheduler_lib.Plan) -> int:
+    """How many decode steps the plan's call runs: 1, or up to decode_steps for a plain decode.
+
+    More than one only when every chunk is one sequence's decode token,
+    nothing waits that could start now, and every sequence has room (pages
+    and max_tokens) for them all.
+    """
+    ec, scheduler = self.engine_config, self.scheduler
+    if ec.decode_steps == 1 or plan.copies or any(
+        c.count != 1 or c.draws != 1 or c.seq.drawn == 0 for c in plan.chunks):
+      return 1
+    if scheduler.waiting and len(scheduler.free_slots) >= scheduler.waiting[0].forks:
+      return 1
+    steps = min([ec.decode_steps] + [c.seq.params.max_tokens - c.seq.drawn for c in plan.chunks])
+    if steps <= 1:
+      return 1
+    need = sum(scheduler.pages_for(c.seq, c.seq.computed + steps) for c in plan.chunks)
+    if need > self.pool.available:
+      return 1
+    for c in plan.chunks:
+      scheduler.grow(c.seq, c.seq.computed + steps)
+    return steps
 
   def _take_inbox(self) -> list[RequestOutput]:
     with self._lock:
@@ -430,11 +476,11 @@ class Engine:
                                  stop, arrival, forks=params.n)
     return _Request(request_id, params, len(prompt), arrival, {0: seq}, set(range(params.n)))
 
-  def _inputs(self, plan: scheduler_lib.Plan):
+  def _inputs(self, plan: scheduler_lib.Plan, tt: int | None = None):
     ec = self.engine_config
     sq, pps, num_pages = ec.max_seqs, ec.pages_per_seq, ec.pool_pages
     total = sum(c.count for c in plan.chunks)
-    tt = next(b for b in ec.buckets if b >= total)
+    tt = next(b for b in ec.buckets if b >= total) if tt is None else tt
     tokens = np.zeros((tt,), np.int32)
     seq_slots = np.zeros((sq,), np.int32)
     cu = np.zeros((sq + 1,), np.int32)
@@ -581,18 +627,24 @@ class Engine:
     return [results[rid] for rid in ids]
 
   def warmup(self) -> None:
-    """Compiles the step for every token bucket (an empty batch: nothing changes)."""
+    """Compiles the step for every token bucket, and the decode run (empty batches: no change)."""
     ec = self.engine_config
     sq, pps, num_pages = ec.max_seqs, ec.pages_per_seq, ec.pool_pages
-    for tt in ec.buckets:
+
+    def empty(tt):
       zeros = np.zeros((sq,), np.int32)
-      inputs = step_lib.StepInputs(np.zeros((tt,), np.int32), zeros, np.zeros((sq + 1,), np.int32),
-                                   np.int32(0), np.full((sq, pps), paged.NO_PAGE, np.int32), zeros,
-                                   self.pool.refs.copy(), zeros, np.full((sq,), num_pages,
-                                                                         np.int32), zeros,
-                                   np.zeros((sq,), np.uint32), zeros, np.zeros((sq,), np.float32),
-                                   zeros, np.ones((sq,), np.float32), np.zeros((sq,), np.float32))
-      draw, _, self.caches = self._step(self.params, self.caches, inputs)
+      return step_lib.StepInputs(np.zeros((tt,), np.int32), zeros, np.zeros((sq + 1,), np.int32),
+                                 np.int32(0), np.full((sq, pps), paged.NO_PAGE, np.int32), zeros,
+                                 self.pool.refs.copy(), zeros, np.full((sq,), num_pages, np.int32),
+                                 zeros, np.zeros((sq,), np.uint32), zeros,
+                                 np.zeros((sq,), np.float32), zeros, np.ones((sq,), np.float32),
+                                 np.zeros((sq,), np.float32))
+
+    for tt in ec.buckets:
+      draw, _, self.caches = self._step(self.params, self.caches, empty(tt))
+      jax.block_until_ready(draw)
+    if ec.decode_steps > 1:
+      draw, _, self.caches = self._decode_steps(self.params, self.caches, empty(sq), np.int32(0))
       jax.block_until_ready(draw)
 
   # Metrics. ----------------------------------------------------------------
@@ -608,6 +660,7 @@ class Engine:
         "running": len(self.scheduler.running),
         "waiting": len(self.scheduler.waiting),
         "steps": s["steps"],
+        "calls": s["calls"],
         "tokens_generated": s["tokens"],
         "preemptions": s["preemptions"],
         "busy_s": s["busy_s"],

@@ -98,12 +98,12 @@ class Scheduler:
   def add(self, seq: Sequence) -> None:
     self.waiting.append(seq)
 
-  def _pages_for(self, seq: Sequence, end: int) -> int:
+  def pages_for(self, seq: Sequence, end: int) -> int:
     return -(-end // self.page_size) - len(seq.pages)
 
-  def _grow(self, seq: Sequence, end: int, extra: int = 0) -> list[int] | None:
+  def grow(self, seq: Sequence, end: int, extra: int = 0) -> list[int] | None:
     """Allocates the pages seq needs to hold `end` tokens, plus `extra`; None if too few."""
-    need = self._pages_for(seq, end)
+    need = self.pages_for(seq, end)
     got = self.pool.allocate(need + extra)
     if got is None:
       return None
@@ -180,7 +180,7 @@ class Scheduler:
     # Decodes first, oldest first (a decode is the one token drawn last).
     for seq in list(self.running):
       if seq in self.running and seq.drawn > 0 and seq.computed == len(seq.tokens) - 1:
-        if room(seq, lambda seq=seq: self._grow(seq, seq.computed + 1)) is not None:
+        if room(seq, lambda seq=seq: self.grow(seq, seq.computed + 1)) is not None:
           chunks.append(Chunk(seq, seq.computed, 1, 1))
           budget -= 1
     # Then the prompts being prefilled, oldest first.
@@ -215,7 +215,7 @@ class Scheduler:
     done = end == len(seq.tokens)
     # A fork of a partial last page gets its own copy of it, allocated now.
     extra = seq.forks - 1 if done and end % self.page_size else 0
-    got = self._grow(seq, end, extra)
+    got = self.grow(seq, end, extra)
     if got is None:
       return None
     if extra:

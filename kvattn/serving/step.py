@@ -24,6 +24,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+from jax import lax
 
 from kvattn import paged
 from kvattn.models import transformer
@@ -94,6 +95,53 @@ def serve_step(params, caches: paged.PagedCache, batch: StepInputs, *, config: t
   draw = sampler.draw(logits, batch.seeds, batch.counts, batch.temperature, batch.top_k,
                       batch.top_p, batch.min_p, num_top)
   return draw, caches.exhausted, caches
+
+
+def serve_decode_steps(params, caches: paged.PagedCache, batch: StepInputs, steps: jax.Array, *,
+                       config: transformer.Config, num_top: int,
+                       max_steps: int) -> tuple[sampler.Draw, jax.Array, paged.PagedCache]:
+  """Runs `steps` (<= max_steps, traced) decode steps in one call, each feeding its draws to the next.
+
+  `batch` is a decode step: sequence i's one token is row i (`cu_q_lens`
+  0, 1, ..., num_seqs), drawn row i reads it (`sample_at` i), and no page
+  is copied. Step j draws with `counts + j`. The host reserves the pages of
+  all the steps first. Rows of a sequence that draws a stop token early go
+  on (the host drops what follows); no other sequence sees them.
+
+  Returns `(draws, exhausted, caches)`: every leaf of draws has a leading
+  `[max_steps]` axis; entries past `steps` are zeros.
+  """
+  caches = caches._replace(page_table=batch.page_table, lengths=batch.lengths, refs=batch.refs,
+                           exhausted=jnp.zeros_like(caches.exhausted))
+  rows = batch.seeds.shape[0]
+  out = sampler.Draw(jnp.zeros((max_steps, rows), jnp.int32),
+                     jnp.zeros((max_steps, rows), jnp.float32),
+                     jnp.zeros((max_steps, rows, num_top), jnp.int32),
+                     jnp.zeros((max_steps, rows, num_top), jnp.float32))
+
+  def body(j, carry):
+    caches, tokens, out = carry
+    logits, caches = transformer.paged_step(params, caches, tokens, batch.seq_slots,
+                                            batch.cu_q_lens, batch.num_seqs, config=config,
+                                            logits_at=batch.sample_at)
+    draw = sampler.draw(logits, batch.seeds, batch.counts + j, batch.temperature, batch.top_k,
+                        batch.top_p, batch.min_p, num_top)
+    out = jax.tree.map(lambda o, d: o.at[j].set(d), out, draw)
+    return caches, draw.tokens, out
+
+  caches, _, out = lax.fori_loop(0, jnp.minimum(steps, max_steps), body,
+                                 (caches, batch.tokens, out))
+  return out, caches.exhausted, caches
+
+
+@functools.lru_cache(maxsize=None)
+def jitted_decode_steps(config: transformer.Config, num_top: int, max_steps: int,
+                        cache_shardings=None, replicated=None):
+  """The jitted `serve_decode_steps`, the caches donated (shardings as in `jitted`)."""
+  fn = functools.partial(serve_decode_steps, config=config, num_top=num_top, max_steps=max_steps)
+  if cache_shardings is None:
+    return jax.jit(fn, donate_argnums=1)
+  return jax.jit(fn, donate_argnums=1, out_shardings=(replicated, replicated, cache_shardings))
 
 
 @functools.lru_cache(maxsize=None)
