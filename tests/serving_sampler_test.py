@@ -25,7 +25,8 @@ def reference_filter(logits, t, k, p, min_p):
   return np.where(probs < min_p * probs.max(), -np.inf, x)
 
 
-def test_filters_match_the_float64_reference_row_by_row():
+@pytest.mark.parametrize("rows_sort", [True, False])  # Whether any row needs the sort.
+def test_filters_match_the_float64_reference_row_by_row(rows_sort):
   rng = np.random.default_rng(0)
   rows, vocab = 12, 50
   logits = rng.normal(size=(rows, vocab)).astype(np.float32) * 3
@@ -34,6 +35,8 @@ def test_filters_match_the_float64_reference_row_by_row():
   k = rng.choice([0, 1, 3, 10, 50, 80], size=rows).astype(np.int32)
   p = rng.choice([1.0, 0.9, 0.5, 0.05], size=rows).astype(np.float32)
   min_p = rng.choice([0.0, 0.1, 0.5], size=rows).astype(np.float32)
+  if not rows_sort:
+    k[:], p[:] = 0, 1.0
   got = np.asarray(
       sampler.filtered_logits(jnp.asarray(logits), jnp.asarray(t), jnp.asarray(k), jnp.asarray(p),
                               jnp.asarray(min_p)))
