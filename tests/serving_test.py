@@ -394,6 +394,13 @@ def test_bad_engine_sizes_are_refused(sizes, match):
     Engine(params, config, EngineConfig(**sizes), warmup=False)
 
 
+@pytest.mark.parametrize("eos", [[64], [-1], [1.5]])
+def test_bad_eos_ids_are_refused(eos):
+  params, config = model("tiny")
+  with pytest.raises(ValueError, match="eos_token_ids"):
+    Engine(params, config, EngineConfig(max_len=64), eos_token_ids=eos, warmup=False)
+
+
 def test_learned_positions_bound_max_len():
   params, config = model("learned")
   with pytest.raises(ValueError, match="learned positions"):

@@ -221,11 +221,11 @@ class Engine:
     check_engine_config(engine_config, config)
     self.config = config
     self.engine_config = ec = engine_config
+    eos_token_ids = tuple(eos_token_ids)
+    if not all(is_int(t) and 0 <= t < config.vocab_size for t in eos_token_ids):
+      raise ValueError(f"eos_token_ids should be ids in [0, V={config.vocab_size}): but got "
+                       f"{list(eos_token_ids)}")
     self.eos_token_ids = tuple(int(t) for t in eos_token_ids)
-    for token in self.eos_token_ids:
-      if not 0 <= token < config.vocab_size:
-        raise ValueError(f"eos_token_ids should be ids in [0, V={config.vocab_size}): but got "
-                         f"{list(eos_token_ids)}")
     self.clock = clock
     dtype = ec.cache_dtype or params["embed"].dtype
     caches = transformer.init_paged_caches(config, ec.pool_pages, ec.page_size, ec.max_seqs,
@@ -650,7 +650,11 @@ class Engine:
   # Metrics. ----------------------------------------------------------------
 
   def metrics(self) -> dict[str, float]:
-    """A snapshot: counts, throughput, latency percentiles (seconds), occupancy, hit rate."""
+    """A snapshot: counts, throughput, latency percentiles (seconds), occupancy, hit rate.
+
+    Read it between steps (from the thread that steps, or through
+    `AsyncEngine.metrics`, which waits for the step in flight).
+    """
     s = self._stats
     steps = max(s["steps"], 1)
     out = {

@@ -100,7 +100,7 @@ def serve_step(params, caches: paged.PagedCache, batch: StepInputs, *, config: t
 def serve_decode_steps(params, caches: paged.PagedCache, batch: StepInputs, steps: jax.Array, *,
                        config: transformer.Config, num_top: int,
                        max_steps: int) -> tuple[sampler.Draw, jax.Array, paged.PagedCache]:
-  """Runs `steps` (<= max_steps, traced) decode steps in one call, each feeding its draws to the next.
+  """Runs `steps` (<= max_steps, traced) decode steps in one call, each feeding the next.
 
   `batch` is a decode step: sequence i's one token is row i (`cu_q_lens`
   0, 1, ..., num_seqs), drawn row i reads it (`sample_at` i), and no page
