@@ -39,7 +39,7 @@ from kvattn.paged import paged_prefill
 from kvattn.params import init_params
 from kvattn.stack import scan_layers
 
-__version__ = "0.4.0"
+__version__ = "0.5.0"
 
 __all__ = [
     "Generation",
